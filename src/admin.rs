@@ -1,0 +1,54 @@
+//! The admin listener: liveness and readiness probes (and, later, metrics and the management
+//! API). Kept apart from the proxy listener so probes and operators never compete with traffic
+//! and the management surface is never exposed where clients connect.
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+
+use crate::server::App;
+
+fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// Routes an admin request.
+pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return json(
+            StatusCode::METHOD_NOT_ALLOWED,
+            r#"{"error":"method_not_allowed","message":"use GET"}"#.into(),
+        );
+    }
+    match req.uri().path() {
+        "/healthz" => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
+        "/readyz" => readiness(app).await,
+        _ => json(
+            StatusCode::NOT_FOUND,
+            r#"{"error":"not_found","message":"no such admin endpoint"}"#.into(),
+        ),
+    }
+}
+
+/// Ready when not draining and the store answers; the body says why not.
+async fn readiness(app: &App) -> Response<Full<Bytes>> {
+    let mut reasons: Vec<String> = Vec::new();
+    if app.state.draining() {
+        reasons.push("draining: shutting down".into());
+    }
+    if let Err(err) = app.verifier.store().ping().await {
+        reasons.push(format!("store: {err}"));
+    }
+    if reasons.is_empty() {
+        json(StatusCode::OK, r#"{"status":"ready"}"#.into())
+    } else {
+        let body = serde_json::json!({ "status": "unready", "reasons": reasons });
+        json(StatusCode::SERVICE_UNAVAILABLE, body.to_string())
+    }
+}

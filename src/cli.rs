@@ -1,0 +1,304 @@
+//! The command line: `keygate serve` and the key-management commands. Settings come from
+//! `--config`, `KEYGATE__SECTION__FIELD` variables and flags, flags winning. Management commands
+//! print tables for people and JSON with `--output json`; a new key is printed exactly once.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::json;
+
+use crate::config::{Config, Override};
+use crate::manage::{self, CreatedKey, NewKey};
+use crate::server::Server;
+use crate::store::{self, format_time, now_unix, KeyRecord};
+use crate::telemetry;
+
+/// keygate: bearer API key authentication in front of HTTP services.
+#[derive(Debug, Parser)]
+#[command(name = "keygate", version, about, propagate_version = true)]
+pub struct Cli {
+    /// TOML config file.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Redis URL of the key store (store.redis_url).
+    #[arg(long, global = true, value_name = "URL")]
+    redis_url: Option<String>,
+    /// Prefix of every Redis key (store.namespace).
+    #[arg(long, global = true, value_name = "NAME")]
+    namespace: Option<String>,
+    /// Output format of management commands.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// Human-readable tables.
+    Table,
+    /// JSON.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the proxy and the admin listener.
+    Serve(ServeArgs),
+    /// Manage user API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Proxy listener address (server.listen).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Admin listener address (server.admin_listen).
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<String>,
+    /// The upstream every authenticated request goes to (upstream.url).
+    #[arg(long, value_name = "URL")]
+    upstream: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Create a user key; the key is printed once and cannot be shown again.
+    Create {
+        /// Tenant the key is bound to.
+        #[arg(long)]
+        tenant: String,
+        /// The key's role in the tenant.
+        #[arg(long)]
+        role: String,
+        /// A name for bookkeeping.
+        #[arg(long)]
+        name: String,
+        /// Who the key acts for (default: the key id).
+        #[arg(long)]
+        subject: Option<String>,
+        /// Lifetime, e.g. 30d, 12h (default: never expires).
+        #[arg(long, value_name = "DURATION", conflicts_with = "expires_at")]
+        expires_in: Option<String>,
+        /// Expiry as RFC 3339 UTC, e.g. 2030-01-01T00:00:00Z.
+        #[arg(long, value_name = "TIME")]
+        expires_at: Option<String>,
+    },
+    /// List keys (never the keys themselves).
+    List {
+        /// Only this tenant's keys.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Show one key's information.
+    Show {
+        /// Key id (key_…).
+        id: String,
+    },
+    /// Revoke a key by id.
+    Revoke {
+        /// Key id (key_…).
+        id: String,
+    },
+}
+
+impl Cli {
+    fn overrides(&self) -> Vec<Override> {
+        let mut o: Vec<Override> = Vec::new();
+        let mut push = |section, field, v: &Option<String>| {
+            if let Some(v) = v {
+                o.push((section, field, v.clone()));
+            }
+        };
+        push("store", "redis_url", &self.redis_url);
+        push("store", "namespace", &self.namespace);
+        if let Command::Serve(s) = &self.command {
+            push("server", "listen", &s.listen);
+            push("server", "admin_listen", &s.admin_listen);
+            push("upstream", "url", &s.upstream);
+        }
+        o
+    }
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = Config::load(cli.config.as_deref(), std::env::vars(), &cli.overrides())?;
+    match cli.command {
+        Command::Serve(_) => {
+            let settings = config.serve_settings()?;
+            telemetry::init(&settings.log);
+            let server = Server::bind(settings).await?;
+            server.run(shutdown_signal()).await;
+            Ok(())
+        }
+        Command::Keys(cmd) => keys(&config, cmd, cli.output).await,
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+async fn keys(config: &Config, cmd: KeysCommand, output: Output) -> anyhow::Result<()> {
+    let store = store::open(&config.store_settings()?).context("opening the key store")?;
+    let store = &*store;
+    let now = now_unix();
+    match cmd {
+        KeysCommand::Create {
+            tenant,
+            role,
+            name,
+            subject,
+            expires_in,
+            expires_at,
+        } => {
+            let expires_at =
+                manage::parse_expiry(expires_in.as_deref(), expires_at.as_deref(), now)?;
+            let created = manage::create_key(
+                store,
+                NewKey {
+                    tenant,
+                    role,
+                    name,
+                    subject,
+                    expires_at,
+                },
+                now,
+            )
+            .await?;
+            print_created(&created, output);
+        }
+        KeysCommand::List { tenant } => {
+            let records = manage::list_keys(store, tenant.as_deref()).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&records)?),
+                Output::Table => print_table(&records),
+            }
+        }
+        KeysCommand::Show { id } => {
+            let record = manage::show_key(store, &id).await?;
+            print_record(&record, output)?;
+        }
+        KeysCommand::Revoke { id } => {
+            let record = manage::revoke_key(store, &id, now).await?;
+            if output == Output::Table {
+                println!("Revoked key {}.", record.id);
+            }
+            print_record(&record, output)?;
+        }
+    }
+    Ok(())
+}
+
+fn print_created(created: &CreatedKey, output: Output) {
+    let r = &created.record;
+    let key = created.secret.expose();
+    match output {
+        Output::Json => {
+            let mut v = serde_json::to_value(r).expect("records serialise");
+            v["key"] = json!(key);
+            println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        }
+        Output::Table => {
+            println!(
+                "Created key {} ({:?}) for tenant {} with role {}, expires {}.",
+                r.id,
+                r.name,
+                r.tenant,
+                r.role,
+                r.expires_at
+                    .map(format_time)
+                    .unwrap_or_else(|| "never".into())
+            );
+            println!();
+            println!("    {key}");
+            println!();
+            println!("This key is shown once: store it now. It cannot be shown again.");
+        }
+    }
+}
+
+fn print_record(r: &KeyRecord, output: Output) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(r)?),
+        Output::Table => {
+            let rows = [
+                ("id", r.id.clone()),
+                ("name", r.name.clone()),
+                ("tenant", r.tenant.clone()),
+                ("role", r.role.clone()),
+                ("subject", r.subject.clone()),
+                ("kind", r.kind.as_str().into()),
+                ("created", format_time(r.created_at)),
+                (
+                    "expires",
+                    r.expires_at
+                        .map(format_time)
+                        .unwrap_or_else(|| "never".into()),
+                ),
+                (
+                    "revoked",
+                    r.revoked_at.map(format_time).unwrap_or_else(|| "no".into()),
+                ),
+            ];
+            for (k, v) in rows {
+                println!("{k:<8} {v}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_table(records: &[KeyRecord]) {
+    let header = ["ID", "NAME", "TENANT", "ROLE", "EXPIRES", "REVOKED"];
+    let rows: Vec<[String; 6]> = records
+        .iter()
+        .map(|r| {
+            [
+                r.id.clone(),
+                r.name.clone(),
+                r.tenant.clone(),
+                r.role.clone(),
+                r.expires_at
+                    .map(format_time)
+                    .unwrap_or_else(|| "never".into()),
+                r.revoked_at.map(format_time).unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[&str]| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(&header);
+    for row in &rows {
+        line(&row.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+}

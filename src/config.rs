@@ -1,0 +1,702 @@
+//! Configuration: read once, validated once, turned into the runtime's own types.
+//!
+//! Sources, lowest precedence first: built-in defaults, a TOML file (`--config`), environment
+//! variables `KEYGATE__<SECTION>__<FIELD>`, and command-line flags. They are merged as TOML
+//! values and deserialised with `deny_unknown_fields`, so a misspelt field is an error that names
+//! it. [`Config::serve_settings`] then checks every value and builds [`Settings`]: parsed
+//! addresses, durations, URIs and header names, so nothing on the request path parses config.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Uri};
+use serde::{Deserialize, Serialize};
+
+use crate::store::redis::RedisSettings;
+
+/// Environment variable prefix; `KEYGATE__SERVER__LISTEN` sets `server.listen`.
+pub const ENV_PREFIX: &str = "KEYGATE__";
+
+/// A configuration problem, naming the field (or file, or variable) at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML.
+    #[error("config file {path}: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// An environment variable does not name a setting.
+    #[error("environment variable {var}: {message}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// Why it was refused.
+        message: String,
+    },
+    /// A setting has a wrong type or value.
+    #[error("{field}: {message}")]
+    Field {
+        /// Dotted path of the setting, e.g. `upstream.url`.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+fn field_err(field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Field {
+        field: field.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// The whole configuration file, as written by the operator.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listeners and connection limits.
+    pub server: ServerConfig,
+    /// The default upstream.
+    pub upstream: UpstreamConfig,
+    /// Where key records live.
+    pub store: StoreConfig,
+    /// The verdict cache.
+    pub cache: CacheConfig,
+    /// Identity headers sent upstream.
+    pub identity: IdentityConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Proxy listener address.
+    pub listen: String,
+    /// Admin listener address (`/healthz`, `/readyz`).
+    pub admin_listen: String,
+    /// How long in-flight requests may run after SIGTERM/SIGINT.
+    pub shutdown_grace: String,
+    /// Time a client has to send a request's headers.
+    pub header_read_timeout: String,
+    /// Largest request head (request line plus headers) accepted, in bytes.
+    pub max_header_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "0.0.0.0:8080".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            shutdown_grace: "30s".into(),
+            header_read_timeout: "10s".into(),
+            max_header_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// `[upstream]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// `http://host:port[/base]` of the service keygate guards.
+    pub url: Option<String>,
+    /// Time to establish a TCP connection to the upstream.
+    pub connect_timeout: String,
+    /// Time the upstream has to send response headers.
+    pub timeout: String,
+    /// How long an idle pooled connection is kept.
+    pub pool_idle_timeout: String,
+    /// Idle pooled connections kept per upstream host.
+    pub pool_max_idle: usize,
+    /// Send the client's `Host` upstream instead of the upstream's authority.
+    pub preserve_host: bool,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: None,
+            connect_timeout: "2s".into(),
+            timeout: "30s".into(),
+            pool_idle_timeout: "90s".into(),
+            pool_max_idle: 256,
+            preserve_host: false,
+        }
+    }
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Redis URL (`redis://[:password@]host:port[/db]`).
+    pub redis_url: String,
+    /// Prefix of every Redis key keygate reads or writes.
+    pub namespace: String,
+    /// Bound on every store call; past it the call fails and the request gets `503`.
+    pub timeout: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            redis_url: "redis://127.0.0.1:6379".into(),
+            namespace: "keygate".into(),
+            timeout: "1s".into(),
+        }
+    }
+}
+
+/// `[cache]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Most verdicts kept.
+    pub capacity: u64,
+    /// Longest a known key's verdict is kept (never past the key's expiry).
+    pub ttl: String,
+    /// How long an unknown key is remembered as unknown.
+    pub negative_ttl: String,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            capacity: 100_000,
+            ttl: "60s".into(),
+            negative_ttl: "5s".into(),
+        }
+    }
+}
+
+/// `[identity]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// Prefix of the identity headers; client headers with it are dropped.
+    pub header_prefix: String,
+    /// Forward the client's `Authorization` header upstream.
+    pub forward_authorization: bool,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        IdentityConfig {
+            header_prefix: "x-keygate-".into(),
+            forward_authorization: false,
+        }
+    }
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: String,
+    /// A `RUST_LOG`-style filter; `RUST_LOG` itself wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+/// One setting given on the command line, e.g. `("server", "listen", "127.0.0.1:0")`.
+pub type Override = (&'static str, &'static str, String);
+
+impl Config {
+    /// Merges defaults, the file, the environment and flag overrides, in rising precedence.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[Override],
+    ) -> Result<Config, ConfigError> {
+        let defaults = toml::Value::try_from(Config::default()).expect("defaults serialise");
+        let mut merged = toml::Table::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            merged = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
+        }
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        env.sort();
+        for (var, value) in env {
+            let path: Vec<String> = var[ENV_PREFIX.len()..]
+                .split("__")
+                .map(str::to_ascii_lowercase)
+                .collect();
+            let [section, field] = path.as_slice() else {
+                return Err(ConfigError::Env {
+                    var,
+                    message: "expected KEYGATE__<SECTION>__<FIELD>".into(),
+                });
+            };
+            let typed = typed_value(&defaults, section, field, &value).map_err(|message| {
+                ConfigError::Env {
+                    var: var.clone(),
+                    message,
+                }
+            })?;
+            set(&mut merged, section, field, typed);
+        }
+        for (section, field, value) in overrides {
+            let typed = typed_value(&defaults, section, field, value)
+                .map_err(|m| field_err(&format!("{section}.{field}"), m))?;
+            set(&mut merged, section, field, typed);
+        }
+        serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|e| {
+            let field = e.path().to_string();
+            field_err(&field, e.into_inner().to_string())
+        })
+    }
+
+    /// Validates everything the proxy needs and builds its runtime settings.
+    pub fn serve_settings(&self) -> Result<Settings, ConfigError> {
+        let s = &self.server;
+        let upstream_url = self.upstream.url.as_deref().ok_or_else(|| {
+            field_err(
+                "upstream.url",
+                "required: give --upstream URL or set it in the config",
+            )
+        })?;
+        let identity = IdentitySettings::new(&self.identity)?;
+        Ok(Settings {
+            listen: addr("server.listen", &s.listen)?,
+            admin_listen: addr("server.admin_listen", &s.admin_listen)?,
+            shutdown_grace: duration("server.shutdown_grace", &s.shutdown_grace)?,
+            header_read_timeout: nonzero("server.header_read_timeout", &s.header_read_timeout)?,
+            max_header_bytes: bounded(
+                "server.max_header_bytes",
+                s.max_header_bytes,
+                1024,
+                1 << 20,
+            )?,
+            upstream: UpstreamSettings::new(&self.upstream, upstream_url)?,
+            store: self.store_settings()?,
+            cache: CacheSettings {
+                capacity: bounded("cache.capacity", self.cache.capacity as usize, 1, 1 << 30)?
+                    as u64,
+                ttl: nonzero("cache.ttl", &self.cache.ttl)?,
+                negative_ttl: nonzero("cache.negative_ttl", &self.cache.negative_ttl)?,
+            },
+            identity,
+            log: self.log_settings()?,
+        })
+    }
+
+    /// Validates the store settings alone (all the key-management commands need).
+    pub fn store_settings(&self) -> Result<StoreSettings, ConfigError> {
+        let st = &self.store;
+        let url = &st.redis_url;
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err(field_err(
+                "store.redis_url",
+                format!("{url:?} is not a redis:// or rediss:// URL"),
+            ));
+        }
+        if redis::Client::open(url.as_str()).is_err() {
+            return Err(field_err("store.redis_url", "not a valid Redis URL"));
+        }
+        let ns = &st.namespace;
+        if ns.is_empty()
+            || ns.len() > 64
+            || !ns
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:{}".contains(&b))
+        {
+            return Err(field_err(
+                "store.namespace",
+                "1 to 64 characters of letters, digits and -_.:{}",
+            ));
+        }
+        Ok(StoreSettings::Redis(RedisSettings {
+            url: url.clone(),
+            namespace: ns.clone(),
+            timeout: nonzero("store.timeout", &st.timeout)?,
+        }))
+    }
+
+    /// Validates the logging settings.
+    pub fn log_settings(&self) -> Result<LogSettings, ConfigError> {
+        let json = match self.log.format.as_str() {
+            "text" => false,
+            "json" => true,
+            other => {
+                return Err(field_err(
+                    "log.format",
+                    format!("{other:?}: expected \"text\" or \"json\""),
+                ))
+            }
+        };
+        Ok(LogSettings {
+            json,
+            filter: self.log.level.clone(),
+        })
+    }
+}
+
+/// Puts `value` at `section.field` in the merged table.
+fn set(table: &mut toml::Table, section: &str, field: &str, value: toml::Value) {
+    let entry = table
+        .entry(section.to_owned())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    if let toml::Value::Table(t) = entry {
+        t.insert(field.to_owned(), value);
+    } else {
+        *entry = toml::Value::Table(toml::Table::from_iter([(field.to_owned(), value)]));
+    }
+}
+
+/// Turns a textual setting (from the environment or a flag) into the type the default has, so
+/// `KEYGATE__CACHE__CAPACITY=10` is an integer and `KEYGATE__STORE__NAMESPACE=10` a string.
+fn typed_value(
+    defaults: &toml::Value,
+    section: &str,
+    field: &str,
+    raw: &str,
+) -> Result<toml::Value, String> {
+    let Some(section_defaults) = defaults.get(section) else {
+        return Err(format!("no section [{section}]"));
+    };
+    match section_defaults.get(field) {
+        Some(toml::Value::Integer(_)) => raw
+            .parse::<i64>()
+            .map(toml::Value::Integer)
+            .map_err(|_| format!("{raw:?} is not an integer")),
+        Some(toml::Value::Boolean(_)) => raw
+            .parse::<bool>()
+            .map(toml::Value::Boolean)
+            .map_err(|_| format!("{raw:?} is not true or false")),
+        // Strings, and optional settings that default to unset.
+        _ => Ok(toml::Value::String(raw.to_owned())),
+    }
+}
+
+fn addr(field: &str, v: &str) -> Result<SocketAddr, ConfigError> {
+    v.parse().map_err(|_| {
+        field_err(
+            field,
+            format!("{v:?} is not an address like 127.0.0.1:8080"),
+        )
+    })
+}
+
+fn duration(field: &str, v: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(v).map_err(|e| {
+        field_err(
+            field,
+            format!("{v:?} is not a duration like 500ms or 30s: {e}"),
+        )
+    })
+}
+
+fn nonzero(field: &str, v: &str) -> Result<Duration, ConfigError> {
+    let d = duration(field, v)?;
+    if d.is_zero() {
+        return Err(field_err(field, "must be greater than zero"));
+    }
+    Ok(d)
+}
+
+fn bounded(field: &str, v: usize, min: usize, max: usize) -> Result<usize, ConfigError> {
+    if v < min || v > max {
+        return Err(field_err(field, format!("{v} is outside {min}..={max}")));
+    }
+    Ok(v)
+}
+
+/// Validated runtime settings of `keygate serve`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Proxy listener.
+    pub listen: SocketAddr,
+    /// Admin listener.
+    pub admin_listen: SocketAddr,
+    /// Drain deadline on shutdown.
+    pub shutdown_grace: Duration,
+    /// Header read timeout per connection.
+    pub header_read_timeout: Duration,
+    /// Largest request head in bytes.
+    pub max_header_bytes: usize,
+    /// The default upstream.
+    pub upstream: UpstreamSettings,
+    /// The store.
+    pub store: StoreSettings,
+    /// The verdict cache.
+    pub cache: CacheSettings,
+    /// Identity headers.
+    pub identity: IdentitySettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// Which store to use.
+#[derive(Debug, Clone)]
+pub enum StoreSettings {
+    /// Redis.
+    Redis(RedisSettings),
+}
+
+/// Validated upstream settings.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    /// `http`.
+    pub scheme: http::uri::Scheme,
+    /// `host:port` of the upstream.
+    pub authority: http::uri::Authority,
+    /// The upstream's authority as a `Host` header value.
+    pub host_header: HeaderValue,
+    /// Path prefix prepended to every request path (empty for none).
+    pub base_path: String,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Time to response headers.
+    pub timeout: Duration,
+    /// Idle pooled connection lifetime.
+    pub pool_idle_timeout: Duration,
+    /// Idle pooled connections per host.
+    pub pool_max_idle: usize,
+    /// Forward the client's `Host`.
+    pub preserve_host: bool,
+}
+
+impl UpstreamSettings {
+    fn new(c: &UpstreamConfig, url: &str) -> Result<Self, ConfigError> {
+        let f = "upstream.url";
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| field_err(f, format!("{url:?} is not a URL: {e}")))?;
+        let scheme = uri
+            .scheme()
+            .cloned()
+            .ok_or_else(|| field_err(f, "needs a scheme, e.g. http://127.0.0.1:3000"))?;
+        if scheme != http::uri::Scheme::HTTP {
+            return Err(field_err(f, "only http:// upstreams are supported"));
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| field_err(f, "needs a host, e.g. http://127.0.0.1:3000"))?;
+        if uri.query().is_some() {
+            return Err(field_err(f, "must not have a query"));
+        }
+        let base_path = uri.path().trim_end_matches('/').to_owned();
+        let host_header = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| field_err(f, "host is not a valid header value"))?;
+        Ok(UpstreamSettings {
+            scheme,
+            authority,
+            host_header,
+            base_path,
+            connect_timeout: nonzero("upstream.connect_timeout", &c.connect_timeout)?,
+            timeout: nonzero("upstream.timeout", &c.timeout)?,
+            pool_idle_timeout: nonzero("upstream.pool_idle_timeout", &c.pool_idle_timeout)?,
+            pool_max_idle: c.pool_max_idle,
+            preserve_host: c.preserve_host,
+        })
+    }
+}
+
+/// Validated cache settings.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    /// Most verdicts kept.
+    pub capacity: u64,
+    /// Longest life of a known key's verdict.
+    pub ttl: Duration,
+    /// Life of an unknown key's verdict.
+    pub negative_ttl: Duration,
+}
+
+/// Validated logging settings.
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    /// JSON lines instead of text.
+    pub json: bool,
+    /// `RUST_LOG`-style filter.
+    pub filter: String,
+}
+
+/// The identity header names, built once from the configured prefix.
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    /// The lowercase prefix, e.g. `x-keygate-`.
+    pub prefix: String,
+    /// `<prefix>key-id`.
+    pub key_id: HeaderName,
+    /// `<prefix>tenant`.
+    pub tenant: HeaderName,
+    /// `<prefix>role`.
+    pub role: HeaderName,
+    /// `<prefix>subject`.
+    pub subject: HeaderName,
+    /// `<prefix>subject-kind`.
+    pub subject_kind: HeaderName,
+    /// Forward `Authorization` upstream.
+    pub forward_authorization: bool,
+}
+
+impl IdentitySettings {
+    /// Builds the header names from `[identity]`.
+    pub fn new(c: &IdentityConfig) -> Result<Self, ConfigError> {
+        let prefix = c.header_prefix.to_ascii_lowercase();
+        let f = "identity.header_prefix";
+        if prefix.len() < 2 || prefix.len() > 64 {
+            return Err(field_err(f, "must be 2 to 64 characters"));
+        }
+        let name = |suffix: &str| {
+            HeaderName::from_bytes(format!("{prefix}{suffix}").as_bytes())
+                .map_err(|_| field_err(f, format!("{prefix:?} is not a header name prefix")))
+        };
+        Ok(IdentitySettings {
+            key_id: name("key-id")?,
+            tenant: name("tenant")?,
+            role: name("role")?,
+            subject: name("subject")?,
+            subject_kind: name("subject-kind")?,
+            prefix,
+            forward_authorization: c.forward_authorization,
+        })
+    }
+}
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        IdentitySettings::new(&IdentityConfig::default()).expect("default prefix is valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn flags_beat_env_beat_file() {
+        let dir = std::env::temp_dir().join(format!("keygate-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("k.toml");
+        std::fs::write(
+            &file,
+            "[server]\nlisten = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\n[store]\nnamespace = \"file\"\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            Some(&file),
+            env(&[
+                ("KEYGATE__SERVER__LISTEN", "127.0.0.1:3"),
+                ("KEYGATE__STORE__NAMESPACE", "123"),
+                ("KEYGATE__CACHE__CAPACITY", "77"),
+                ("OTHER", "x"),
+            ]),
+            &[("server", "listen", "127.0.0.1:4".into())],
+        )
+        .unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:4");
+        assert_eq!(c.server.admin_listen, "127.0.0.1:2");
+        assert_eq!(c.store.namespace, "123");
+        assert_eq!(c.cache.capacity, 77);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let err = Config::load(None, env(&[("KEYGATE__SERVER__LISTN", "x")]), &[]).unwrap_err();
+        assert!(err.to_string().contains("listn"), "{err}");
+        let err = Config::load(None, env(&[("KEYGATE__NOPE__X", "x")]), &[]).unwrap_err();
+        assert!(err.to_string().contains("KEYGATE__NOPE__X"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let err = Config::load(None, env(&[("KEYGATE__CACHE__CAPACITY", "lots")]), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("KEYGATE__CACHE__CAPACITY"), "{err}");
+
+        let mut c = Config::default();
+        assert!(c
+            .serve_settings()
+            .unwrap_err()
+            .to_string()
+            .starts_with("upstream.url"));
+        c.upstream.url = Some("http://127.0.0.1:3000".into());
+        c.cache.negative_ttl = "soon".into();
+        let err = c.serve_settings().unwrap_err().to_string();
+        assert!(err.starts_with("cache.negative_ttl"), "{err}");
+        c.cache.negative_ttl = "1s".into();
+        c.store.redis_url = "http://x".into();
+        let err = c.serve_settings().unwrap_err().to_string();
+        assert!(err.starts_with("store.redis_url"), "{err}");
+        c.store.redis_url = "redis://127.0.0.1:1".into();
+        c.upstream.url = Some("ftp://x".into());
+        let err = c.serve_settings().unwrap_err().to_string();
+        assert!(err.starts_with("upstream.url"), "{err}");
+    }
+
+    #[test]
+    fn file_syntax_errors_name_the_file_and_line() {
+        let dir = std::env::temp_dir().join(format!("keygate-cfg2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("bad.toml");
+        std::fs::write(&file, "[server]\nlisten = \n").unwrap();
+        let err = Config::load(Some(&file), Vec::new(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bad.toml") && err.contains("line 2"), "{err}");
+        std::fs::write(&file, "[server]\nlisten = 5\n").unwrap();
+        let err = Config::load(Some(&file), Vec::new(), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("server.listen"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn upstream_base_path_is_kept_without_trailing_slash() {
+        let c = Config {
+            upstream: UpstreamConfig {
+                url: Some("http://127.0.0.1:3000/api/".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let s = c.serve_settings().unwrap();
+        assert_eq!(s.upstream.base_path, "/api");
+        assert_eq!(s.upstream.authority.as_str(), "127.0.0.1:3000");
+    }
+}

@@ -1,0 +1,20 @@
+//! keygate: an authentication sidecar and edge gateway that guards HTTP services with bearer
+//! API keys.
+//!
+//! The request path, top to bottom: [`server::handle`] takes the credential
+//! ([`auth::bearer_token`]), verifies it through the cache and store ([`verify::Verifier`]),
+//! rewrites the headers ([`proxy::rewrite_request_headers`]), forwards
+//! ([`proxy::Upstream::send`]) and maps every refusal in one place ([`rejection::Rejection`]).
+
+pub mod admin;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod key;
+pub mod manage;
+pub mod proxy;
+pub mod rejection;
+pub mod server;
+pub mod store;
+pub mod telemetry;
+pub mod verify;

@@ -1,0 +1,350 @@
+//! Forwarding: rewrite an authenticated request for the upstream and send it over the shared
+//! connection pool, streaming bodies both ways.
+//!
+//! Header rules, in this order (the order is what makes them safe):
+//! 1. hop-by-hop headers go, with every header the client named in `Connection`;
+//! 2. `Authorization` goes (unless configured to be forwarded);
+//! 3. every client header with the identity prefix goes;
+//! 4. keygate's identity headers, `X-Forwarded-*`, `Host` and the request id are set.
+//!
+//! Because step 4 comes last, no client header (not even `Connection: x-keygate-tenant`) can
+//! remove or replace an identity header keygate adds.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use http::header::{self, HeaderName, AUTHORIZATION, CONNECTION, HOST};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::{IdentitySettings, UpstreamSettings};
+use crate::rejection::Rejection;
+use crate::verify::Identity;
+
+/// `x-request-id`: kept from the client when sane, else generated; sent upstream and back.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
+fn hop_by_hop() -> [&'static HeaderName; 9] {
+    [
+        &CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ]
+}
+
+/// Removes hop-by-hop headers, including every header named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .filter_map(|t| HeaderName::from_bytes(trim(t)).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in hop_by_hop() {
+        headers.remove(name);
+    }
+}
+
+fn trim(mut b: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = b {
+        b = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = b {
+        b = rest;
+    }
+    b
+}
+
+/// Removes every header whose name starts with the identity prefix.
+fn strip_identity(headers: &mut HeaderMap, prefix: &str) {
+    let spoofed = |n: &HeaderName| n.as_str().starts_with(prefix);
+    if headers.keys().any(spoofed) {
+        let names: Vec<HeaderName> = headers.keys().filter(|n| spoofed(n)).cloned().collect();
+        for name in names {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Per-request facts the rewrite needs besides the headers.
+pub struct Forwarded<'a> {
+    /// The client's address.
+    pub client_ip: IpAddr,
+    /// `http` or `https`, as the client spoke to keygate.
+    pub proto: &'static str,
+    /// The host the client asked for (`Host`, or the URI authority under HTTP/2).
+    pub host: Option<HeaderValue>,
+    /// The request id.
+    pub request_id: &'a HeaderValue,
+}
+
+/// Rewrites a request head for the upstream (see the module docs for the order).
+pub fn rewrite_request_headers(
+    headers: &mut HeaderMap,
+    identity: &Identity,
+    ids: &IdentitySettings,
+    upstream: &UpstreamSettings,
+    fwd: &Forwarded<'_>,
+) {
+    strip_hop_by_hop(headers);
+    if !ids.forward_authorization {
+        headers.remove(AUTHORIZATION);
+    }
+    strip_identity(headers, &ids.prefix);
+
+    let v = &identity.headers;
+    headers.insert(ids.key_id.clone(), v.key_id.clone());
+    headers.insert(ids.tenant.clone(), v.tenant.clone());
+    headers.insert(ids.role.clone(), v.role.clone());
+    headers.insert(ids.subject.clone(), v.subject.clone());
+    headers.insert(ids.subject_kind.clone(), v.subject_kind.clone());
+
+    append_forwarded_for(headers, fwd.client_ip);
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(fwd.proto),
+    );
+    match &fwd.host {
+        Some(h) => headers.insert(X_FORWARDED_HOST.clone(), h.clone()),
+        None => headers.remove(&X_FORWARDED_HOST),
+    };
+    if !upstream.preserve_host || fwd.host.is_none() {
+        headers.insert(HOST, upstream.host_header.clone());
+    } else if let Some(h) = &fwd.host {
+        headers.insert(HOST, h.clone());
+    }
+    headers.insert(X_REQUEST_ID.clone(), fwd.request_id.clone());
+}
+
+/// Appends the client address to `X-Forwarded-For`, folding earlier values into one header.
+fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
+    let mut value = String::new();
+    for prior in headers.get_all(&X_FORWARDED_FOR) {
+        if let Ok(s) = prior.to_str() {
+            value.push_str(s);
+            value.push_str(", ");
+        }
+    }
+    use std::fmt::Write;
+    let _ = write!(value, "{ip}");
+    if let Ok(v) = HeaderValue::try_from(value) {
+        headers.insert(X_FORWARDED_FOR.clone(), v);
+    }
+}
+
+/// The pooled client to one upstream, shared by every request.
+pub struct Upstream {
+    client: Client<HttpConnector, Incoming>,
+    settings: UpstreamSettings,
+}
+
+impl Upstream {
+    /// Builds the connection pool (no connection is made until the first request).
+    pub fn new(settings: UpstreamSettings) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(settings.connect_timeout));
+        connector.set_nodelay(true);
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(settings.pool_idle_timeout)
+            .pool_max_idle_per_host(settings.pool_max_idle)
+            .build(connector);
+        Upstream { client, settings }
+    }
+
+    /// The upstream's settings.
+    pub fn settings(&self) -> &UpstreamSettings {
+        &self.settings
+    }
+
+    /// Builds the upstream URI for a request path.
+    fn target(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+        let pq = pq.map(PathAndQuery::as_str).unwrap_or("/");
+        let builder = Uri::builder()
+            .scheme(self.settings.scheme.clone())
+            .authority(self.settings.authority.clone());
+        if self.settings.base_path.is_empty() {
+            builder.path_and_query(pq).build()
+        } else {
+            builder
+                .path_and_query(format!("{}{pq}", self.settings.base_path))
+                .build()
+        }
+    }
+
+    /// Sends a rewritten request upstream; answers with the upstream's response head (the body
+    /// streams on) or the refusal that maps the failure.
+    pub async fn send(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, Rejection> {
+        *req.uri_mut() = self
+            .target(req.uri().path_and_query())
+            .map_err(|_| Rejection::UpstreamUnavailable)?;
+        *req.version_mut() = Version::HTTP_11;
+        match tokio::time::timeout(self.settings.timeout, self.client.request(req)).await {
+            Ok(Ok(mut resp)) => {
+                strip_hop_by_hop(resp.headers_mut());
+                Ok(resp)
+            }
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, connect = err.is_connect(), "upstream request failed");
+                Err(Rejection::UpstreamUnavailable)
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?self.settings.timeout, "upstream did not answer in time");
+                Err(Rejection::UpstreamTimeout)
+            }
+        }
+    }
+}
+
+/// A request id from the client, if it is sane (1–128 visible ASCII characters).
+pub fn client_request_id(headers: &HeaderMap) -> Option<&HeaderValue> {
+    headers.get(&X_REQUEST_ID).filter(|v| {
+        (1..=128).contains(&v.len()) && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
+    })
+}
+
+/// A fresh request id: 16 random hex characters.
+pub fn new_request_id() -> HeaderValue {
+    let n: u64 = rand::random();
+    let mut buf = [0u8; 16];
+    hex::encode_to_slice(n.to_be_bytes(), &mut buf).expect("16 hex digits");
+    HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, UpstreamConfig};
+    use crate::key::KeyKind;
+    use crate::store::KeyRecord;
+
+    fn identity() -> Identity {
+        Identity::from_record(&KeyRecord {
+            id: "key_1".into(),
+            digest: crate::key::KeyDigest([0; 32]),
+            name: "n".into(),
+            tenant: "acme".into(),
+            role: "admin".into(),
+            subject: "alice".into(),
+            kind: KeyKind::User,
+            created_at: 1,
+            expires_at: None,
+            revoked_at: None,
+        })
+        .unwrap()
+    }
+
+    fn upstream() -> UpstreamSettings {
+        Config {
+            upstream: UpstreamConfig {
+                url: Some("http://10.0.0.1:3000".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .serve_settings()
+        .unwrap()
+        .upstream
+    }
+
+    fn rewrite(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let rid = HeaderValue::from_static("rid-1");
+        rewrite_request_headers(
+            &mut h,
+            &identity(),
+            &IdentitySettings::default(),
+            &upstream(),
+            &Forwarded {
+                client_ip: "192.0.2.7".parse().unwrap(),
+                proto: "http",
+                host: Some(HeaderValue::from_static("api.example")),
+                request_id: &rid,
+            },
+        );
+        h
+    }
+
+    #[test]
+    fn identity_headers_replace_spoofed_ones() {
+        let h = rewrite(&[
+            ("x-keygate-tenant", "evil"),
+            ("X-Keygate-Admin", "yes"),
+            ("authorization", "Bearer x"),
+        ]);
+        assert_eq!(h["x-keygate-tenant"], "acme");
+        assert_eq!(h.get_all("x-keygate-tenant").iter().count(), 1);
+        assert!(h.get("x-keygate-admin").is_none());
+        assert!(h.get(AUTHORIZATION).is_none());
+        assert_eq!(h["x-keygate-subject-kind"], "user");
+    }
+
+    #[test]
+    fn connection_cannot_remove_identity_headers() {
+        let h = rewrite(&[
+            ("connection", "x-keygate-tenant, x-custom"),
+            ("x-custom", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+        ]);
+        assert_eq!(h["x-keygate-tenant"], "acme");
+        for gone in ["connection", "x-custom", "keep-alive", "te"] {
+            assert!(h.get(gone).is_none(), "{gone} forwarded");
+        }
+    }
+
+    #[test]
+    fn forwarded_headers_are_set() {
+        let h = rewrite(&[
+            ("x-forwarded-for", "198.51.100.1"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        assert_eq!(h["x-forwarded-for"], "198.51.100.1, 192.0.2.7");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "api.example");
+        assert_eq!(h[HOST], "10.0.0.1:3000");
+        assert_eq!(h[&X_REQUEST_ID], "rid-1");
+    }
+
+    #[test]
+    fn request_ids_are_validated_or_generated() {
+        let mut h = HeaderMap::new();
+        assert!(client_request_id(&h).is_none());
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(client_request_id(&h).unwrap(), "abc-123");
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("has space"));
+        assert!(client_request_id(&h).is_none());
+        let a = new_request_id();
+        assert_eq!(a.len(), 16);
+        assert_ne!(a, new_request_id());
+    }
+}

@@ -1,0 +1,21 @@
+//! Logging set-up: `tracing` to stderr as text or JSON lines, filtered by `RUST_LOG` when set,
+//! else by the configured level.
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::LogSettings;
+
+/// Installs the global subscriber; a second call is a no-op (tests start many servers).
+pub fn init(settings: &LogSettings) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&settings.filter))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if settings.json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
