@@ -92,14 +92,13 @@ pub async fn handle(
             &fwd,
         );
         let method = req.method().clone();
-        let path_len = req.uri().path().len();
         let resp = app.upstream.send(req).await?;
-        Ok::<_, Rejection>((identity, method, path_len, resp))
+        Ok::<_, Rejection>((identity, method, resp))
     }
     .await;
 
     let mut resp = match outcome {
-        Ok((identity, method, _, resp)) => {
+        Ok((identity, method, resp)) => {
             tracing::info!(
                 target: "keygate::access",
                 request_id = ?request_id,

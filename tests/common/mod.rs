@@ -1,0 +1,525 @@
+//! The integration test harness: a real `redis-server` on a free port with its own directory,
+//! a real upstream HTTP server on 127.0.0.1:0, keygate in-process on port 0, and a real HTTP
+//! client. Each test reads as the scenario it checks.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::stream;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, Notify};
+
+use keygate::config::Config;
+use keygate::manage::{self, CreatedKey, NewKey};
+use keygate::server::Server;
+use keygate::store::redis::{RedisSettings, RedisStore};
+use keygate::store::{now_unix, Store};
+
+/// Polls `cond` every 10 ms until it holds or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+static UNIQUE: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh temporary directory.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let n = UNIQUE.fetch_add(1, Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("keygate-test-{}-{tag}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis
+
+/// A `redis-server` child process on its own port and directory, killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        let mut r = RedisServer {
+            port: free_port(),
+            dir: temp_dir("redis"),
+            child: None,
+        };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .args(["--dbfilename", "dump.rdb"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed: apt-get install -y redis-server redis-tools");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut c) = self.client().get_connection() {
+                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).unwrap()
+    }
+
+    fn conn(&self) -> redis::Connection {
+        self.client().get_connection().unwrap()
+    }
+
+    /// Runs a command on the test's own connection.
+    pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        let mut c = redis::cmd(args[0]);
+        for a in &args[1..] {
+            c.arg(*a);
+        }
+        c.query(&mut self.conn()).unwrap()
+    }
+
+    /// Calls per command name since the last `CONFIG RESETSTAT`, from `INFO commandstats`.
+    pub fn command_calls(&self) -> HashMap<String, u64> {
+        let info: String = self.cmd(&["INFO", "commandstats"]);
+        info.lines()
+            .filter_map(|l| l.strip_prefix("cmdstat_"))
+            .filter_map(|l| {
+                let (name, rest) = l.split_once(':')?;
+                let calls = rest.split(',').find_map(|f| f.strip_prefix("calls="))?;
+                Some((name.to_owned(), calls.parse().ok()?))
+            })
+            .collect()
+    }
+
+    pub fn reset_stats(&self) {
+        let _: () = self.cmd(&["CONFIG", "RESETSTAT"]);
+    }
+
+    /// Saves the dataset and stops the server (its port then refuses connections).
+    pub fn stop(&mut self) {
+        let _ = redis::cmd("SHUTDOWN")
+            .arg("SAVE")
+            .query::<()>(&mut self.conn());
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same port and directory, reloading the saved dataset.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop() first");
+        self.spawn();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A keygate Redis store for the test to create keys with.
+pub fn redis_store(redis: &RedisServer, namespace: &str) -> Arc<RedisStore> {
+    Arc::new(
+        RedisStore::new(&RedisSettings {
+            url: redis.url(),
+            namespace: namespace.to_owned(),
+            timeout: Duration::from_secs(2),
+        })
+        .unwrap(),
+    )
+}
+
+/// Creates a user key in `tenant` with `role`.
+pub async fn create_key(store: &dyn Store, tenant: &str, role: &str) -> CreatedKey {
+    manage::create_key(
+        store,
+        NewKey {
+            tenant: tenant.into(),
+            role: role.into(),
+            name: "test key".into(),
+            subject: Some("alice".into()),
+            expires_at: None,
+        },
+        now_unix(),
+    )
+    .await
+    .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream
+
+/// What the upstream saw of one request.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub headers: HeaderMap,
+}
+
+/// A real HTTP upstream that records what it receives. Paths:
+/// `/hold` waits until [`Upstream::release`]; `/slow?ms=N` answers after N ms;
+/// `/upload` counts the body's bytes as they stream; `/download?bytes=N` streams N bytes;
+/// anything else answers `200 ok`.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    held: Arc<Notify>,
+    arrived: Arc<Notify>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Upstream {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let held = Arc::new(Notify::new());
+        let arrived = Arc::new(Notify::new());
+        let (stop_tx, mut stop_rx) = oneshot::channel::<()>();
+        let (s, h, a) = (seen.clone(), held.clone(), arrived.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = &mut stop_rx => return,
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                };
+                let (s, h, a) = (s.clone(), h.clone(), a.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let (s, h, a) = (s.clone(), h.clone(), a.clone());
+                        async move { Ok::<_, Infallible>(upstream_answer(req, s, h, a).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            seen,
+            held,
+            arrived,
+            _stop: stop_tx,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn requests(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Resolves when a `/hold` request has arrived.
+    pub async fn held_request_arrived(&self) {
+        self.arrived.notified().await
+    }
+
+    /// Lets every held request answer.
+    pub fn release(&self) {
+        self.held.notify_waiters();
+    }
+}
+
+type TestBody = BoxBody<Bytes, Infallible>;
+
+fn query_num(req: &Request<Incoming>, name: &str) -> u64 {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn upstream_answer(
+    req: Request<Incoming>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    held: Arc<Notify>,
+    arrived: Arc<Notify>,
+) -> Response<TestBody> {
+    seen.lock().unwrap().push(Seen {
+        method: req.method().to_string(),
+        path: req.uri().path().to_owned(),
+        headers: req.headers().clone(),
+    });
+    match req.uri().path() {
+        "/hold" => {
+            let released = held.notified();
+            arrived.notify_one();
+            released.await;
+            text("held and released")
+        }
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(query_num(&req, "ms"))).await;
+            text("slow")
+        }
+        "/upload" => {
+            let mut body = req.into_body();
+            let mut n = 0u64;
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.unwrap().into_data() {
+                    n += data.len() as u64;
+                }
+            }
+            text(&n.to_string())
+        }
+        "/download" => Response::new(zeros(query_num(&req, "bytes"))),
+        _ => text("ok"),
+    }
+}
+
+fn text(s: &str) -> Response<TestBody> {
+    Response::new(Full::new(Bytes::copy_from_slice(s.as_bytes())).boxed())
+}
+
+/// A body of `len` zero bytes, produced 64 KiB at a time (never held whole in memory).
+pub fn zeros(len: u64) -> TestBody {
+    const CHUNK: usize = 64 * 1024;
+    let chunk = Bytes::from(vec![0u8; CHUNK]);
+    let full = len / CHUNK as u64;
+    let rest = (len % CHUNK as u64) as usize;
+    let frames = (0..full)
+        .map(move |_| chunk.clone())
+        .chain((rest > 0).then(|| Bytes::from(vec![0u8; rest])))
+        .map(|b| Ok::<_, Infallible>(Frame::data(b)));
+    StreamBody::new(stream::iter(frames)).boxed()
+}
+
+// ---------------------------------------------------------------------------------------------
+// keygate
+
+/// keygate running in-process on port 0.
+pub struct Keygate {
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A config for a test: loopback listeners on port 0, the given store and upstream.
+pub fn test_config(redis_url: &str, namespace: &str, upstream: &str) -> Config {
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:0".into();
+    c.server.admin_listen = "127.0.0.1:0".into();
+    c.server.shutdown_grace = "5s".into();
+    c.store.redis_url = redis_url.into();
+    c.store.namespace = namespace.into();
+    c.store.timeout = "500ms".into();
+    c.upstream.url = Some(upstream.into());
+    c
+}
+
+impl Keygate {
+    pub async fn start(config: Config) -> Self {
+        let settings = config.serve_settings().expect("valid test config");
+        let server = Server::bind(settings).await.unwrap();
+        Self::run(server)
+    }
+
+    pub fn run(server: Server) -> Self {
+        let (proxy, admin) = (server.proxy_addr(), server.admin_addr());
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = rx.await;
+        }));
+        Keygate {
+            proxy,
+            admin,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+impl Drop for Keygate {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP client
+
+/// A real HTTP client (HTTP/1.1 by default, or HTTP/2 with prior knowledge).
+#[derive(Clone)]
+pub struct Http {
+    client: Client<HttpConnector, TestBody>,
+}
+
+/// A response with its body read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn error_code(&self) -> String {
+        self.json()["error"].as_str().unwrap_or_default().to_owned()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl Http {
+    pub fn new() -> Self {
+        Http {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub fn http2() -> Self {
+        Http {
+            client: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build_http(),
+        }
+    }
+
+    /// Sends a request and returns the response head with the body still streaming.
+    pub async fn send(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: TestBody,
+    ) -> Response<Incoming> {
+        let mut req = Request::builder().method(method).uri(url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.client
+            .request(req.body(body).unwrap())
+            .await
+            .expect("request reached keygate")
+    }
+
+    pub async fn request(&self, method: &str, url: &str, headers: &[(&str, &str)]) -> Reply {
+        let resp = self
+            .send(method, url, headers, Full::new(Bytes::new()).boxed())
+            .await;
+        let (parts, body) = resp.into_parts();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+
+    pub async fn get(&self, url: &str, headers: &[(&str, &str)]) -> Reply {
+        self.request("GET", url, headers).await
+    }
+
+    /// GET with `Authorization: Bearer <key>`.
+    pub async fn get_with_key(&self, url: &str, key: &str) -> Reply {
+        let auth = format!("Bearer {key}");
+        self.get(url, &[("authorization", &auth)]).await
+    }
+}
+
+/// A namespace no other test uses.
+pub fn namespace(tag: &str) -> String {
+    format!(
+        "t{}-{tag}-{}",
+        std::process::id(),
+        UNIQUE.fetch_add(1, Ordering::SeqCst)
+    )
+}

@@ -1,0 +1,402 @@
+//! The authenticating reverse proxy end to end: real Redis, real upstream, keygate on port 0.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use keygate::key::{generate, KeyKind};
+use keygate::store::{now_unix, KeyRecord, Store};
+
+struct Rig {
+    redis: RedisServer,
+    upstream: Upstream,
+    store: std::sync::Arc<keygate::store::redis::RedisStore>,
+    keygate: Keygate,
+    http: Http,
+    ns: String,
+}
+
+async fn rig() -> Rig {
+    rig_with(|_| {}).await
+}
+
+async fn rig_with(tweak: impl FnOnce(&mut keygate::config::Config)) -> Rig {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let ns = namespace("proxy");
+    let store = redis_store(&redis, &ns);
+    let mut config = test_config(&redis.url(), &ns, &upstream.url());
+    tweak(&mut config);
+    let keygate = Keygate::start(config).await;
+    Rig {
+        redis,
+        upstream,
+        store,
+        keygate,
+        http: Http::new(),
+        ns,
+    }
+}
+
+#[tokio::test]
+async fn valid_key_reaches_upstream_with_identity_and_without_authorization() {
+    let r = rig().await;
+    let key = create_key(&*r.store, "acme", "admin").await;
+    let reply = r
+        .http
+        .get_with_key(&r.keygate.url("/things?x=1"), key.secret.expose())
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "ok");
+    assert!(reply.headers.contains_key("x-request-id"));
+
+    let seen = r.upstream.requests();
+    assert_eq!(seen.len(), 1);
+    let h = &seen[0].headers;
+    assert_eq!(seen[0].path, "/things");
+    assert!(h.get("authorization").is_none(), "Authorization forwarded");
+    assert_eq!(h["x-keygate-key-id"], key.record.id.as_str());
+    assert_eq!(h["x-keygate-tenant"], "acme");
+    assert_eq!(h["x-keygate-role"], "admin");
+    assert_eq!(h["x-keygate-subject"], "alice");
+    assert_eq!(h["x-keygate-subject-kind"], "user");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], r.keygate.proxy.to_string().as_str());
+    assert_eq!(h["x-request-id"], reply.headers["x-request-id"]);
+}
+
+#[tokio::test]
+async fn client_request_id_is_kept_end_to_end() {
+    let r = rig().await;
+    let key = create_key(&*r.store, "acme", "admin").await;
+    let auth = format!("Bearer {}", key.secret.expose());
+    let reply = r
+        .http
+        .get(
+            &r.keygate.url("/"),
+            &[("authorization", &auth), ("x-request-id", "trace-42")],
+        )
+        .await;
+    assert_eq!(reply.headers["x-request-id"], "trace-42");
+    assert_eq!(r.upstream.requests()[0].headers["x-request-id"], "trace-42");
+    // Rejections carry the id too.
+    let reply = r
+        .http
+        .get(&r.keygate.url("/"), &[("x-request-id", "trace-43")])
+        .await;
+    assert_eq!(reply.headers["x-request-id"], "trace-43");
+}
+
+#[tokio::test]
+async fn spoofed_identity_headers_never_reach_the_upstream() {
+    let r = rig().await;
+    let key = create_key(&*r.store, "acme", "reader").await;
+    let auth = format!("Bearer {}", key.secret.expose());
+    let reply = r
+        .http
+        .get(
+            &r.keygate.url("/"),
+            &[
+                ("authorization", &auth),
+                ("x-keygate-tenant", "other-tenant"),
+                ("X-Keygate-Role", "admin"),
+                ("x-keygate-impersonate", "root"),
+                ("connection", "x-keygate-tenant, x-keygate-role"),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    let h = &r.upstream.requests()[0].headers;
+    assert_eq!(h.get_all("x-keygate-tenant").iter().count(), 1);
+    assert_eq!(h["x-keygate-tenant"], "acme");
+    assert_eq!(h["x-keygate-role"], "reader");
+    assert!(h.get("x-keygate-impersonate").is_none());
+    assert!(h.get("connection").is_none());
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_are_not_forwarded() {
+    let r = rig().await;
+    let key = create_key(&*r.store, "acme", "admin").await;
+    let auth = format!("Bearer {}", key.secret.expose());
+    r.http
+        .get(
+            &r.keygate.url("/"),
+            &[
+                ("authorization", &auth),
+                ("connection", "x-private"),
+                ("x-private", "secret"),
+                ("keep-alive", "timeout=5"),
+                ("proxy-authorization", "Basic abc"),
+                ("x-kept", "yes"),
+            ],
+        )
+        .await;
+    let h = &r.upstream.requests()[0].headers;
+    for gone in ["x-private", "keep-alive", "proxy-authorization"] {
+        assert!(h.get(gone).is_none(), "{gone} was forwarded");
+    }
+    assert_eq!(h["x-kept"], "yes");
+}
+
+async fn assert_unauthorized(reply: &Reply, code: &str, challenge_error: Option<&str>) {
+    assert_eq!(reply.status, 401, "{}", reply.text());
+    assert_eq!(reply.error_code(), code);
+    assert!(reply.json()["message"].as_str().is_some());
+    let challenge = reply.headers["www-authenticate"].to_str().unwrap();
+    assert!(
+        challenge.starts_with("Bearer realm=\"keygate\""),
+        "{challenge}"
+    );
+    match challenge_error {
+        Some(e) => assert!(challenge.contains(&format!("error=\"{e}\"")), "{challenge}"),
+        None => assert!(!challenge.contains("error="), "{challenge}"),
+    }
+    assert_eq!(reply.headers["content-type"], "application/json");
+}
+
+#[tokio::test]
+async fn every_bad_credential_gets_401_with_its_code_and_challenge() {
+    let r = rig().await;
+    let url = r.keygate.url("/");
+
+    let missing = r.http.get(&url, &[]).await;
+    assert_unauthorized(&missing, "missing_credentials", None).await;
+
+    let malformed = r.http.get_with_key(&url, "kgu_not-a-real-key").await;
+    assert_unauthorized(&malformed, "invalid_key", Some("invalid_token")).await;
+
+    let unknown = generate(KeyKind::User);
+    let reply = r.http.get_with_key(&url, unknown.secret.expose()).await;
+    assert_unauthorized(&reply, "invalid_key", Some("invalid_token")).await;
+
+    let expired = generate(KeyKind::User);
+    r.store
+        .insert(&KeyRecord {
+            id: "key_expired".into(),
+            digest: expired.digest,
+            name: "old".into(),
+            tenant: "acme".into(),
+            role: "admin".into(),
+            subject: "bob".into(),
+            kind: KeyKind::User,
+            created_at: now_unix() - 100,
+            expires_at: Some(now_unix() - 10),
+            revoked_at: None,
+        })
+        .await
+        .unwrap();
+    let reply = r.http.get_with_key(&url, expired.secret.expose()).await;
+    assert_unauthorized(&reply, "key_expired", Some("invalid_token")).await;
+
+    let revoked = create_key(&*r.store, "acme", "admin").await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["keys", "revoke", &revoked.record.id])
+        .args(["--redis-url", &r.redis.url()])
+        .args(["--namespace", &r.ns])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply = r.http.get_with_key(&url, revoked.secret.expose()).await;
+    assert_unauthorized(&reply, "key_revoked", Some("invalid_token")).await;
+
+    assert!(
+        r.upstream.requests().is_empty(),
+        "a bad key reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn two_authorization_headers_are_refused() {
+    let r = rig().await;
+    let key = create_key(&*r.store, "acme", "admin").await;
+    let auth = format!("Bearer {}", key.secret.expose());
+    let reply = r
+        .http
+        .get(
+            &r.keygate.url("/"),
+            &[("authorization", &auth), ("authorization", &auth)],
+        )
+        .await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.error_code(), "invalid_request");
+    assert!(r.upstream.requests().is_empty());
+}
+
+#[tokio::test]
+async fn malformed_tokens_cause_zero_redis_commands() {
+    let r = rig().await;
+    // Warm the connection so that connection set-up commands are not counted.
+    let key = create_key(&*r.store, "acme", "admin").await;
+    assert_eq!(
+        r.http
+            .get_with_key(&r.keygate.url("/"), key.secret.expose())
+            .await
+            .status,
+        200
+    );
+    r.redis.reset_stats();
+
+    let good = generate(KeyKind::User);
+    let g = good.secret.expose();
+    let mut bad: Vec<String> = vec![
+        String::new(),
+        "x".into(),
+        "kgu_".into(),
+        g[..g.len() - 1].to_owned(),
+        format!("{g}0"),
+        g.replacen("kgu_", "kgs_", 1),
+        g.replacen("kgu_", "abc_", 1),
+        format!("{}-{}", &g[..20], &g[21..]),
+        "A".repeat(4000),
+    ];
+    // Flip the last checksum character.
+    let mut flipped = g.to_owned().into_bytes();
+    let last = flipped.len() - 1;
+    flipped[last] = if flipped[last] == b'0' { b'1' } else { b'0' };
+    bad.push(String::from_utf8(flipped).unwrap());
+
+    for token in &bad {
+        let reply = r.http.get_with_key(&r.keygate.url("/"), token).await;
+        assert_eq!(reply.status, 401, "token {token:?}");
+    }
+    let calls = r.redis.command_calls();
+    let keygate_calls: u64 = calls
+        .iter()
+        .filter(|(name, _)| !matches!(name.as_str(), "info" | "config|resetstat"))
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(
+        keygate_calls, 0,
+        "malformed tokens reached Redis: {calls:?}"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_misses_for_one_key_make_one_redis_lookup() {
+    let r = rig().await;
+    let key = create_key(&*r.store, "acme", "admin").await;
+    r.redis.reset_stats();
+    let http = Http::http2();
+    let url = r.keygate.url("/");
+    let auth = format!("Bearer {}", key.secret.expose());
+    let requests = (0..1000).map(|_| {
+        let (http, url, auth) = (http.clone(), url.clone(), auth.clone());
+        tokio::spawn(async move { http.get(&url, &[("authorization", &auth)]).await.status })
+    });
+    for status in futures_util::future::join_all(requests).await {
+        assert_eq!(status.unwrap(), 200);
+    }
+    let calls = r.redis.command_calls();
+    assert_eq!(calls.get("hgetall"), Some(&1), "{calls:?}");
+    assert_eq!(r.upstream.requests().len(), 1000);
+}
+
+#[tokio::test]
+async fn unknown_keys_are_cached_negatively() {
+    let r = rig().await;
+    r.redis.reset_stats();
+    let unknown = generate(KeyKind::User);
+    for _ in 0..20 {
+        let reply = r
+            .http
+            .get_with_key(&r.keygate.url("/"), unknown.secret.expose())
+            .await;
+        assert_eq!(reply.status, 401);
+    }
+    assert_eq!(r.redis.command_calls().get("hgetall"), Some(&1));
+}
+
+#[tokio::test]
+async fn redis_down_fails_closed_and_service_resumes_without_restart() {
+    let mut r = rig().await;
+    let key = create_key(&*r.store, "acme", "admin").await;
+    r.redis.stop();
+
+    let reply = r
+        .http
+        .get_with_key(&r.keygate.url("/"), key.secret.expose())
+        .await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.error_code(), "store_unavailable");
+    assert_eq!(reply.headers["retry-after"], "1");
+    let ready = r.http.get(&r.keygate.admin_url("/readyz"), &[]).await;
+    assert_eq!(ready.status, 503);
+    assert!(ready.text().contains("store"), "{}", ready.text());
+
+    r.redis.restart();
+    let url = r.keygate.url("/");
+    let (http, secret) = (r.http.clone(), key.secret.expose().to_owned());
+    eventually(
+        Duration::from_secs(10),
+        "keygate reconnects to Redis",
+        || {
+            let (http, url, secret) = (http.clone(), url.clone(), secret.clone());
+            async move { http.get_with_key(&url, &secret).await.status == 200 }
+        },
+    )
+    .await;
+    let ready = r.http.get(&r.keygate.admin_url("/readyz"), &[]).await;
+    assert_eq!(ready.status, 200);
+}
+
+#[tokio::test]
+async fn upstream_down_is_502() {
+    let redis = RedisServer::start();
+    let ns = namespace("down");
+    let store = redis_store(&redis, &ns);
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let keygate = Keygate::start(test_config(&redis.url(), &ns, &dead)).await;
+    let key = create_key(&*store, "acme", "admin").await;
+    let reply = Http::new()
+        .get_with_key(&keygate.url("/"), key.secret.expose())
+        .await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(reply.error_code(), "upstream_unavailable");
+}
+
+#[tokio::test]
+async fn upstream_slower_than_the_timeout_is_504() {
+    let r = rig_with(|c| c.upstream.timeout = "200ms".into()).await;
+    let key = create_key(&*r.store, "acme", "admin").await;
+    let reply = r
+        .http
+        .get_with_key(&r.keygate.url("/slow?ms=3000"), key.secret.expose())
+        .await;
+    assert_eq!(reply.status, 504);
+    assert_eq!(reply.error_code(), "upstream_timeout");
+}
+
+#[tokio::test]
+async fn http2_clients_are_served() {
+    let r = rig().await;
+    let key = create_key(&*r.store, "acme", "admin").await;
+    let reply = Http::http2()
+        .get_with_key(&r.keygate.url("/h2"), key.secret.expose())
+        .await;
+    assert_eq!(reply.status, 200);
+    let seen = &r.upstream.requests()[0];
+    assert_eq!(seen.path, "/h2");
+    assert_eq!(seen.headers["x-keygate-tenant"], "acme");
+    assert_eq!(
+        seen.headers["x-forwarded-host"],
+        r.keygate.proxy.to_string().as_str()
+    );
+}
+
+#[tokio::test]
+async fn admin_probes_answer() {
+    let r = rig().await;
+    let health = r.http.get(&r.keygate.admin_url("/healthz"), &[]).await;
+    assert_eq!(health.status, 200);
+    let ready = r.http.get(&r.keygate.admin_url("/readyz"), &[]).await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    let missing = r.http.get(&r.keygate.admin_url("/nope"), &[]).await;
+    assert_eq!(missing.status, 404);
+}
