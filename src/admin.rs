@@ -42,13 +42,20 @@ async fn readiness(app: &App) -> Response<Full<Bytes>> {
     if app.state.draining() {
         reasons.push("draining: shutting down".into());
     }
-    if let Err(err) = app.verifier.store().ping().await {
+    let store = app.verifier.store();
+    if let Err(err) = store.ping().await {
         reasons.push(format!("store: {err}"));
     }
-    if reasons.is_empty() {
-        json(StatusCode::OK, r#"{"status":"ready"}"#.into())
+    let warnings = store.warnings();
+    let (status, body) = if reasons.is_empty() {
+        (
+            StatusCode::OK,
+            serde_json::json!({ "status": "ready", "warnings": warnings }),
+        )
     } else {
-        let body = serde_json::json!({ "status": "unready", "reasons": reasons });
-        json(StatusCode::SERVICE_UNAVAILABLE, body.to_string())
-    }
+        let body =
+            serde_json::json!({ "status": "unready", "reasons": reasons, "warnings": warnings });
+        (StatusCode::SERVICE_UNAVAILABLE, body)
+    };
+    json(status, body.to_string())
 }

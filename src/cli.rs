@@ -27,6 +27,9 @@ pub struct Cli {
     /// Prefix of every Redis key (store.namespace).
     #[arg(long, global = true, value_name = "NAME")]
     namespace: Option<String>,
+    /// Use the embedded file store at PATH instead of Redis (store.keys_file).
+    #[arg(long, global = true, value_name = "PATH")]
+    keys_file: Option<String>,
     /// Output format of management commands.
     #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -47,6 +50,8 @@ enum Output {
 enum Command {
     /// Run the proxy and the admin listener.
     Serve(ServeArgs),
+    /// Try keygate: a file store, a fresh key and a built-in echo upstream, no Redis needed.
+    Demo(DemoArgs),
     /// Manage user API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -63,6 +68,16 @@ struct ServeArgs {
     /// The upstream every authenticated request goes to (upstream.url).
     #[arg(long, value_name = "URL")]
     upstream: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct DemoArgs {
+    /// Proxy listener address.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Admin listener address.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
+    admin_listen: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,6 +131,7 @@ impl Cli {
         };
         push("store", "redis_url", &self.redis_url);
         push("store", "namespace", &self.namespace);
+        push("store", "keys_file", &self.keys_file);
         if let Command::Serve(s) = &self.command {
             push("server", "listen", &s.listen);
             push("server", "admin_listen", &s.admin_listen);
@@ -127,7 +143,11 @@ impl Cli {
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let config = Config::load(cli.config.as_deref(), std::env::vars(), &cli.overrides())?;
+    let mut config = Config::load(cli.config.as_deref(), std::env::vars(), &cli.overrides())?;
+    // `--redis-url` on the command line picks Redis even when the config names a keys file.
+    if cli.redis_url.is_some() && cli.keys_file.is_none() {
+        config.store.keys_file = None;
+    }
     match cli.command {
         Command::Serve(_) => {
             let settings = config.serve_settings()?;
@@ -136,8 +156,67 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             server.run(shutdown_signal()).await;
             Ok(())
         }
+        Command::Demo(args) => demo(config, args).await,
         Command::Keys(cmd) => keys(&config, cmd, cli.output).await,
     }
+}
+
+/// Default keys file of `keygate demo`.
+const DEMO_KEYS_FILE: &str = "demo-keys.toml";
+
+async fn demo(mut config: Config, args: DemoArgs) -> anyhow::Result<()> {
+    config.server.listen = args.listen;
+    config.server.admin_listen = args.admin_listen;
+    let keys_file = config
+        .store
+        .keys_file
+        .get_or_insert_with(|| DEMO_KEYS_FILE.into())
+        .clone();
+    let identity = crate::config::IdentitySettings::new(&config.identity)?;
+    let echo = crate::demo::start_echo(identity).await?;
+    config.upstream.url = Some(format!("http://{echo}"));
+    let settings = config.serve_settings()?;
+    telemetry::init(&settings.log);
+
+    let store = store::open(&settings.store, true)?;
+    let created = manage::create_key(
+        &*store,
+        NewKey {
+            tenant: "demo".into(),
+            role: "admin".into(),
+            name: "keygate demo".into(),
+            subject: Some("demo-user".into()),
+            expires_at: None,
+        },
+        now_unix(),
+    )
+    .await?;
+    let server = Server::bind_with_store(settings, store).await?;
+    let url = format!("http://{}/hello", server.proxy_addr());
+    let key = created.secret.expose();
+    println!(
+        "keygate demo is running: proxy on http://{}, admin on http://{}",
+        server.proxy_addr(),
+        server.admin_addr()
+    );
+    println!("  keys file: {keys_file} (the embedded file store; no Redis needed)");
+    println!("  upstream:  a built-in echo service on http://{echo}");
+    println!();
+    println!(
+        "A key was created for you ({}). It is shown once:",
+        created.record.id
+    );
+    println!();
+    println!("    {key}");
+    println!();
+    println!("Try it from another terminal:");
+    println!();
+    println!("    curl -i -H 'Authorization: Bearer {key}' {url}");
+    println!("    curl -i {url}");
+    println!();
+    println!("Press Ctrl-C to stop.");
+    server.run(shutdown_signal()).await;
+    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -157,7 +236,7 @@ pub async fn shutdown_signal() {
 }
 
 async fn keys(config: &Config, cmd: KeysCommand, output: Output) -> anyhow::Result<()> {
-    let store = store::open(&config.store_settings()?).context("opening the key store")?;
+    let store = store::open(&config.store_settings()?, true).context("opening the key store")?;
     let store = &*store;
     let now = now_unix();
     match cmd {

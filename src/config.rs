@@ -149,6 +149,8 @@ pub struct StoreConfig {
     pub namespace: String,
     /// Bound on every store call; past it the call fails and the request gets `503`.
     pub timeout: String,
+    /// Use the embedded file store at this path instead of Redis.
+    pub keys_file: Option<String>,
 }
 
 impl Default for StoreConfig {
@@ -157,6 +159,7 @@ impl Default for StoreConfig {
             redis_url: "redis://127.0.0.1:6379".into(),
             namespace: "keygate".into(),
             timeout: "1s".into(),
+            keys_file: None,
         }
     }
 }
@@ -315,6 +318,12 @@ impl Config {
     /// Validates the store settings alone (all the key-management commands need).
     pub fn store_settings(&self) -> Result<StoreSettings, ConfigError> {
         let st = &self.store;
+        if let Some(file) = &st.keys_file {
+            if file.is_empty() {
+                return Err(field_err("store.keys_file", "must not be empty"));
+            }
+            return Ok(StoreSettings::File(PathBuf::from(file)));
+        }
         let url = &st.redis_url;
         if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
             return Err(field_err(
@@ -463,6 +472,8 @@ pub struct Settings {
 pub enum StoreSettings {
     /// Redis.
     Redis(RedisSettings),
+    /// The embedded file store at this path.
+    File(PathBuf),
 }
 
 /// Validated upstream settings.

@@ -5,7 +5,7 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use crate::key::{self, KeyKind, Secret};
-use crate::store::{KeyRecord, Store, StoreError};
+use crate::store::{self, KeyRecord, Store, StoreError};
 
 /// A management request was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -57,45 +57,23 @@ pub struct CreatedKey {
     pub secret: Secret,
 }
 
-/// Tenants and roles: identifiers that also travel in headers.
+fn checked(field: &'static str, r: Result<(), String>) -> Result<(), ManageError> {
+    r.map_err(|m| {
+        let message = m.split_once(": ").map_or(m.as_str(), |(_, m)| m).to_owned();
+        ManageError::Invalid { field, message }
+    })
+}
+
 fn check_ident(field: &'static str, v: &str) -> Result<(), ManageError> {
-    if v.is_empty()
-        || v.len() > 64
-        || !v
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-    {
-        return Err(invalid(
-            field,
-            "1 to 64 characters of letters, digits and -_.",
-        ));
-    }
-    Ok(())
+    checked(field, store::check_ident(field, v))
 }
 
 fn check_subject(v: &str) -> Result<(), ManageError> {
-    if v.is_empty()
-        || v.len() > 128
-        || !v
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.@:+".contains(&b))
-    {
-        return Err(invalid(
-            "subject",
-            "1 to 128 characters of letters, digits and -_.@:+",
-        ));
-    }
-    Ok(())
+    checked("subject", store::check_subject(v))
 }
 
 fn check_name(v: &str) -> Result<(), ManageError> {
-    if v.trim().is_empty() || v.chars().count() > 128 || v.chars().any(char::is_control) {
-        return Err(invalid(
-            "name",
-            "1 to 128 characters, no control characters",
-        ));
-    }
-    Ok(())
+    checked("name", store::check_name(v))
 }
 
 /// Turns `--expires-in 30d` or `--expires-at 2030-01-01T00:00:00Z` into Unix seconds.

@@ -51,7 +51,7 @@ impl State {
 /// Everything a request needs, built once at startup.
 pub struct App {
     /// Cache and store.
-    pub verifier: Verifier,
+    pub verifier: Arc<Verifier>,
     /// The pooled upstream client.
     pub upstream: Upstream,
     /// Identity header names.
@@ -153,7 +153,7 @@ pub struct Server {
 impl Server {
     /// Opens the configured store and binds both listeners.
     pub async fn bind(settings: Settings) -> Result<Self, ServerError> {
-        let store = store::open(&settings.store)?;
+        let store = store::open(&settings.store, false)?;
         Self::bind_with_store(settings, store).await
     }
 
@@ -169,8 +169,10 @@ impl Server {
         };
         let proxy = bind(settings.listen).await?;
         let admin = bind(settings.admin_listen).await?;
+        let verifier = Arc::new(Verifier::new(store.clone(), &settings.cache));
+        store.start(verifier.clone())?;
         let app = Arc::new(App {
-            verifier: Verifier::new(store, &settings.cache),
+            verifier,
             upstream: Upstream::new(settings.upstream.clone()),
             identity: settings.identity.clone(),
             state: State::default(),

@@ -15,7 +15,7 @@ use moka::Expiry;
 
 use crate::config::CacheSettings;
 use crate::key::{KeyDigest, KeyKind};
-use crate::store::{now_unix, KeyRecord, Store, StoreError};
+use crate::store::{now_unix, InvalidationSink, KeyRecord, Store, StoreError};
 
 /// A known key, as the request path needs it: identity header values are built once, when the
 /// entry is filled, so a cached request copies no strings.
@@ -172,19 +172,20 @@ impl Verifier {
         }
     }
 
-    /// Forgets one digest's verdict.
-    pub async fn invalidate(&self, digest: &KeyDigest) {
-        self.cache.invalidate(digest).await;
-    }
-
-    /// Forgets every verdict.
-    pub fn flush(&self) {
-        self.cache.invalidate_all();
-    }
-
     /// Number of cached verdicts (approximate, for metrics).
     pub fn cached_entries(&self) -> u64 {
         self.cache.entry_count()
+    }
+}
+
+#[async_trait::async_trait]
+impl InvalidationSink for Verifier {
+    async fn invalidate(&self, digest: &KeyDigest) {
+        self.cache.invalidate(digest).await;
+    }
+
+    fn invalidate_all(&self) {
+        self.cache.invalidate_all();
     }
 }
 

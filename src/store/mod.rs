@@ -2,8 +2,10 @@
 //! the verifier asks it to look a digest up, the CLI (and later the admin API) to create, list,
 //! show and revoke. A store never sees a plaintext key and knows nothing about HTTP.
 
+pub mod file;
 pub mod redis;
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -76,6 +78,64 @@ pub trait Store: Send + Sync + 'static {
     async fn revoke(&self, id: &str, at: u64) -> Result<Option<KeyRecord>, StoreError>;
     /// Checks that the store answers, for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Starts the store's background work (reloading a file, following invalidations),
+    /// reporting every key whose record may have changed to `sink`. Called once by the server.
+    fn start(self: Arc<Self>, sink: Arc<dyn InvalidationSink>) -> Result<(), StoreError> {
+        let _ = sink;
+        Ok(())
+    }
+
+    /// Problems that do not stop the store from serving (shown by `/readyz`).
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// Checks an identifier that also travels in headers (ids, tenants, roles).
+pub fn check_ident(field: &str, v: &str) -> Result<(), String> {
+    if v.is_empty()
+        || v.len() > 64
+        || !v
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(format!(
+            "{field}: 1 to 64 characters of letters, digits and -_."
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a subject (a user name or account id; travels in a header).
+pub fn check_subject(v: &str) -> Result<(), String> {
+    if v.is_empty()
+        || v.len() > 128
+        || !v
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.@:+".contains(&b))
+    {
+        return Err("subject: 1 to 128 characters of letters, digits and -_.@:+".into());
+    }
+    Ok(())
+}
+
+/// Checks a bookkeeping name.
+pub fn check_name(v: &str) -> Result<(), String> {
+    if v.trim().is_empty() || v.chars().count() > 128 || v.chars().any(char::is_control) {
+        return Err("name: 1 to 128 characters, no control characters".into());
+    }
+    Ok(())
+}
+
+/// Receives "this key's record may have changed" from a store's background work; the
+/// verifier implements it by evicting the cached verdicts.
+#[async_trait]
+pub trait InvalidationSink: Send + Sync + 'static {
+    /// One key's record changed (created, revoked, edited or removed).
+    async fn invalidate(&self, digest: &KeyDigest);
+    /// Any record may have changed.
+    fn invalidate_all(&self);
 }
 
 /// The current time in Unix seconds.
@@ -102,13 +162,17 @@ fn ser_opt_time<S: serde::Serializer>(t: &Option<u64>, s: S) -> Result<S::Ok, S:
     }
 }
 
-/// Opens the configured store.
+/// Opens the configured store. A keys file must exist unless `create_file` is set (the
+/// key-management commands create it; `serve` refuses a missing one, so a typo in the path is
+/// not mistaken for an empty key set).
 pub fn open(
     settings: &crate::config::StoreSettings,
-) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    create_file: bool,
+) -> Result<Arc<dyn Store>, StoreError> {
     match settings {
-        crate::config::StoreSettings::Redis(r) => {
-            Ok(std::sync::Arc::new(redis::RedisStore::new(r)?))
+        crate::config::StoreSettings::Redis(r) => Ok(Arc::new(redis::RedisStore::new(r)?)),
+        crate::config::StoreSettings::File(path) => {
+            Ok(Arc::new(file::FileStore::open(path, create_file)?))
         }
     }
 }

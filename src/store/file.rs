@@ -1,0 +1,561 @@
+//! The embedded file store: hashed key records in a TOML file, for a first run with no Redis
+//! and for small sidecars whose keys are mounted from a Kubernetes Secret.
+//!
+//! The file holds one `[[keys]]` table per key (see the README for the fields); never a
+//! plaintext key. The whole set lives in memory; lookups take a read lock for a hash-map probe.
+//!
+//! - Reload: a filesystem watcher on the file's directory (which also sees Kubernetes' symlink
+//!   swaps) and SIGHUP trigger a debounced reload. A file that fails to parse or validate keeps
+//!   the last good set serving; the error, naming the line, is logged and shown by `/readyz`.
+//!   A good reload reports every key whose record changed, appeared or disappeared to the
+//!   invalidation sink, so cached verdicts follow the file within the debounce.
+//! - Writes (the key-management commands): under an exclusive lock on `<file>.lock`, the file
+//!   is re-read, edited with `toml_edit` (comments and layout survive), written to a temporary
+//!   file, fsynced and renamed over the original. A crash leaves the old or the new file, never
+//!   half of one, and concurrent writers never lose each other's keys.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::Deserialize;
+
+use super::{format_time, InvalidationSink, KeyRecord, Store, StoreError};
+use crate::key::{KeyDigest, KeyKind};
+
+/// Quiet time after the last filesystem event before reloading.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// A [`Store`] backed by a TOML file.
+pub struct FileStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    set: RwLock<Arc<KeySet>>,
+    /// The error of the last reload, if it failed (the last good set is still served).
+    reload_error: Mutex<Option<String>>,
+}
+
+#[derive(Default, PartialEq, Debug)]
+struct KeySet {
+    by_digest: HashMap<KeyDigest, KeyRecord>,
+    /// Digests in file order, for listing.
+    order: Vec<KeyDigest>,
+}
+
+impl KeySet {
+    fn by_id(&self, id: &str) -> Option<&KeyRecord> {
+        self.order
+            .iter()
+            .filter_map(|d| self.by_digest.get(d))
+            .find(|r| r.id == id)
+    }
+}
+
+impl FileStore {
+    /// Loads the file. A missing file is an empty set when `create` is set, else an error.
+    pub fn open(path: &Path, create: bool) -> Result<Self, StoreError> {
+        let text = match fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && create => String::new(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::Unavailable(format!(
+                    "keys file {} does not exist; create a key with `keygate keys create --keys-file {}`",
+                    path.display(),
+                    path.display()
+                )))
+            }
+            Err(e) => {
+                return Err(StoreError::Unavailable(format!(
+                    "cannot read keys file {}: {e}",
+                    path.display()
+                )))
+            }
+        };
+        let set =
+            parse(&text).map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))?;
+        Ok(FileStore {
+            inner: Arc::new(Inner {
+                path: path.to_owned(),
+                set: RwLock::new(Arc::new(set)),
+                reload_error: Mutex::new(None),
+            }),
+        })
+    }
+
+    fn snapshot(&self) -> Arc<KeySet> {
+        self.inner.set.read().expect("key set lock").clone()
+    }
+
+    /// Runs a blocking file operation off the runtime threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("file task failed: {e}")))?
+    }
+}
+
+impl Inner {
+    /// Re-reads the file; on success swaps the set in and returns the digests that changed.
+    fn reload(&self) -> Result<Vec<KeyDigest>, StoreError> {
+        let result = fs::read_to_string(&self.path)
+            .map_err(|e| format!("cannot read: {e}"))
+            .and_then(|text| parse(&text));
+        let new = match result {
+            Ok(set) => set,
+            Err(e) => {
+                let msg = format!("{}: {e}", self.path.display());
+                *self.reload_error.lock().expect("error lock") = Some(msg.clone());
+                return Err(StoreError::Corrupt(msg));
+            }
+        };
+        *self.reload_error.lock().expect("error lock") = None;
+        let mut guard = self.set.write().expect("key set lock");
+        let changed = diff(&guard, &new);
+        *guard = Arc::new(new);
+        Ok(changed)
+    }
+
+    /// Applies an edit to the file under the writers' lock, atomically, and adopts the result.
+    fn edit<T>(
+        &self,
+        f: impl FnOnce(&mut toml_edit::DocumentMut, &KeySet) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let io = |what: &str, e: std::io::Error| {
+            StoreError::Unavailable(format!("{what} {}: {e}", self.path.display()))
+        };
+        let lock_path = with_suffix(&self.path, ".lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| io("cannot open the lock file of", e))?;
+        lock.lock().map_err(|e| io("cannot lock", e))?;
+
+        let text = match fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(io("cannot read", e)),
+        };
+        let current = parse(&text).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "{}: {e}; fix it before writing",
+                self.path.display()
+            ))
+        })?;
+        let mut doc: toml_edit::DocumentMut = text
+            .parse()
+            .map_err(|e| StoreError::Corrupt(format!("{}: {e}", self.path.display())))?;
+        if text.is_empty() {
+            doc.decor_mut()
+                .set_prefix("# keygate keys file: hashed key records, never plaintext keys.\n# Edit by hand or with `keygate keys …`; keygate reloads it on change.\n\n");
+        }
+        let out = f(&mut doc, &current)?;
+        let new_text = doc.to_string();
+        let new_set = parse(&new_text)
+            .map_err(|e| StoreError::Corrupt(format!("edit produced an invalid file: {e}")))?;
+        write_atomically(&self.path, new_text.as_bytes()).map_err(|e| io("cannot write", e))?;
+        let mut guard = self.set.write().expect("key set lock");
+        *guard = Arc::new(new_set);
+        drop(guard);
+        drop(lock);
+        Ok(out)
+    }
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// Writes a temporary file beside `path`, fsyncs it, renames it over `path`, fsyncs the
+/// directory: readers see the old or the new content, never a mixture.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = with_suffix(path, &format!(".tmp.{}", std::process::id()));
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, path)?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
+}
+
+/// The digests whose record differs between two sets (added, removed or edited).
+fn diff(old: &KeySet, new: &KeySet) -> Vec<KeyDigest> {
+    let all: HashSet<&KeyDigest> = old.by_digest.keys().chain(new.by_digest.keys()).collect();
+    all.into_iter()
+        .filter(|d| old.by_digest.get(d) != new.by_digest.get(d))
+        .copied()
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file format
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDoc {
+    #[serde(default)]
+    keys: Vec<FileKey>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileKey {
+    id: toml::Spanned<String>,
+    sha256: toml::Spanned<HexDigest>,
+    name: String,
+    tenant: String,
+    role: String,
+    subject: String,
+    kind: KeyKind,
+    created_at: Time,
+    expires_at: Option<Time>,
+    revoked_at: Option<Time>,
+}
+
+struct HexDigest(KeyDigest);
+
+impl<'de> Deserialize<'de> for HexDigest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        KeyDigest::from_hex(&s)
+            .map(HexDigest)
+            .ok_or_else(|| serde::de::Error::custom("sha256 must be 64 hex digits"))
+    }
+}
+
+struct Time(u64);
+
+impl<'de> Deserialize<'de> for Time {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_rfc3339_weak(&s)
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| Time(d.as_secs()))
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "{s:?} is not an RFC 3339 UTC time like 2030-01-01T00:00:00Z"
+                ))
+            })
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Parses and validates a keys file. Errors name the line.
+fn parse(text: &str) -> Result<KeySet, String> {
+    let doc: FileDoc = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())?;
+    let mut set = KeySet::default();
+    let mut ids = HashSet::new();
+    for k in doc.keys {
+        let line = line_of(text, k.id.span().start);
+        let id = k.id.into_inner();
+        let digest = k.sha256.into_inner().0;
+        let bad = |what: String| format!("line {line}: key {id:?}: {what}");
+        super::check_ident("id", &id).map_err(&bad)?;
+        super::check_ident("tenant", &k.tenant).map_err(&bad)?;
+        super::check_ident("role", &k.role).map_err(&bad)?;
+        super::check_subject(&k.subject).map_err(&bad)?;
+        super::check_name(&k.name).map_err(&bad)?;
+        if !ids.insert(id.clone()) {
+            return Err(bad("duplicate id".into()));
+        }
+        if set.by_digest.contains_key(&digest) {
+            return Err(bad("duplicate sha256".into()));
+        }
+        set.order.push(digest);
+        set.by_digest.insert(
+            digest,
+            KeyRecord {
+                id,
+                digest,
+                name: k.name,
+                tenant: k.tenant,
+                role: k.role,
+                subject: k.subject,
+                kind: k.kind,
+                created_at: k.created_at.0,
+                expires_at: k.expires_at.map(|t| t.0),
+                revoked_at: k.revoked_at.map(|t| t.0),
+            },
+        );
+    }
+    Ok(set)
+}
+
+fn to_table(r: &KeyRecord) -> toml_edit::Table {
+    let mut t = toml_edit::Table::new();
+    t["id"] = toml_edit::value(&r.id);
+    t["sha256"] = toml_edit::value(r.digest.to_hex());
+    t["name"] = toml_edit::value(&r.name);
+    t["tenant"] = toml_edit::value(&r.tenant);
+    t["role"] = toml_edit::value(&r.role);
+    t["subject"] = toml_edit::value(&r.subject);
+    t["kind"] = toml_edit::value(r.kind.as_str());
+    t["created_at"] = toml_edit::value(format_time(r.created_at));
+    if let Some(e) = r.expires_at {
+        t["expires_at"] = toml_edit::value(format_time(e));
+    }
+    if let Some(e) = r.revoked_at {
+        t["revoked_at"] = toml_edit::value(format_time(e));
+    }
+    t
+}
+
+fn keys_array(
+    doc: &mut toml_edit::DocumentMut,
+) -> Result<&mut toml_edit::ArrayOfTables, StoreError> {
+    let item = doc.entry("keys").or_insert(toml_edit::Item::ArrayOfTables(
+        toml_edit::ArrayOfTables::new(),
+    ));
+    item.as_array_of_tables_mut()
+        .ok_or_else(|| StoreError::Corrupt("`keys` must be written as [[keys]] tables".into()))
+}
+
+#[async_trait]
+impl Store for FileStore {
+    async fn lookup(&self, digest: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
+        Ok(self.snapshot().by_digest.get(digest).cloned())
+    }
+
+    async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        let record = record.clone();
+        self.blocking(move |inner| {
+            inner.edit(|doc, current| {
+                if current.by_id(&record.id).is_some()
+                    || current.by_digest.contains_key(&record.digest)
+                {
+                    return Err(StoreError::Conflict(format!("key id {} exists", record.id)));
+                }
+                let mut table = to_table(&record);
+                // In a file without keys yet, comments are the document's trailing text; move
+                // them in front of the first table so they stay at the top.
+                let trailing = doc.trailing().as_str().unwrap_or("").to_owned();
+                if !trailing.trim().is_empty() && !doc.contains_key("keys") {
+                    table.decor_mut().set_prefix(trailing);
+                    doc.set_trailing("");
+                }
+                keys_array(doc)?.push(table);
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        Ok(self.snapshot().by_id(id).cloned())
+    }
+
+    async fn list(&self, tenant: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
+        let set = self.snapshot();
+        Ok(set
+            .order
+            .iter()
+            .filter_map(|d| set.by_digest.get(d))
+            .filter(|r| tenant.is_none_or(|t| t == r.tenant))
+            .cloned()
+            .collect())
+    }
+
+    async fn revoke(&self, id: &str, at: u64) -> Result<Option<KeyRecord>, StoreError> {
+        let id = id.to_owned();
+        self.blocking(move |inner| {
+            inner.edit(|doc, current| {
+                let Some(record) = current.by_id(&id) else {
+                    return Ok(None);
+                };
+                let mut record = record.clone();
+                if record.revoked_at.is_none() {
+                    record.revoked_at = Some(at);
+                    for t in keys_array(doc)?.iter_mut() {
+                        if t.get("id").and_then(|v| v.as_str()) == Some(id.as_str()) {
+                            t["revoked_at"] = toml_edit::value(format_time(at));
+                        }
+                    }
+                }
+                Ok(Some(record))
+            })
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        match &*self.inner.reload_error.lock().expect("error lock") {
+            Some(e) => vec![format!(
+                "keys file reload failed, serving the last good keys: {e}"
+            )],
+            None => Vec::new(),
+        }
+    }
+
+    fn start(self: Arc<Self>, sink: Arc<dyn InvalidationSink>) -> Result<(), StoreError> {
+        use notify::{EventKind, RecursiveMode, Watcher};
+
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            // Our own reads show up as access events; only changes matter.
+            if let Ok(ev) = ev {
+                if !matches!(ev.kind, EventKind::Access(_)) {
+                    let _ = tx.try_send(());
+                }
+            }
+        })
+        .map_err(|e| StoreError::Unavailable(format!("cannot watch the keys file: {e}")))?;
+        let dir = self
+            .inner
+            .path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_owned();
+        watcher
+            .watch(&dir, RecursiveMode::NonRecursive)
+            .map_err(|e| StoreError::Unavailable(format!("cannot watch {}: {e}", dir.display())))?;
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+
+        tokio::spawn(async move {
+            let _watcher = watcher; // dropping it stops the events
+            loop {
+                let hup = async {
+                    match hangup.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    ev = rx.recv() => if ev.is_none() { return },
+                    _ = hup => tracing::info!("SIGHUP: reloading the keys file"),
+                }
+                // Debounce: editors and `rename` produce bursts of events.
+                while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
+                let inner = self.inner.clone();
+                match tokio::task::spawn_blocking(move || inner.reload()).await {
+                    Ok(Ok(changed)) => {
+                        if !changed.is_empty() {
+                            tracing::info!(changed = changed.len(), "keys file reloaded");
+                        }
+                        for d in &changed {
+                            sink.invalidate(d).await;
+                        }
+                    }
+                    Ok(Err(e)) => tracing::error!(
+                        error = %e,
+                        "keys file reload failed; still serving the last good keys"
+                    ),
+                    Err(e) => tracing::error!(error = %e, "keys file reload task failed"),
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[[keys]]
+id = "key_a"
+sha256 = "0000000000000000000000000000000000000000000000000000000000000001"
+name = "a"
+tenant = "acme"
+role = "admin"
+subject = "alice"
+kind = "user"
+created_at = "2026-01-01T00:00:00Z"
+
+[[keys]]
+id = "key_b"
+sha256 = "0000000000000000000000000000000000000000000000000000000000000002"
+name = "b"
+tenant = "acme"
+role = "reader"
+subject = "bob"
+kind = "service_account"
+created_at = "2026-01-01T00:00:00Z"
+expires_at = "2030-01-01T00:00:00Z"
+"#;
+
+    #[test]
+    fn parses_records_in_order() {
+        let set = parse(GOOD).unwrap();
+        assert_eq!(set.order.len(), 2);
+        let b = set.by_id("key_b").unwrap();
+        assert_eq!(b.kind, KeyKind::ServiceAccount);
+        assert_eq!(b.expires_at, Some(1_893_456_000));
+        assert_eq!(parse("").unwrap(), KeySet::default());
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let bad_hex = GOOD.replace(
+            "0000000000000000000000000000000000000000000000000000000000000002",
+            "xyz",
+        );
+        let e = parse(&bad_hex).unwrap_err();
+        assert!(e.contains("line 14") && e.contains("sha256"), "{e}");
+
+        let dup = GOOD.replace("key_b", "key_a");
+        let e = parse(&dup).unwrap_err();
+        assert!(e.contains("line 13") && e.contains("duplicate id"), "{e}");
+
+        let bad_tenant = GOOD.replace(
+            "tenant = \"acme\"\nrole = \"reader\"",
+            "tenant = \"a b\"\nrole = \"reader\"",
+        );
+        let e = parse(&bad_tenant).unwrap_err();
+        assert!(e.contains("line 13") && e.contains("tenant"), "{e}");
+
+        let e = parse("[[keys]]\nid = \n").unwrap_err();
+        assert!(e.contains("line 2"), "{e}");
+
+        let e = parse(&GOOD.replace("subject = \"bob\"", "subject = \"bob\"\nsecret = \"x\""))
+            .unwrap_err();
+        assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn diff_reports_added_removed_and_edited_keys() {
+        let old = parse(GOOD).unwrap();
+        let edited = parse(&GOOD.replace("role = \"reader\"", "role = \"admin\"")).unwrap();
+        let changed = diff(&old, &edited);
+        assert_eq!(
+            changed,
+            vec![KeyDigest::from_hex(&format!("{:064}", 2)).unwrap()]
+        );
+        let empty = KeySet::default();
+        assert_eq!(diff(&old, &empty).len(), 2);
+        assert_eq!(diff(&empty, &old).len(), 2);
+        assert!(diff(&old, &parse(GOOD).unwrap()).is_empty());
+    }
+}
