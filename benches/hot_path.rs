@@ -11,6 +11,7 @@ use http::{HeaderMap, HeaderValue};
 use keygate::auth::bearer_token;
 use keygate::config::{CacheSettings, Config, IdentitySettings};
 use keygate::key::{generate, KeyDigest, KeyKind, Token};
+use keygate::metrics::Metrics;
 use keygate::proxy::{rewrite_request_headers, Forwarded};
 use keygate::store::{KeyRecord, Store, StoreError};
 use keygate::verify::{Identity, Verifier};
@@ -85,7 +86,9 @@ fn hot_path(c: &mut Criterion) {
             capacity: 10_000,
             ttl: Duration::from_secs(3600),
             negative_ttl: Duration::from_secs(5),
+            trust_while_unsubscribed: Duration::from_secs(3),
         },
+        Arc::new(Metrics::new()),
     );
     rt.block_on(verifier.verify(key.digest, 10)).unwrap();
     c.bench_function("cached_verify", |b| {

@@ -29,6 +29,14 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> 
     match req.uri().path() {
         "/healthz" => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
         "/readyz" => readiness(app).await,
+        "/metrics" => {
+            let mut resp = Response::new(Full::new(Bytes::from(app.metrics.render())));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            resp
+        }
         _ => json(
             StatusCode::NOT_FOUND,
             r#"{"error":"not_found","message":"no such admin endpoint"}"#.into(),
@@ -41,6 +49,12 @@ async fn readiness(app: &App) -> Response<Full<Bytes>> {
     let mut reasons: Vec<String> = Vec::new();
     if app.state.draining() {
         reasons.push("draining: shutting down".into());
+    }
+    if let Some(down) = app.verifier.unsubscribed_for() {
+        reasons.push(format!(
+            "subscription: invalidation subscription down for {:.1}s",
+            down.as_secs_f64()
+        ));
     }
     let store = app.verifier.store();
     if let Err(err) = store.ping().await {

@@ -149,6 +149,9 @@ pub struct StoreConfig {
     pub namespace: String,
     /// Bound on every store call; past it the call fails and the request gets `503`.
     pub timeout: String,
+    /// How often the invalidation subscription is checked with a PING (and how long the
+    /// answer may take before the link counts as lost).
+    pub health_check_interval: String,
     /// Use the embedded file store at this path instead of Redis.
     pub keys_file: Option<String>,
 }
@@ -159,6 +162,7 @@ impl Default for StoreConfig {
             redis_url: "redis://127.0.0.1:6379".into(),
             namespace: "keygate".into(),
             timeout: "1s".into(),
+            health_check_interval: "1s".into(),
             keys_file: None,
         }
     }
@@ -174,6 +178,8 @@ pub struct CacheConfig {
     pub ttl: String,
     /// How long an unknown key is remembered as unknown.
     pub negative_ttl: String,
+    /// How long cached verdicts stay trusted after the invalidation subscription is lost.
+    pub trust_while_unsubscribed: String,
 }
 
 impl Default for CacheConfig {
@@ -182,6 +188,7 @@ impl Default for CacheConfig {
             capacity: 100_000,
             ttl: "60s".into(),
             negative_ttl: "5s".into(),
+            trust_while_unsubscribed: "3s".into(),
         }
     }
 }
@@ -309,6 +316,10 @@ impl Config {
                     as u64,
                 ttl: nonzero("cache.ttl", &self.cache.ttl)?,
                 negative_ttl: nonzero("cache.negative_ttl", &self.cache.negative_ttl)?,
+                trust_while_unsubscribed: duration(
+                    "cache.trust_while_unsubscribed",
+                    &self.cache.trust_while_unsubscribed,
+                )?,
             },
             identity,
             log: self.log_settings()?,
@@ -350,6 +361,10 @@ impl Config {
             url: url.clone(),
             namespace: ns.clone(),
             timeout: nonzero("store.timeout", &st.timeout)?,
+            health_check_interval: nonzero(
+                "store.health_check_interval",
+                &st.health_check_interval,
+            )?,
         }))
     }
 
@@ -545,6 +560,8 @@ pub struct CacheSettings {
     pub ttl: Duration,
     /// Life of an unknown key's verdict.
     pub negative_ttl: Duration,
+    /// Trust in cached verdicts after the invalidation subscription is lost.
+    pub trust_while_unsubscribed: Duration,
 }
 
 /// Validated logging settings.

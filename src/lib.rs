@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod key;
 pub mod manage;
+pub mod metrics;
 pub mod proxy;
 pub mod rejection;
 pub mod server;

@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{IdentitySettings, Settings};
+use crate::metrics::Metrics;
 use crate::proxy::{self, Forwarded, Upstream, X_REQUEST_ID};
 use crate::rejection::Rejection;
 use crate::store::{self, now_unix, Store, StoreError};
@@ -58,6 +59,8 @@ pub struct App {
     pub identity: IdentitySettings,
     /// Readiness and drain state.
     pub state: State,
+    /// The process's metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 /// The request path.
@@ -99,6 +102,7 @@ pub async fn handle(
 
     let mut resp = match outcome {
         Ok((identity, method, resp)) => {
+            app.metrics.decision(Ok(()));
             tracing::info!(
                 target: "keygate::access",
                 request_id = ?request_id,
@@ -112,6 +116,7 @@ pub async fn handle(
             resp.map(Either::Left)
         }
         Err(rejection) => {
+            app.metrics.decision(Err(rejection));
             tracing::info!(
                 target: "keygate::access",
                 request_id = ?request_id,
@@ -169,9 +174,15 @@ impl Server {
         };
         let proxy = bind(settings.listen).await?;
         let admin = bind(settings.admin_listen).await?;
-        let verifier = Arc::new(Verifier::new(store.clone(), &settings.cache));
+        let metrics = Arc::new(Metrics::new());
+        let verifier = Arc::new(Verifier::new(
+            store.clone(),
+            &settings.cache,
+            metrics.clone(),
+        ));
         store.start(verifier.clone())?;
         let app = Arc::new(App {
+            metrics,
             verifier,
             upstream: Upstream::new(settings.upstream.clone()),
             identity: settings.identity.clone(),

@@ -6,6 +6,7 @@
 //! an unknown key is remembered as unknown for the (short) negative TTL, so a flood of made-up
 //! keys reaches the store once per key per negative TTL.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,7 @@ use moka::Expiry;
 
 use crate::config::CacheSettings;
 use crate::key::{KeyDigest, KeyKind};
+use crate::metrics::Metrics;
 use crate::store::{now_unix, InvalidationSink, KeyRecord, Store, StoreError};
 
 /// A known key, as the request path needs it: identity header values are built once, when the
@@ -78,11 +80,18 @@ impl Identity {
     }
 }
 
-/// What the cache holds for a digest.
+/// What the cache knows of a digest.
 #[derive(Clone, Debug)]
 enum Verdict {
     Known(Arc<Identity>),
     Unknown,
+}
+
+/// A cached verdict with the invalidation generations read before its store lookup began.
+#[derive(Clone, Debug)]
+struct Entry {
+    verdict: Verdict,
+    stamp: Stamp,
 }
 
 /// Why a key was refused.
@@ -104,9 +113,9 @@ struct VerdictExpiry {
     negative_ttl: Duration,
 }
 
-impl Expiry<KeyDigest, Verdict> for VerdictExpiry {
-    fn expire_after_create(&self, _: &KeyDigest, v: &Verdict, _: Instant) -> Option<Duration> {
-        Some(match v {
+impl Expiry<KeyDigest, Entry> for VerdictExpiry {
+    fn expire_after_create(&self, _: &KeyDigest, e: &Entry, _: Instant) -> Option<Duration> {
+        Some(match &e.verdict {
             Verdict::Unknown => self.negative_ttl,
             Verdict::Known(id) => match id.expires_at {
                 // Until the expiry the verdict is "valid"; after it, "expired" stays true.
@@ -124,15 +133,80 @@ impl Expiry<KeyDigest, Verdict> for VerdictExpiry {
     }
 }
 
+/// Invalidation generations: one counter per stripe of the digest space, and an epoch for
+/// whole-cache flushes. 16,384 stripes cost 128 KiB and make a revocation re-check about one
+/// cached key in 16,384.
+struct Generations {
+    stripes: Box<[AtomicU64]>,
+    epoch: AtomicU64,
+}
+
+/// The generations a cache fill saw before reading the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    stripe: u64,
+    epoch: u64,
+}
+
+const STRIPES: usize = 16_384;
+
+impl Generations {
+    fn new() -> Self {
+        Generations {
+            stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            epoch: AtomicU64::new(0),
+        }
+    }
+
+    fn slot(&self, d: &KeyDigest) -> &AtomicU64 {
+        // Digests are uniformly random, so their first bytes spread keys evenly.
+        &self.stripes[u16::from_le_bytes([d.0[0], d.0[1]]) as usize % STRIPES]
+    }
+
+    fn stamp(&self, d: &KeyDigest) -> Stamp {
+        Stamp {
+            stripe: self.slot(d).load(Ordering::SeqCst),
+            epoch: self.epoch.load(Ordering::SeqCst),
+        }
+    }
+}
+
+/// Whether cached verdicts can be trusted: they can while the invalidation subscription is up,
+/// and for a short bound after it went down (messages sent meanwhile are lost).
+struct Link {
+    base: Instant,
+    /// Milliseconds after `base` when the link went down; `UP` while it is up.
+    down_since_ms: AtomicU64,
+    trust_for: Duration,
+}
+
+const UP: u64 = u64::MAX;
+
+impl Link {
+    fn down_for(&self) -> Option<Duration> {
+        let since = self.down_since_ms.load(Ordering::SeqCst);
+        (since != UP).then(|| {
+            Duration::from_millis((self.base.elapsed().as_millis() as u64).saturating_sub(since))
+        })
+    }
+
+    fn trusted(&self) -> bool {
+        self.down_for().is_none_or(|d| d <= self.trust_for)
+    }
+}
+
 /// Cache plus store: answers "is this key good, and whose is it?".
 pub struct Verifier {
-    cache: Cache<KeyDigest, Verdict>,
+    cache: Cache<KeyDigest, Entry>,
     store: Arc<dyn Store>,
+    generations: Generations,
+    link: Link,
+    metrics: Arc<Metrics>,
 }
 
 impl Verifier {
     /// Builds a verifier with an empty cache.
-    pub fn new(store: Arc<dyn Store>, settings: &CacheSettings) -> Self {
+    pub fn new(store: Arc<dyn Store>, settings: &CacheSettings, metrics: Arc<Metrics>) -> Self {
         let cache = Cache::builder()
             .max_capacity(settings.capacity)
             .expire_after(VerdictExpiry {
@@ -140,7 +214,18 @@ impl Verifier {
                 negative_ttl: settings.negative_ttl,
             })
             .build();
-        Verifier { cache, store }
+        metrics.subscription_up.set(1);
+        Verifier {
+            cache,
+            store,
+            generations: Generations::new(),
+            link: Link {
+                base: Instant::now(),
+                down_since_ms: AtomicU64::new(UP),
+                trust_for: settings.trust_while_unsubscribed,
+            },
+            metrics,
+        }
     }
 
     /// The store behind the cache.
@@ -148,13 +233,20 @@ impl Verifier {
         &self.store
     }
 
+    /// How long the invalidation subscription has been down, if it is.
+    pub fn unsubscribed_for(&self) -> Option<Duration> {
+        self.link.down_for()
+    }
+
     /// Verifies a key by digest at time `now` (Unix seconds).
     pub async fn verify(&self, digest: KeyDigest, now: u64) -> Result<Arc<Identity>, VerifyError> {
-        let verdict = self
-            .cache
-            .try_get_with(digest, self.fill(digest))
-            .await
-            .map_err(VerifyError::Store)?;
+        let verdict = if self.link.trusted() {
+            self.cached(digest).await?
+        } else {
+            // Invalidations may have been missed: every request asks the store.
+            self.metrics.unsynced_lookups.inc();
+            self.lookup(digest).await.map_err(store_error)?.verdict
+        };
         match verdict {
             Verdict::Unknown => Err(VerifyError::Unknown),
             Verdict::Known(id) if id.revoked => Err(VerifyError::Revoked),
@@ -165,11 +257,37 @@ impl Verifier {
         }
     }
 
-    async fn fill(&self, digest: KeyDigest) -> Result<Verdict, StoreError> {
-        match self.store.lookup(&digest).await? {
-            None => Ok(Verdict::Unknown),
-            Some(record) => Ok(Verdict::Known(Arc::new(Identity::from_record(&record)?))),
+    /// The verdict through the cache; concurrent misses share one store lookup.
+    async fn cached(&self, digest: KeyDigest) -> Result<Verdict, VerifyError> {
+        for _ in 0..3 {
+            let entry = self
+                .cache
+                .try_get_with(digest, self.lookup(digest))
+                .await
+                .map_err(VerifyError::Store)?;
+            // Invariant (no stale window): a cached verdict is used only if no invalidation of
+            // its stripe, and no flush, was processed after its store read began. Invalidation
+            // bumps the generation before evicting, and a fill stamps the generations before
+            // reading, so a fill that read a record before a revocation carries an old stamp
+            // however late moka inserts it, and is discarded here. Tested by
+            // `a_lookup_racing_a_revocation_is_never_cached` in tests/revocation.rs.
+            if entry.stamp == self.generations.stamp(&digest) {
+                return Ok(entry.verdict);
+            }
+            self.metrics.stale_fills.inc();
+            self.cache.invalidate(&digest).await;
         }
+        // Invalidations keep racing this key's fills: answer from the store directly.
+        Ok(self.lookup(digest).await.map_err(store_error)?.verdict)
+    }
+
+    async fn lookup(&self, digest: KeyDigest) -> Result<Entry, StoreError> {
+        let stamp = self.generations.stamp(&digest);
+        let verdict = match self.store.lookup(&digest).await? {
+            None => Verdict::Unknown,
+            Some(record) => Verdict::Known(Arc::new(Identity::from_record(&record)?)),
+        };
+        Ok(Entry { verdict, stamp })
     }
 
     /// Number of cached verdicts (approximate, for metrics).
@@ -178,14 +296,39 @@ impl Verifier {
     }
 }
 
+fn store_error(e: StoreError) -> VerifyError {
+    VerifyError::Store(Arc::new(e))
+}
+
 #[async_trait::async_trait]
 impl InvalidationSink for Verifier {
     async fn invalidate(&self, digest: &KeyDigest) {
+        // Bump first: from here on, any entry filled from an older read is refused.
+        self.generations.slot(digest).fetch_add(1, Ordering::SeqCst);
         self.cache.invalidate(digest).await;
+        self.metrics.invalidations.inc();
     }
 
     fn invalidate_all(&self) {
+        self.generations.epoch.fetch_add(1, Ordering::SeqCst);
         self.cache.invalidate_all();
+        self.metrics.cache_flushes.inc();
+    }
+
+    fn link(&self, up: bool) {
+        if up {
+            self.link.down_since_ms.store(UP, Ordering::SeqCst);
+        } else {
+            let now = self.link.base.elapsed().as_millis() as u64;
+            // Keep the earliest time: repeated failed reconnects do not extend the trust.
+            let _ = self.link.down_since_ms.compare_exchange(
+                UP,
+                now,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+        }
+        self.metrics.subscription_up.set(up as i64);
     }
 }
 
@@ -194,7 +337,7 @@ mod tests {
     use super::*;
     use crate::key::{generate, KeyKind};
     use async_trait::async_trait;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
     use std::sync::Mutex;
 
     /// An in-memory store that counts lookups and can be made to fail.
@@ -259,6 +402,7 @@ mod tests {
             capacity: 100,
             ttl: Duration::from_secs(60),
             negative_ttl: Duration::from_secs(60),
+            trust_while_unsubscribed: Duration::from_secs(3),
         }
     }
 
@@ -267,7 +411,7 @@ mod tests {
         let store = Arc::new(FakeStore::default());
         let k = generate(KeyKind::User);
         store.insert(&record(k.digest, None)).await.unwrap();
-        let v = Verifier::new(store.clone(), &settings());
+        let v = Verifier::new(store.clone(), &settings(), Arc::new(Metrics::new()));
         for _ in 0..3 {
             let id = v.verify(k.digest, 10).await.unwrap();
             assert_eq!(&*id.tenant, "acme");
@@ -278,7 +422,7 @@ mod tests {
     #[tokio::test]
     async fn unknown_key_is_cached_negatively() {
         let store = Arc::new(FakeStore::default());
-        let v = Verifier::new(store.clone(), &settings());
+        let v = Verifier::new(store.clone(), &settings(), Arc::new(Metrics::new()));
         let d = generate(KeyKind::User).digest;
         for _ in 0..3 {
             assert!(matches!(v.verify(d, 10).await, Err(VerifyError::Unknown)));
@@ -291,7 +435,7 @@ mod tests {
         let store = Arc::new(FakeStore::default());
         let k = generate(KeyKind::User);
         store.insert(&record(k.digest, Some(100))).await.unwrap();
-        let v = Verifier::new(store.clone(), &settings());
+        let v = Verifier::new(store.clone(), &settings(), Arc::new(Metrics::new()));
         assert!(v.verify(k.digest, 99).await.is_ok());
         assert!(matches!(
             v.verify(k.digest, 100).await,
@@ -305,13 +449,70 @@ mod tests {
         let k = generate(KeyKind::User);
         store.insert(&record(k.digest, None)).await.unwrap();
         store.down.store(true, Ordering::SeqCst);
-        let v = Verifier::new(store.clone(), &settings());
+        let v = Verifier::new(store.clone(), &settings(), Arc::new(Metrics::new()));
         assert!(matches!(
             v.verify(k.digest, 1).await,
             Err(VerifyError::Store(_))
         ));
         store.down.store(false, Ordering::SeqCst);
         assert!(v.verify(k.digest, 1).await.is_ok());
+    }
+
+    fn entry(verdict: Verdict) -> Entry {
+        Entry {
+            verdict,
+            stamp: Stamp {
+                stripe: 0,
+                epoch: 0,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn an_invalidation_during_a_fill_discards_the_filled_verdict() {
+        let store = Arc::new(FakeStore::default());
+        let k = generate(KeyKind::User);
+        store.insert(&record(k.digest, None)).await.unwrap();
+        let v = Arc::new(Verifier::new(
+            store.clone(),
+            &settings(),
+            Arc::new(Metrics::new()),
+        ));
+        // A fill stamped before an invalidation must not be used after it.
+        let stale = v.lookup(k.digest).await.unwrap();
+        v.invalidate(&k.digest).await;
+        v.cache.insert(k.digest, stale).await;
+        store.records.lock().unwrap()[0].revoked_at = Some(5);
+        assert!(matches!(
+            v.verify(k.digest, 10).await,
+            Err(VerifyError::Revoked)
+        ));
+        assert_eq!(v.metrics.stale_fills.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn cache_is_bypassed_when_the_link_is_down_past_the_bound() {
+        let store = Arc::new(FakeStore::default());
+        let k = generate(KeyKind::User);
+        store.insert(&record(k.digest, None)).await.unwrap();
+        let mut s = settings();
+        s.trust_while_unsubscribed = Duration::ZERO;
+        let v = Verifier::new(store.clone(), &s, Arc::new(Metrics::new()));
+        v.verify(k.digest, 10).await.unwrap();
+        v.verify(k.digest, 10).await.unwrap();
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+        v.link(false);
+        std::thread::sleep(Duration::from_millis(2));
+        v.verify(k.digest, 10).await.unwrap();
+        assert_eq!(
+            store.lookups.load(Ordering::SeqCst),
+            2,
+            "the cache was trusted"
+        );
+        assert!(v.unsubscribed_for().is_some());
+        v.link(true);
+        v.verify(k.digest, 10).await.unwrap();
+        assert_eq!(store.lookups.load(Ordering::SeqCst), 2);
     }
 
     #[test]
@@ -323,11 +524,15 @@ mod tests {
         let k = generate(KeyKind::User);
         let id = Identity::from_record(&record(k.digest, Some(now_unix() + 10))).unwrap();
         let life = exp
-            .expire_after_create(&k.digest, &Verdict::Known(Arc::new(id)), Instant::now())
+            .expire_after_create(
+                &k.digest,
+                &entry(Verdict::Known(Arc::new(id))),
+                Instant::now(),
+            )
             .unwrap();
         assert!(life <= Duration::from_secs(10), "{life:?}");
         let life = exp
-            .expire_after_create(&k.digest, &Verdict::Unknown, Instant::now())
+            .expire_after_create(&k.digest, &entry(Verdict::Unknown), Instant::now())
             .unwrap();
         assert_eq!(life, Duration::from_secs(5));
     }

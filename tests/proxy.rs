@@ -29,6 +29,9 @@ async fn rig_with(tweak: impl FnOnce(&mut keygate::config::Config)) -> Rig {
     let mut config = test_config(&redis.url(), &ns, &upstream.url());
     tweak(&mut config);
     let keygate = Keygate::start(config).await;
+    // Ready means subscribed: the first subscription flushes the cache, which would otherwise
+    // race a test's first request.
+    keygate.wait_ready().await;
     Rig {
         redis,
         upstream,
@@ -342,8 +345,8 @@ async fn redis_down_fails_closed_and_service_resumes_without_restart() {
         },
     )
     .await;
-    let ready = r.http.get(&r.keygate.admin_url("/readyz"), &[]).await;
-    assert_eq!(ready.status, 200);
+    // The subscription comes back too (after its backoff), and with it readiness.
+    r.keygate.wait_ready().await;
 }
 
 #[tokio::test]

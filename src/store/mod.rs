@@ -4,6 +4,7 @@
 
 pub mod file;
 pub mod redis;
+mod subscriber;
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -134,8 +135,10 @@ pub fn check_name(v: &str) -> Result<(), String> {
 pub trait InvalidationSink: Send + Sync + 'static {
     /// One key's record changed (created, revoked, edited or removed).
     async fn invalidate(&self, digest: &KeyDigest);
-    /// Any record may have changed.
+    /// Any record may have changed (e.g. invalidations were missed while disconnected).
     fn invalidate_all(&self);
+    /// The store's invalidation feed went up or down.
+    fn link(&self, up: bool);
 }
 
 /// The current time in Unix seconds.

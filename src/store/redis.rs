@@ -6,28 +6,46 @@
 //!   fields are unset). The request path reads it with one `HGETALL`.
 //! - `ns:id:<key id>`: a string holding the sha256 hex of that key, to find a record by id.
 //! - `ns:ids`: a sorted set of key ids scored by creation time, for listing.
+//! - `ns:invalidate`: the pub/sub channel; every mutation publishes the changed key's digest
+//!   hex in the same Lua script that writes it, so no write is ever left unannounced.
 //!
 //! Every call goes over one multiplexed connection (reconnected on failure) and is bounded by
 //! the configured timeout, so a dead Redis yields an error, never a hang.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
-use super::{KeyRecord, Store, StoreError};
+use super::{subscriber, InvalidationSink, KeyRecord, Store, StoreError};
 use crate::key::{KeyDigest, KeyKind};
 
-/// Marks a key revoked by id, atomically: resolves the id, sets `revoked_at` unless it is
-/// already set, and returns the digest hex (nil for an unknown id).
+/// Marks a key revoked by id and announces it, in one atomic step: resolves the id, sets
+/// `revoked_at` unless it is already set, publishes the digest on the invalidation channel,
+/// and returns the digest hex (nil for an unknown id).
+/// KEYS: id key. ARGV: record key prefix, time, channel.
 const REVOKE_SCRIPT: &str = r#"
 local hex = redis.call('GET', KEYS[1])
 if not hex then return false end
 redis.call('HSETNX', ARGV[1] .. hex, 'revoked_at', ARGV[2])
+redis.call('PUBLISH', ARGV[3], hex)
 return hex
+"#;
+
+/// Creates a record and announces it (so no instance keeps an "unknown" verdict for it), in
+/// one atomic step; returns 0 if the id is taken.
+/// KEYS: record key, id key, ids key. ARGV: hex, created_at, id, channel, field/value pairs.
+const INSERT_SCRIPT: &str = r#"
+if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('SET', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[1])
+return 1
 "#;
 
 /// Settings for [`RedisStore`].
@@ -39,14 +57,19 @@ pub struct RedisSettings {
     pub namespace: String,
     /// Bound on every command, connection set-up included.
     pub timeout: Duration,
+    /// Health-check period of the invalidation subscription.
+    pub health_check_interval: Duration,
 }
 
 /// A [`Store`] on a standalone Redis server.
 pub struct RedisStore {
+    client: redis::Client,
     conn: ConnectionManager,
     ns: String,
     timeout: Duration,
+    health_check_interval: Duration,
     revoke: Script,
+    insert: Script,
 }
 
 impl RedisStore {
@@ -60,14 +83,22 @@ impl RedisStore {
             .set_response_timeout(Some(settings.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         Ok(RedisStore {
+            client,
             conn,
             ns: settings.namespace.clone(),
             timeout: settings.timeout,
+            health_check_interval: settings.health_check_interval,
             revoke: Script::new(REVOKE_SCRIPT),
+            insert: Script::new(INSERT_SCRIPT),
         })
+    }
+
+    /// The pub/sub channel that announces changed keys.
+    pub fn channel(&self) -> String {
+        format!("{}:invalidate", self.ns)
     }
 
     fn record_key(&self, digest: &KeyDigest) -> String {
@@ -87,7 +118,31 @@ impl RedisStore {
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
-        match tokio::time::timeout(self.timeout, f).await {
+        self.outcome(tokio::time::timeout(self.timeout, f).await)
+    }
+
+    /// Runs an idempotent call, once more if the connection had dropped: the connection
+    /// manager reconnects after the first failure (e.g. after a Redis restart), so the retry
+    /// spares the caller a needless `503`.
+    async fn idempotent<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        match tokio::time::timeout(self.timeout, f(self.conn.clone())).await {
+            Ok(Err(e)) if e.is_connection_dropped() || e.is_io_error() => {
+                tracing::debug!(error = %e, "redis connection dropped; retrying once");
+            }
+            first => return self.outcome(first),
+        }
+        self.call(f(self.conn.clone())).await
+    }
+
+    fn outcome<T>(
+        &self,
+        r: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Result<T, StoreError> {
+        match r {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(StoreError::Unavailable(e.to_string())),
             Err(_) => Err(StoreError::Unavailable(format!(
@@ -98,9 +153,13 @@ impl RedisStore {
     }
 
     async fn fetch(&self, digest: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
-        let mut conn = self.conn.clone();
         let key = self.record_key(digest);
-        let fields: HashMap<String, String> = self.call(conn.hgetall(&key)).await?;
+        let fields: HashMap<String, String> = self
+            .idempotent(|mut c| {
+                let key = key.clone();
+                async move { c.hgetall(key).await }
+            })
+            .await?;
         if fields.is_empty() {
             return Ok(None);
         }
@@ -116,25 +175,32 @@ impl Store for RedisStore {
 
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        let id_key = self.id_key(&record.id);
-        let taken: bool = self.call(conn.exists(&id_key)).await?;
-        if taken {
+        let hex = record.digest.to_hex();
+        let mut inv = self.insert.key(self.record_key(&record.digest));
+        inv.key(self.id_key(&record.id))
+            .key(self.ids_key())
+            .arg(&hex)
+            .arg(record.created_at)
+            .arg(&record.id)
+            .arg(self.channel());
+        for (field, value) in encode(record) {
+            inv.arg(field).arg(value);
+        }
+        let created: i64 = self.call(inv.invoke_async(&mut conn)).await?;
+        if created == 0 {
             return Err(StoreError::Conflict(format!("key id {} exists", record.id)));
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .hset_multiple(self.record_key(&record.digest), &encode(record))
-            .ignore()
-            .set(&id_key, record.digest.to_hex())
-            .ignore()
-            .zadd(self.ids_key(), &record.id, record.created_at)
-            .ignore();
-        self.call(pipe.query_async::<()>(&mut conn)).await
+        Ok(())
     }
 
     async fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
-        let mut conn = self.conn.clone();
-        let hex: Option<String> = self.call(conn.get(self.id_key(id))).await?;
+        let key = self.id_key(id);
+        let hex: Option<String> = self
+            .idempotent(|mut c| {
+                let key = key.clone();
+                async move { c.get(key).await }
+            })
+            .await?;
         let Some(hex) = hex else { return Ok(None) };
         let digest = KeyDigest::from_hex(&hex)
             .ok_or_else(|| StoreError::Corrupt(format!("id index of {id} is not a digest")))?;
@@ -142,8 +208,13 @@ impl Store for RedisStore {
     }
 
     async fn list(&self, tenant: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
-        let mut conn = self.conn.clone();
-        let ids: Vec<String> = self.call(conn.zrange(self.ids_key(), 0, -1)).await?;
+        let key = self.ids_key();
+        let ids: Vec<String> = self
+            .idempotent(|mut c| {
+                let key = key.clone();
+                async move { c.zrange(key, 0, -1).await }
+            })
+            .await?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(rec) = self.get(&id).await? {
@@ -156,10 +227,16 @@ impl Store for RedisStore {
     }
 
     async fn revoke(&self, id: &str, at: u64) -> Result<Option<KeyRecord>, StoreError> {
-        let mut conn = self.conn.clone();
-        let mut inv = self.revoke.key(self.id_key(id));
-        inv.arg(format!("{}:key:", self.ns)).arg(at);
-        let hex: Option<String> = self.call(inv.invoke_async(&mut conn)).await?;
+        let (id_key, prefix, channel) =
+            (self.id_key(id), format!("{}:key:", self.ns), self.channel());
+        // Idempotent: HSETNX keeps the first revocation time, and a repeated PUBLISH is harmless.
+        let hex: Option<String> = self
+            .idempotent(|mut c| {
+                let mut inv = self.revoke.key(&id_key);
+                inv.arg(&prefix).arg(at).arg(&channel);
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
         let Some(hex) = hex else { return Ok(None) };
         let digest = KeyDigest::from_hex(&hex)
             .ok_or_else(|| StoreError::Corrupt(format!("id index of {id} is not a digest")))?;
@@ -167,10 +244,24 @@ impl Store for RedisStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        self.call(redis::cmd("PING").query_async::<String>(&mut conn))
-            .await
-            .map(drop)
+        self.idempotent(
+            |mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await },
+        )
+        .await
+        .map(drop)
+    }
+
+    fn start(self: Arc<Self>, sink: Arc<dyn InvalidationSink>) -> Result<(), StoreError> {
+        // Down until the first SUBSCRIBE is confirmed.
+        sink.link(false);
+        tokio::spawn(subscriber::run(
+            self.client.clone(),
+            self.channel(),
+            self.timeout,
+            self.health_check_interval,
+            sink,
+        ));
+        Ok(())
     }
 }
 

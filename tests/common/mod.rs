@@ -122,7 +122,8 @@ impl RedisServer {
         redis::Client::open(self.url()).unwrap()
     }
 
-    fn conn(&self) -> redis::Connection {
+    /// A connection of the test's own (it stays authenticated if a password is set later).
+    pub fn conn(&self) -> redis::Connection {
         self.client().get_connection().unwrap()
     }
 
@@ -186,6 +187,7 @@ pub fn redis_store(redis: &RedisServer, namespace: &str) -> Arc<RedisStore> {
             url: redis.url(),
             namespace: namespace.to_owned(),
             timeout: Duration::from_secs(2),
+            health_check_interval: Duration::from_secs(1),
         })
         .unwrap(),
     )
@@ -359,6 +361,7 @@ pub fn zeros(len: u64) -> TestBody {
 pub struct Keygate {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
+    pub app: Arc<keygate::server::App>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -385,6 +388,7 @@ impl Keygate {
 
     pub fn run(server: Server) -> Self {
         let (proxy, admin) = (server.proxy_addr(), server.admin_addr());
+        let app = server.app().clone();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async {
             let _ = rx.await;
@@ -392,6 +396,7 @@ impl Keygate {
         Keygate {
             proxy,
             admin,
+            app,
             stop: Some(tx),
             task: Some(task),
         }
@@ -403,6 +408,27 @@ impl Keygate {
 
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)
+    }
+
+    /// Starts keygate in front of a store the test built (e.g. a wrapper that gates lookups).
+    pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> Self {
+        let settings = config.serve_settings().expect("valid test config");
+        Self::run(Server::bind_with_store(settings, store).await.unwrap())
+    }
+
+    /// Waits until `/readyz` answers 200 (store reachable, subscription up).
+    pub async fn wait_ready(&self) {
+        let (http, url) = (Http::new(), self.admin_url("/readyz"));
+        eventually(Duration::from_secs(10), "keygate is ready", || {
+            let (http, url) = (http.clone(), url.clone());
+            async move { http.get(&url, &[]).await.status == 200 }
+        })
+        .await;
+    }
+
+    /// Invalidation messages this instance has processed.
+    pub fn invalidations(&self) -> u64 {
+        self.app.metrics.invalidations.get()
     }
 
     pub async fn shutdown(mut self) {
@@ -522,4 +548,71 @@ pub fn namespace(tag: &str) -> String {
         std::process::id(),
         UNIQUE.fetch_add(1, Ordering::SeqCst)
     )
+}
+
+// ---------------------------------------------------------------------------------------------
+// A TCP relay the test can pause
+
+/// Forwards TCP connections to `target`; while paused, no byte moves in either direction but
+/// every connection stays open: to its peers, a silently dead (half-open) link.
+pub struct Relay {
+    pub addr: SocketAddr,
+    paused: tokio::sync::watch::Sender<bool>,
+}
+
+impl Relay {
+    pub async fn start(target: SocketAddr) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (paused, _) = tokio::sync::watch::channel(false);
+        let pause_tx = paused.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                for (mut from, mut to) in [
+                    (
+                        Box::new(cr) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                        Box::new(sw) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                    ),
+                    (Box::new(sr), Box::new(cw)),
+                ] {
+                    let mut gate = pause_tx.subscribe();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if gate.wait_for(|p| !*p).await.is_err() {
+                                break;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown().await;
+                    });
+                }
+            }
+        });
+        Relay { addr, paused }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    pub fn pause(&self) {
+        self.paused.send_replace(true);
+    }
+
+    pub fn resume(&self) {
+        self.paused.send_replace(false);
+    }
 }

@@ -1,0 +1,429 @@
+//! Immediate revocation through Redis pub/sub: every instance, no stale window, and no
+//! silent loss when the subscription breaks.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use common::*;
+use keygate::config::Config;
+use keygate::key::{generate, KeyDigest, KeyKind};
+use keygate::store::redis::RedisStore;
+use keygate::store::{now_unix, InvalidationSink, KeyRecord, Store, StoreError};
+use tokio::sync::oneshot;
+
+/// How long an instance may take to apply a message it was sent (generous for a loaded CI
+/// machine; the benchmark measures the real figure).
+const PROPAGATION: Duration = Duration::from_secs(3);
+
+fn config(redis_url: &str, ns: &str, upstream: &str) -> Config {
+    let mut c = test_config(redis_url, ns, upstream);
+    c.store.health_check_interval = "200ms".into();
+    c.cache.trust_while_unsubscribed = "1s".into();
+    // Long cache lives, so that only invalidations can explain a changed verdict.
+    c.cache.ttl = "1h".into();
+    c.cache.negative_ttl = "1h".into();
+    c
+}
+
+async fn status_of(http: &Http, kg: &Keygate, key: &str) -> (u16, String) {
+    let reply = http.get_with_key(&kg.url("/"), key).await;
+    let code = if reply.status == 200 {
+        String::new()
+    } else {
+        reply.error_code()
+    };
+    (reply.status.as_u16(), code)
+}
+
+async fn wait_for_status(http: &Http, kg: &Keygate, key: &str, want: u16, what: &str) {
+    let (http, url, key) = (http.clone(), kg.url("/"), key.to_owned());
+    eventually(PROPAGATION, what, || {
+        let (http, url, key) = (http.clone(), url.clone(), key.clone());
+        async move { http.get_with_key(&url, &key).await.status == want }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_key_is_rejected_on_every_instance() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let ns = namespace("revoke");
+    let store = redis_store(&redis, &ns);
+    let a = Keygate::start(config(&redis.url(), &ns, &upstream.url())).await;
+    let b = Keygate::start(config(&redis.url(), &ns, &upstream.url())).await;
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let http = Http::new();
+    let key = create_key(&*store, "acme", "admin").await;
+    let secret = key.secret.expose();
+    for kg in [&a, &b] {
+        assert_eq!(status_of(&http, kg, secret).await.0, 200);
+    }
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args([
+            "keys",
+            "revoke",
+            &key.record.id,
+            "--redis-url",
+            &redis.url(),
+        ])
+        .args(["--namespace", &ns])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    for kg in [&a, &b] {
+        wait_for_status(
+            &http,
+            kg,
+            secret,
+            401,
+            "the instance rejects the revoked key",
+        )
+        .await;
+        for _ in 0..50 {
+            assert_eq!(
+                status_of(&http, kg, secret).await,
+                (401, "key_revoked".into()),
+                "a revoked key was accepted again"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_key_is_announced_so_no_unknown_verdict_outlives_it() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let ns = namespace("create");
+    let store = redis_store(&redis, &ns);
+    let kg = Keygate::start(config(&redis.url(), &ns, &upstream.url())).await;
+    kg.wait_ready().await;
+    let http = Http::new();
+
+    // The key is presented before it exists, so "unknown" is cached (for an hour).
+    let key = generate(KeyKind::User);
+    let secret = key.secret.expose();
+    assert_eq!(
+        status_of(&http, &kg, secret).await,
+        (401, "invalid_key".into())
+    );
+    store
+        .insert(&KeyRecord {
+            id: "key_late".into(),
+            digest: key.digest,
+            name: "late".into(),
+            tenant: "acme".into(),
+            role: "admin".into(),
+            subject: "dora".into(),
+            kind: KeyKind::User,
+            created_at: now_unix(),
+            expires_at: None,
+            revoked_at: None,
+        })
+        .await
+        .unwrap();
+    wait_for_status(&http, &kg, secret, 200, "the new key is accepted").await;
+}
+
+/// A store whose next lookup, once armed, reads Redis, reports that the read is done, and
+/// returns only when the test releases it.
+struct GatedStore {
+    inner: Arc<RedisStore>,
+    gate: Mutex<Option<(oneshot::Sender<()>, oneshot::Receiver<()>)>>,
+}
+
+#[async_trait]
+impl Store for GatedStore {
+    async fn lookup(&self, d: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
+        let record = self.inner.lookup(d).await;
+        let gate = self.gate.lock().unwrap().take();
+        if let Some((read_done, release)) = gate {
+            let _ = read_done.send(());
+            let _ = release.await;
+        }
+        record
+    }
+    async fn insert(&self, r: &KeyRecord) -> Result<(), StoreError> {
+        self.inner.insert(r).await
+    }
+    async fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.get(id).await
+    }
+    async fn list(&self, t: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
+        self.inner.list(t).await
+    }
+    async fn revoke(&self, id: &str, at: u64) -> Result<Option<KeyRecord>, StoreError> {
+        self.inner.revoke(id, at).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+    fn start(self: Arc<Self>, sink: Arc<dyn InvalidationSink>) -> Result<(), StoreError> {
+        self.inner.clone().start(sink)
+    }
+}
+
+async fn wait_invalidations(kg: &Keygate, at_least: u64) {
+    eventually(PROPAGATION, "the invalidation is processed", || async {
+        kg.invalidations() >= at_least
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_racing_a_revocation_is_never_cached() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let ns = namespace("race");
+    let store = redis_store(&redis, &ns);
+    let gated = Arc::new(GatedStore {
+        inner: redis_store(&redis, &ns),
+        gate: Mutex::new(None),
+    });
+    let kg = Arc::new(
+        Keygate::start_with_store(config(&redis.url(), &ns, &upstream.url()), gated.clone()).await,
+    );
+    kg.wait_ready().await;
+    let http = Http::new();
+
+    for round in 0..50 {
+        // A fresh key, whose creation message is processed before the race starts.
+        let seen = kg.invalidations();
+        let key = create_key(&*store, "acme", "admin").await;
+        wait_invalidations(&kg, seen + 1).await;
+        let secret = key.secret.expose().to_owned();
+
+        let (read_done_tx, read_done) = oneshot::channel();
+        let (release, release_rx) = oneshot::channel();
+        *gated.gate.lock().unwrap() = Some((read_done_tx, release_rx));
+        let first = tokio::spawn({
+            let (http, kg, secret) = (http.clone(), kg.clone(), secret.clone());
+            async move { status_of(&http, &kg, &secret).await }
+        });
+        // The fill has read the live record; now revoke and let the instance process it.
+        read_done.await.unwrap();
+        let seen = kg.invalidations();
+        store.revoke(&key.record.id, now_unix()).await.unwrap();
+        wait_invalidations(&kg, seen + 1).await;
+        release.send(()).unwrap();
+
+        // The request that raced may go either way; every later one must be refused.
+        let (status, _) = first.await.unwrap();
+        assert!(status == 200 || status == 401, "round {round}: {status}");
+        assert_eq!(
+            status_of(&http, &kg, &secret).await,
+            (401, "key_revoked".into()),
+            "round {round}: the stale fill was cached"
+        );
+    }
+}
+
+async fn ready_status(http: &Http, kg: &Keygate) -> (u16, String) {
+    let r = http.get(&kg.admin_url("/readyz"), &[]).await;
+    (r.status.as_u16(), r.text())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_missed_while_unsubscribed_is_enforced_within_the_bound() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let ns = namespace("killed");
+    let store = redis_store(&redis, &ns);
+    let kg = Keygate::start(config(&redis.url(), &ns, &upstream.url())).await;
+    kg.wait_ready().await;
+    let http = Http::new();
+    let key = create_key(&*store, "acme", "admin").await;
+    let secret = key.secret.expose();
+    assert_eq!(status_of(&http, &kg, secret).await.0, 200);
+
+    // Connections that exist keep working; new ones (the subscriber's reconnects) are refused.
+    let mut admin = redis.conn();
+    let mut run = |args: &[&str]| -> redis::Value {
+        let mut c = redis::cmd(args[0]);
+        for a in &args[1..] {
+            c.arg(*a);
+        }
+        c.query(&mut admin).unwrap()
+    };
+    run(&["CONFIG", "SET", "requirepass", "test-only-password"]);
+    let killed = run(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert!(
+        matches!(killed, redis::Value::Int(n) if n >= 1),
+        "no subscriber to kill"
+    );
+    eventually(
+        PROPAGATION,
+        "/readyz reports the subscription down",
+        || async {
+            let (status, body) = ready_status(&http, &kg).await;
+            status == 503 && body.contains("subscription")
+        },
+    )
+    .await;
+
+    // Published while the subscriber is away: the message is lost.
+    store.revoke(&key.record.id, now_unix()).await.unwrap();
+    wait_for_status(
+        &http,
+        &kg,
+        secret,
+        401,
+        "the key is rejected after the bound",
+    )
+    .await;
+    assert_eq!(
+        status_of(&http, &kg, secret).await,
+        (401, "key_revoked".into())
+    );
+    assert!(kg.app.metrics.unsynced_lookups.get() > 0);
+
+    run(&["CONFIG", "SET", "requirepass", ""]);
+    eventually(
+        Duration::from_secs(10),
+        "the subscriber comes back",
+        || async { ready_status(&http, &kg).await.0 == 200 },
+    )
+    .await;
+    assert!(
+        kg.app.metrics.cache_flushes.get() >= 2,
+        "no flush on resubscribe"
+    );
+    for _ in 0..20 {
+        assert_eq!(
+            status_of(&http, &kg, secret).await,
+            (401, "key_revoked".into())
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_subscription_is_noticed_and_the_cache_distrusted() {
+    let redis = RedisServer::start();
+    let relay = Relay::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let upstream = Upstream::start().await;
+    let ns = namespace("halfopen");
+    let store = redis_store(&redis, &ns);
+    let kg = Keygate::start(config(&relay.url(), &ns, &upstream.url())).await;
+    kg.wait_ready().await;
+    let http = Http::new();
+    let key = create_key(&*store, "acme", "admin").await;
+    let secret = key.secret.expose();
+    wait_for_status(&http, &kg, secret, 200, "the key is accepted").await;
+
+    relay.pause();
+    eventually(PROPAGATION, "the dead link is noticed", || async {
+        kg.app.verifier.unsubscribed_for().is_some()
+    })
+    .await;
+    // Past the trust bound every request goes to Redis, which cannot answer through the dead
+    // link: the instance fails closed instead of serving its cache.
+    wait_for_status(&http, &kg, secret, 503, "the cache is no longer trusted").await;
+    assert_eq!(ready_status(&http, &kg).await.0, 503);
+
+    relay.resume();
+    eventually(Duration::from_secs(10), "the instance recovers", || async {
+        ready_status(&http, &kg).await.0 == 200
+    })
+    .await;
+    wait_for_status(&http, &kg, secret, 200, "the key works again").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_under_load_never_lets_a_revoked_key_through() {
+    let mut redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let ns = namespace("restart");
+    let store = redis_store(&redis, &ns);
+    let a = Arc::new(Keygate::start(config(&redis.url(), &ns, &upstream.url())).await);
+    let b = Arc::new(Keygate::start(config(&redis.url(), &ns, &upstream.url())).await);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let http = Http::new();
+    let revoked = create_key(&*store, "acme", "admin").await;
+    let live = create_key(&*store, "acme", "admin").await;
+    for kg in [&a, &b] {
+        assert_eq!(status_of(&http, kg, revoked.secret.expose()).await.0, 200);
+        assert_eq!(status_of(&http, kg, live.secret.expose()).await.0, 200);
+    }
+    store.revoke(&revoked.record.id, now_unix()).await.unwrap();
+    for kg in [&a, &b] {
+        wait_for_status(
+            &http,
+            kg,
+            revoked.secret.expose(),
+            401,
+            "revoked everywhere",
+        )
+        .await;
+    }
+
+    // Load: both keys on both instances, until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let leaked = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    for kg in [a.clone(), b.clone()] {
+        for secret in [
+            revoked.secret.expose().to_owned(),
+            live.secret.expose().to_owned(),
+        ] {
+            let (kg, http, stop, leaked, sent) = (
+                kg.clone(),
+                http.clone(),
+                stop.clone(),
+                leaked.clone(),
+                sent.clone(),
+            );
+            let is_revoked = secret == revoked.secret.expose();
+            load.push(tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let (status, _) = status_of(&http, &kg, &secret).await;
+                    sent.fetch_add(1, Ordering::SeqCst);
+                    if is_revoked && status == 200 {
+                        leaked.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }));
+        }
+    }
+
+    redis.stop();
+    redis.restart();
+    for kg in [&a, &b] {
+        kg.wait_ready().await;
+        wait_for_status(&http, kg, live.secret.expose(), 200, "service resumes").await;
+    }
+    // Revocation keeps working after the restart, on both instances.
+    store.revoke(&live.record.id, now_unix()).await.unwrap();
+    for kg in [&a, &b] {
+        wait_for_status(
+            &http,
+            kg,
+            live.secret.expose(),
+            401,
+            "revoked after restart",
+        )
+        .await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for task in load {
+        task.await.unwrap();
+    }
+    assert!(sent.load(Ordering::SeqCst) > 100, "the load did not run");
+    assert_eq!(
+        leaked.load(Ordering::SeqCst),
+        0,
+        "a revoked key was accepted"
+    );
+}
