@@ -88,7 +88,7 @@ fn hot_path(c: &mut Criterion) {
             negative_ttl: Duration::from_secs(5),
             trust_while_unsubscribed: Duration::from_secs(3),
         },
-        Arc::new(Metrics::new()),
+        Arc::new(Metrics::default()),
     );
     rt.block_on(verifier.verify(key.digest, 10)).unwrap();
     c.bench_function("cached_verify", |b| {

@@ -1,5 +1,5 @@
-//! The admin listener: liveness and readiness probes (and, later, metrics and the management
-//! API). Kept apart from the proxy listener so probes and operators never compete with traffic
+//! The admin listener: liveness and readiness probes, Prometheus metrics (and, later, the
+//! management API). Kept apart from the proxy listener so probes and operators never compete with traffic
 //! and the management surface is never exposed where clients connect.
 
 use bytes::Bytes;
@@ -30,6 +30,9 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> 
         "/healthz" => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
         "/readyz" => readiness(app).await,
         "/metrics" => {
+            app.metrics
+                .cache_entries
+                .set(app.verifier.cached_entries().await as i64);
             let mut resp = Response::new(Full::new(Bytes::from(app.metrics.render())));
             resp.headers_mut().insert(
                 CONTENT_TYPE,
@@ -44,7 +47,9 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> 
     }
 }
 
-/// Ready when not draining and the store answers; the body says why not.
+/// Ready when not draining, the store answers, the invalidation subscription is up and the
+/// upstream accepts connections (unless `upstream.readiness_check` is off); the body says why
+/// not. Liveness (`/healthz`) depends on none of these: only on the process answering.
 async fn readiness(app: &App) -> Response<Full<Bytes>> {
     let mut reasons: Vec<String> = Vec::new();
     if app.state.draining() {
@@ -60,7 +65,15 @@ async fn readiness(app: &App) -> Response<Full<Bytes>> {
     if let Err(err) = store.ping().await {
         reasons.push(format!("store: {err}"));
     }
-    let warnings = store.warnings();
+    let mut warnings = store.warnings();
+    if let Err(err) = app.upstream.probe().await {
+        let reason = format!("upstream {}: {err}", app.route_names[0]);
+        if app.upstream.settings().readiness_check {
+            reasons.push(reason);
+        } else {
+            warnings.push(reason);
+        }
+    }
     let (status, body) = if reasons.is_empty() {
         (
             StatusCode::OK,

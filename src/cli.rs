@@ -152,6 +152,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(_) => {
             let settings = config.serve_settings()?;
             telemetry::init(&settings.log);
+            tracing::info!(config = %config.redacted_json(), "effective configuration");
             let server = Server::bind(settings).await?;
             server.run(shutdown_signal()).await;
             Ok(())

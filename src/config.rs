@@ -124,6 +124,8 @@ pub struct UpstreamConfig {
     pub pool_max_idle: usize,
     /// Send the client's `Host` upstream instead of the upstream's authority.
     pub preserve_host: bool,
+    /// `/readyz` requires the upstream to accept a TCP connection.
+    pub readiness_check: bool,
 }
 
 impl Default for UpstreamConfig {
@@ -135,6 +137,7 @@ impl Default for UpstreamConfig {
             pool_idle_timeout: "90s".into(),
             pool_max_idle: 256,
             preserve_host: false,
+            readiness_check: true,
         }
     }
 }
@@ -220,6 +223,8 @@ pub struct LogConfig {
     pub format: String,
     /// A `RUST_LOG`-style filter; `RUST_LOG` itself wins when set.
     pub level: String,
+    /// One access log line per request (target `keygate::access`).
+    pub access: bool,
 }
 
 impl Default for LogConfig {
@@ -227,6 +232,7 @@ impl Default for LogConfig {
         LogConfig {
             format: "text".into(),
             level: "info".into(),
+            access: true,
         }
     }
 }
@@ -286,6 +292,14 @@ impl Config {
             let field = e.path().to_string();
             field_err(&field, e.into_inner().to_string())
         })
+    }
+
+    /// The configuration as one line of JSON with every secret (the Redis password) masked,
+    /// for the startup log.
+    pub fn redacted_json(&self) -> String {
+        let mut c = self.clone();
+        c.store.redis_url = redact_url(&c.store.redis_url);
+        serde_json::to_string(&c).unwrap_or_default()
     }
 
     /// Validates everything the proxy needs and builds its runtime settings.
@@ -383,7 +397,23 @@ impl Config {
         Ok(LogSettings {
             json,
             filter: self.log.level.clone(),
+            access: self.log.access,
         })
+    }
+}
+
+/// Masks the password of a `scheme://user:password@host…` URL.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:[redacted]{}", &rest[at..])
+        }
+        None => url.to_owned(),
     }
 }
 
@@ -512,6 +542,8 @@ pub struct UpstreamSettings {
     pub pool_max_idle: usize,
     /// Forward the client's `Host`.
     pub preserve_host: bool,
+    /// `/readyz` requires the upstream to accept a connection.
+    pub readiness_check: bool,
 }
 
 impl UpstreamSettings {
@@ -547,6 +579,7 @@ impl UpstreamSettings {
             pool_idle_timeout: nonzero("upstream.pool_idle_timeout", &c.pool_idle_timeout)?,
             pool_max_idle: c.pool_max_idle,
             preserve_host: c.preserve_host,
+            readiness_check: c.readiness_check,
         })
     }
 }
@@ -571,6 +604,8 @@ pub struct LogSettings {
     pub json: bool,
     /// `RUST_LOG`-style filter.
     pub filter: String,
+    /// One access log line per request.
+    pub access: bool,
 }
 
 /// The identity header names, built once from the configured prefix.
@@ -625,6 +660,21 @@ impl Default for IdentitySettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_startup_dump_masks_the_redis_password() {
+        let mut c = Config::default();
+        c.store.redis_url = "redis://app:s3cret@redis.internal:6379/2".into();
+        let dump = c.redacted_json();
+        assert!(!dump.contains("s3cret"), "{dump}");
+        assert!(
+            dump.contains("redis://app:[redacted]@redis.internal:6379/2"),
+            "{dump}"
+        );
+        assert_eq!(redact_url("redis://:pw@h:1"), "redis://:[redacted]@h:1");
+        assert_eq!(redact_url("redis://h:1/0"), "redis://h:1/0");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

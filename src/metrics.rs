@@ -1,8 +1,14 @@
 //! Prometheus metrics: one registry per process (no hidden globals), with every labelled
 //! series resolved to a handle at startup so the request path never looks a metric up by name.
-//! Label values are bounded sets (outcomes), never keys, key ids or tenants.
+//! Label values are bounded sets (outcomes, route names from the config, status classes, a few
+//! fixed kinds), never keys, key ids or tenants.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 use crate::rejection::Rejection;
 
@@ -20,10 +26,75 @@ pub const OUTCOMES: [&str; 10] = [
     "upstream_timeout",
 ];
 
+/// The `status_class` label values, indexed by the status code's first digit minus one.
+const STATUS_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// keygate's own time per request: from the request head to the response head, less the wait
+/// for the upstream. Sub-millisecond on the cached path, so the buckets start at 25 µs.
+const PROCESSING_BUCKETS: &[f64] = &[
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0,
+];
+
+/// Upstream time to response head, and store lookups.
+const IO_BUCKETS: &[f64] = &[
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+/// The series of one route.
+pub struct RouteMetrics {
+    processing: [Histogram; 5],
+    upstream: [Histogram; 5],
+    upstream_unavailable: IntCounter,
+    upstream_timeout: IntCounter,
+}
+
+impl RouteMetrics {
+    /// Records one answered request: its status, keygate's own time, and the upstream's time
+    /// to response head when the request was forwarded.
+    pub fn observe(&self, status: u16, total: Duration, upstream: Option<Duration>) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        let upstream_time = upstream.unwrap_or_default();
+        self.processing[class].observe(total.saturating_sub(upstream_time).as_secs_f64());
+        if upstream.is_some() {
+            self.upstream[class].observe(upstream_time.as_secs_f64());
+        }
+    }
+
+    /// Counts a failed upstream call.
+    pub fn upstream_failed(&self, rejection: Rejection) {
+        match rejection {
+            Rejection::UpstreamTimeout => self.upstream_timeout.inc(),
+            Rejection::UpstreamUnavailable => self.upstream_unavailable.inc(),
+            _ => {}
+        }
+    }
+}
+
 /// The process's metrics.
 pub struct Metrics {
     registry: Registry,
     decisions: Vec<IntCounter>,
+    routes: Vec<RouteMetrics>,
+    /// Verdicts answered from the cache.
+    pub cache_hits: IntCounter,
+    /// Cache hits whose verdict was "no such key".
+    pub cache_negative_hits: IntCounter,
+    /// Verdicts not in the cache (a store lookup, or a wait for a concurrent one).
+    pub cache_misses: IntCounter,
+    /// Cached verdicts, set at each scrape.
+    pub cache_entries: IntGauge,
+    /// Verdicts evicted for lack of room.
+    pub cache_evictions_size: IntCounter,
+    /// Verdicts that reached the end of their life.
+    pub cache_evictions_expired: IntCounter,
+    /// Store lookups by digest.
+    pub store_lookups: IntCounter,
+    /// Store lookups that failed.
+    pub store_errors: IntCounter,
+    /// Store lookup latency.
+    pub store_latency: Histogram,
     /// 1 while the invalidation subscription is up.
     pub subscription_up: IntGauge,
     /// Invalidation messages received.
@@ -34,11 +105,32 @@ pub struct Metrics {
     pub unsynced_lookups: IntCounter,
     /// Cached verdicts discarded because an invalidation raced their fill.
     pub stale_fills: IntCounter,
+    /// Open client connections on the proxy listener.
+    pub proxy_connections: IntGauge,
+    /// Open connections on the admin listener.
+    pub admin_connections: IntGauge,
+}
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("valid metric")
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).expect("valid metric")
+}
+
+fn histogram_vec(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> HistogramVec {
+    HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("valid metric")
 }
 
 impl Metrics {
-    /// Registers every metric in a fresh registry.
-    pub fn new() -> Self {
+    /// Registers every metric in a fresh registry, with one set of per-route series for each
+    /// of `routes` (the route names from the config).
+    pub fn new(routes: &[&str]) -> Self {
         let registry = Registry::new();
         let decisions_vec = IntCounterVec::new(
             Opts::new(
@@ -48,14 +140,95 @@ impl Metrics {
             &["outcome"],
         )
         .expect("valid metric");
-        let decisions = OUTCOMES
-            .iter()
-            .map(|o| decisions_vec.with_label_values(&[o]))
-            .collect();
-        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("valid metric");
-        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric");
+        let processing = histogram_vec(
+            "keygate_processing_duration_seconds",
+            "keygate's own time per request (authentication, policy, rewriting; the upstream's time excluded), by route and response status class.",
+            PROCESSING_BUCKETS,
+            &["route", "status_class"],
+        );
+        let upstream = histogram_vec(
+            "keygate_upstream_duration_seconds",
+            "Time from forwarding a request to the upstream's response head, by route and status class.",
+            IO_BUCKETS,
+            &["route", "status_class"],
+        );
+        let upstream_errors = IntCounterVec::new(
+            Opts::new(
+                "keygate_upstream_errors_total",
+                "Upstream calls that failed, by route and kind (unavailable: refused or reset, answered 502; timeout: answered 504).",
+            ),
+            &["route", "kind"],
+        )
+        .expect("valid metric");
+        let evictions = IntCounterVec::new(
+            Opts::new(
+                "keygate_cache_evictions_total",
+                "Cached verdicts evicted, by cause (size: no room; expired: end of life).",
+            ),
+            &["cause"],
+        )
+        .expect("valid metric");
+        let store_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "keygate_store_lookup_duration_seconds",
+                "Latency of key lookups in the store (errors included).",
+            )
+            .buckets(IO_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let connections = IntGaugeVec::new(
+            Opts::new(
+                "keygate_open_connections",
+                "Open client connections, by listener.",
+            ),
+            &["listener"],
+        )
+        .expect("valid metric");
+
+        let per_class = |vec: &HistogramVec, route: &str| {
+            STATUS_CLASSES.map(|class| vec.with_label_values(&[route, class]))
+        };
         let m = Metrics {
-            decisions,
+            decisions: OUTCOMES
+                .iter()
+                .map(|o| decisions_vec.with_label_values(&[o]))
+                .collect(),
+            routes: routes
+                .iter()
+                .map(|r| RouteMetrics {
+                    processing: per_class(&processing, r),
+                    upstream: per_class(&upstream, r),
+                    upstream_unavailable: upstream_errors.with_label_values(&[r, "unavailable"]),
+                    upstream_timeout: upstream_errors.with_label_values(&[r, "timeout"]),
+                })
+                .collect(),
+            cache_hits: counter(
+                "keygate_cache_hits_total",
+                "Verdicts answered from the in-process cache.",
+            ),
+            cache_negative_hits: counter(
+                "keygate_cache_negative_hits_total",
+                "Cache hits whose verdict was an unknown key (part of keygate_cache_hits_total).",
+            ),
+            cache_misses: counter(
+                "keygate_cache_misses_total",
+                "Verdicts not in the cache: a store lookup, or a wait for a concurrent lookup of the same key.",
+            ),
+            cache_entries: gauge(
+                "keygate_cache_entries",
+                "Verdicts in the cache (approximate).",
+            ),
+            cache_evictions_size: evictions.with_label_values(&["size"]),
+            cache_evictions_expired: evictions.with_label_values(&["expired"]),
+            store_lookups: counter(
+                "keygate_store_lookups_total",
+                "Key lookups sent to the store.",
+            ),
+            store_errors: counter(
+                "keygate_store_errors_total",
+                "Key lookups the store failed to answer (unreachable, timed out, corrupt record).",
+            ),
+            store_latency,
             subscription_up: gauge(
                 "keygate_subscription_up",
                 "1 while the invalidation subscription is connected, else 0.",
@@ -76,20 +249,37 @@ impl Metrics {
                 "keygate_stale_fills_total",
                 "Cached verdicts discarded because an invalidation arrived while they were being filled.",
             ),
+            proxy_connections: connections.with_label_values(&["proxy"]),
+            admin_connections: connections.with_label_values(&["admin"]),
             registry,
         };
         let r = &m.registry;
-        r.register(Box::new(decisions_vec)).expect("unique metric");
-        r.register(Box::new(m.subscription_up.clone()))
-            .expect("unique metric");
-        r.register(Box::new(m.invalidations.clone()))
-            .expect("unique metric");
-        r.register(Box::new(m.cache_flushes.clone()))
-            .expect("unique metric");
-        r.register(Box::new(m.unsynced_lookups.clone()))
-            .expect("unique metric");
-        r.register(Box::new(m.stale_fills.clone()))
-            .expect("unique metric");
+        let register = |c: Box<dyn prometheus::core::Collector>| {
+            r.register(c).expect("unique metric");
+        };
+        register(Box::new(decisions_vec));
+        register(Box::new(processing));
+        register(Box::new(upstream));
+        register(Box::new(upstream_errors));
+        register(Box::new(evictions));
+        register(Box::new(connections));
+        register(Box::new(m.store_latency.clone()));
+        for c in [
+            &m.cache_hits,
+            &m.cache_negative_hits,
+            &m.cache_misses,
+            &m.store_lookups,
+            &m.store_errors,
+            &m.invalidations,
+            &m.cache_flushes,
+            &m.unsynced_lookups,
+            &m.stale_fills,
+        ] {
+            register(Box::new(c.clone()));
+        }
+        for g in [&m.cache_entries, &m.subscription_up] {
+            register(Box::new(g.clone()));
+        }
         m
     }
 
@@ -105,6 +295,20 @@ impl Metrics {
         }
     }
 
+    /// The series of the route with this index (its place in the route table).
+    pub fn route(&self, index: usize) -> &RouteMetrics {
+        &self.routes[index]
+    }
+
+    /// Records one store lookup.
+    pub fn store_lookup(&self, took: Duration, ok: bool) {
+        self.store_lookups.inc();
+        self.store_latency.observe(took.as_secs_f64());
+        if !ok {
+            self.store_errors.inc();
+        }
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -115,7 +319,7 @@ impl Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new(&["default"])
     }
 }
 
@@ -125,7 +329,7 @@ mod tests {
 
     #[test]
     fn every_rejection_code_is_an_outcome() {
-        let m = Metrics::new();
+        let m = Metrics::default();
         m.decision(Ok(()));
         m.decision(Err(Rejection::KeyRevoked));
         let text = m.render();
@@ -138,5 +342,29 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("keygate_subscription_up 0"), "{text}");
+    }
+
+    #[test]
+    fn route_series_split_own_time_from_upstream_time() {
+        let m = Metrics::new(&["api", "web"]);
+        m.route(1).observe(
+            204,
+            Duration::from_millis(30),
+            Some(Duration::from_millis(29)),
+        );
+        m.route(0).observe(401, Duration::from_micros(40), None);
+        m.route(0).upstream_failed(Rejection::UpstreamTimeout);
+        let text = m.render();
+        for want in [
+            "keygate_processing_duration_seconds_count{route=\"web\",status_class=\"2xx\"} 1",
+            "keygate_upstream_duration_seconds_count{route=\"web\",status_class=\"2xx\"} 1",
+            "keygate_processing_duration_seconds_count{route=\"api\",status_class=\"4xx\"} 1",
+            "keygate_upstream_duration_seconds_count{route=\"api\",status_class=\"4xx\"} 0",
+            "keygate_upstream_errors_total{kind=\"timeout\",route=\"api\"} 1",
+            // 1 ms of own time lands in the 1 ms bucket, not the 25 ms one.
+            "keygate_processing_duration_seconds_bucket{route=\"web\",status_class=\"2xx\",le=\"0.001\"} 1",
+        ] {
+            assert!(text.contains(want), "missing {want}\n{text}");
+        }
     }
 }

@@ -195,6 +195,22 @@ impl Upstream {
         }
     }
 
+    /// Checks that the upstream accepts a TCP connection (for readiness), within the connect
+    /// timeout.
+    pub async fn probe(&self) -> Result<(), String> {
+        let authority = &self.settings.authority;
+        let port = authority.port_u16().unwrap_or(80);
+        let connect = tokio::net::TcpStream::connect((authority.host(), port));
+        match tokio::time::timeout(self.settings.connect_timeout, connect).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("{authority}: {e}")),
+            Err(_) => Err(format!(
+                "{authority}: no connection within {:?}",
+                self.settings.connect_timeout
+            )),
+        }
+    }
+
     /// Sends a rewritten request upstream; answers with the upstream's response head (the body
     /// streams on) or the refusal that maps the failure.
     pub async fn send(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, Rejection> {

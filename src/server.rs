@@ -22,8 +22,10 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use prometheus::IntGauge;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::config::{IdentitySettings, Settings};
 use crate::metrics::Metrics;
@@ -61,7 +63,14 @@ pub struct App {
     pub state: State,
     /// The process's metrics.
     pub metrics: Arc<Metrics>,
+    /// Route names, for spans and logs (indexed like the route table).
+    pub route_names: Vec<&'static str>,
+    /// Whether each request gets an access log line.
+    pub access_log: bool,
 }
+
+/// The route every request takes until the route table exists: the one upstream.
+const DEFAULT_ROUTE: usize = 0;
 
 /// The request path.
 pub async fn handle(
@@ -73,9 +82,23 @@ pub async fn handle(
     let request_id = proxy::client_request_id(req.headers())
         .cloned()
         .unwrap_or_else(proxy::new_request_id);
+    let route = DEFAULT_ROUTE;
+    let span = tracing::info_span!(
+        "request",
+        request_id = ?request_id,
+        route = app.route_names[route],
+        key_id = tracing::field::Empty,
+        tenant = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    );
+    let method = req.method().clone();
+    // Set once the request has been forwarded: how long the upstream took to answer.
+    let mut upstream_time = None;
 
     let outcome = async {
         let identity = auth::check(&app.verifier, req.headers(), now_unix()).await?;
+        span.record("key_id", &*identity.key_id);
+        span.record("tenant", &*identity.tenant);
         let host = req.headers().get(HOST).cloned().or_else(|| {
             req.uri()
                 .authority()
@@ -94,40 +117,44 @@ pub async fn handle(
             app.upstream.settings(),
             &fwd,
         );
-        let method = req.method().clone();
-        let resp = app.upstream.send(req).await?;
-        Ok::<_, Rejection>((identity, method, resp))
+        let sent = Instant::now();
+        let resp = app.upstream.send(req).await;
+        upstream_time = Some(sent.elapsed());
+        resp
     }
+    .instrument(span.clone())
     .await;
 
+    let decision = outcome.as_ref().map(drop).map_err(|r| *r);
     let mut resp = match outcome {
-        Ok((identity, method, resp)) => {
-            app.metrics.decision(Ok(()));
-            tracing::info!(
-                target: "keygate::access",
-                request_id = ?request_id,
-                method = %method,
-                status = resp.status().as_u16(),
-                key_id = &*identity.key_id,
-                tenant = &*identity.tenant,
-                outcome = "allowed",
-                latency_us = started.elapsed().as_micros() as u64,
-            );
-            resp.map(Either::Left)
-        }
+        Ok(resp) => resp.map(Either::Left),
         Err(rejection) => {
-            app.metrics.decision(Err(rejection));
-            tracing::info!(
-                target: "keygate::access",
-                request_id = ?request_id,
-                status = rejection.status().as_u16(),
-                outcome = rejection.code(),
-                latency_us = started.elapsed().as_micros() as u64,
-            );
+            if upstream_time.is_some() {
+                app.metrics.route(route).upstream_failed(rejection);
+            }
             rejection.into_response().map(Either::Right)
         }
     };
     resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
+
+    let status = resp.status().as_u16();
+    let took = started.elapsed();
+    app.metrics.decision(decision);
+    app.metrics
+        .route(route)
+        .observe(status, took, upstream_time);
+    let outcome_label = decision.err().map_or("allowed", Rejection::code);
+    span.record("outcome", outcome_label);
+    if app.access_log {
+        let _entered = span.enter();
+        tracing::info!(
+            target: "keygate::access",
+            method = %method,
+            status,
+            latency_us = took.as_micros() as u64,
+            upstream_us = upstream_time.map(|t| t.as_micros() as u64),
+        );
+    }
     resp
 }
 
@@ -174,7 +201,8 @@ impl Server {
         };
         let proxy = bind(settings.listen).await?;
         let admin = bind(settings.admin_listen).await?;
-        let metrics = Arc::new(Metrics::new());
+        let route_names = vec!["default"];
+        let metrics = Arc::new(Metrics::new(&route_names));
         let verifier = Arc::new(Verifier::new(
             store.clone(),
             &settings.cache,
@@ -183,6 +211,8 @@ impl Server {
         store.start(verifier.clone())?;
         let app = Arc::new(App {
             metrics,
+            route_names,
+            access_log: settings.log.access,
             verifier,
             upstream: Upstream::new(settings.upstream.clone()),
             identity: settings.identity.clone(),
@@ -251,6 +281,7 @@ impl Server {
             builder.clone(),
             &graceful,
             stop_rx.clone(),
+            app.metrics.proxy_connections.clone(),
             move |peer| {
                 let app = proxy_app.clone();
                 service_fn(move |req| {
@@ -260,13 +291,20 @@ impl Server {
             },
         );
         let admin_app = app.clone();
-        let admin_loop = accept_loop(admin, builder, &graceful, stop_rx, move |_| {
-            let app = admin_app.clone();
-            service_fn(move |req| {
-                let app = app.clone();
-                async move { Ok::<_, Infallible>(admin::handle(&app, req).await) }
-            })
-        });
+        let admin_loop = accept_loop(
+            admin,
+            builder,
+            &graceful,
+            stop_rx,
+            app.metrics.admin_connections.clone(),
+            move |_| {
+                let app = admin_app.clone();
+                service_fn(move |req| {
+                    let app = app.clone();
+                    async move { Ok::<_, Infallible>(admin::handle(&app, req).await) }
+                })
+            },
+        );
         let signal = async {
             shutdown.await;
             tracing::info!("shutdown requested: draining");
@@ -292,6 +330,7 @@ async fn accept_loop<S, B>(
     builder: auto::Builder<TokioExecutor>,
     graceful: &GracefulShutdown,
     mut stop: watch::Receiver<bool>,
+    open: IntGauge,
     make_service: impl Fn(SocketAddr) -> S,
 ) where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
@@ -322,10 +361,13 @@ async fn accept_loop<S, B>(
             .serve_connection(TokioIo::new(stream), make_service(peer))
             .into_owned();
         let conn = graceful.watch(conn);
+        let open = open.clone();
+        open.inc();
         tokio::spawn(async move {
             if let Err(err) = conn.await {
                 tracing::debug!(error = %err, %peer, "connection ended with an error");
             }
+            open.dec();
         });
     }
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use http::HeaderValue;
 use moka::future::Cache;
+use moka::notification::RemovalCause;
 use moka::Expiry;
 
 use crate::config::CacheSettings;
@@ -207,11 +208,20 @@ pub struct Verifier {
 impl Verifier {
     /// Builds a verifier with an empty cache.
     pub fn new(store: Arc<dyn Store>, settings: &CacheSettings, metrics: Arc<Metrics>) -> Self {
+        let (by_size, by_expiry) = (
+            metrics.cache_evictions_size.clone(),
+            metrics.cache_evictions_expired.clone(),
+        );
         let cache = Cache::builder()
             .max_capacity(settings.capacity)
             .expire_after(VerdictExpiry {
                 ttl: settings.ttl,
                 negative_ttl: settings.negative_ttl,
+            })
+            .eviction_listener(move |_, _, cause| match cause {
+                RemovalCause::Size => by_size.inc(),
+                RemovalCause::Expired => by_expiry.inc(),
+                RemovalCause::Explicit | RemovalCause::Replaced => {}
             })
             .build();
         metrics.subscription_up.set(1);
@@ -260,11 +270,18 @@ impl Verifier {
     /// The verdict through the cache; concurrent misses share one store lookup.
     async fn cached(&self, digest: KeyDigest) -> Result<Verdict, VerifyError> {
         for _ in 0..3 {
-            let entry = self
-                .cache
-                .try_get_with(digest, self.lookup(digest))
-                .await
-                .map_err(VerifyError::Store)?;
+            let (entry, hit) = match self.cache.get(&digest).await {
+                Some(entry) => (entry, true),
+                None => {
+                    self.metrics.cache_misses.inc();
+                    let entry = self
+                        .cache
+                        .try_get_with(digest, self.lookup(digest))
+                        .await
+                        .map_err(VerifyError::Store)?;
+                    (entry, false)
+                }
+            };
             // Invariant (no stale window): a cached verdict is used only if no invalidation of
             // its stripe, and no flush, was processed after its store read began. Invalidation
             // bumps the generation before evicting, and a fill stamps the generations before
@@ -272,6 +289,12 @@ impl Verifier {
             // however late moka inserts it, and is discarded here. Tested by
             // `a_lookup_racing_a_revocation_is_never_cached` in tests/revocation.rs.
             if entry.stamp == self.generations.stamp(&digest) {
+                if hit {
+                    self.metrics.cache_hits.inc();
+                    if matches!(entry.verdict, Verdict::Unknown) {
+                        self.metrics.cache_negative_hits.inc();
+                    }
+                }
                 return Ok(entry.verdict);
             }
             self.metrics.stale_fills.inc();
@@ -283,15 +306,20 @@ impl Verifier {
 
     async fn lookup(&self, digest: KeyDigest) -> Result<Entry, StoreError> {
         let stamp = self.generations.stamp(&digest);
-        let verdict = match self.store.lookup(&digest).await? {
+        let started = Instant::now();
+        let found = self.store.lookup(&digest).await;
+        self.metrics.store_lookup(started.elapsed(), found.is_ok());
+        let verdict = match found? {
             None => Verdict::Unknown,
             Some(record) => Verdict::Known(Arc::new(Identity::from_record(&record)?)),
         };
         Ok(Entry { verdict, stamp })
     }
 
-    /// Number of cached verdicts (approximate, for metrics).
-    pub fn cached_entries(&self) -> u64 {
+    /// Number of cached verdicts, after applying the cache's pending bookkeeping (for metrics;
+    /// costs a little work, so not for the request path).
+    pub async fn cached_entries(&self) -> u64 {
+        self.cache.run_pending_tasks().await;
         self.cache.entry_count()
     }
 }
@@ -411,7 +439,7 @@ mod tests {
         let store = Arc::new(FakeStore::default());
         let k = generate(KeyKind::User);
         store.insert(&record(k.digest, None)).await.unwrap();
-        let v = Verifier::new(store.clone(), &settings(), Arc::new(Metrics::new()));
+        let v = Verifier::new(store.clone(), &settings(), Arc::new(Metrics::default()));
         for _ in 0..3 {
             let id = v.verify(k.digest, 10).await.unwrap();
             assert_eq!(&*id.tenant, "acme");
@@ -422,7 +450,7 @@ mod tests {
     #[tokio::test]
     async fn unknown_key_is_cached_negatively() {
         let store = Arc::new(FakeStore::default());
-        let v = Verifier::new(store.clone(), &settings(), Arc::new(Metrics::new()));
+        let v = Verifier::new(store.clone(), &settings(), Arc::new(Metrics::default()));
         let d = generate(KeyKind::User).digest;
         for _ in 0..3 {
             assert!(matches!(v.verify(d, 10).await, Err(VerifyError::Unknown)));
@@ -435,7 +463,7 @@ mod tests {
         let store = Arc::new(FakeStore::default());
         let k = generate(KeyKind::User);
         store.insert(&record(k.digest, Some(100))).await.unwrap();
-        let v = Verifier::new(store.clone(), &settings(), Arc::new(Metrics::new()));
+        let v = Verifier::new(store.clone(), &settings(), Arc::new(Metrics::default()));
         assert!(v.verify(k.digest, 99).await.is_ok());
         assert!(matches!(
             v.verify(k.digest, 100).await,
@@ -449,7 +477,7 @@ mod tests {
         let k = generate(KeyKind::User);
         store.insert(&record(k.digest, None)).await.unwrap();
         store.down.store(true, Ordering::SeqCst);
-        let v = Verifier::new(store.clone(), &settings(), Arc::new(Metrics::new()));
+        let v = Verifier::new(store.clone(), &settings(), Arc::new(Metrics::default()));
         assert!(matches!(
             v.verify(k.digest, 1).await,
             Err(VerifyError::Store(_))
@@ -476,7 +504,7 @@ mod tests {
         let v = Arc::new(Verifier::new(
             store.clone(),
             &settings(),
-            Arc::new(Metrics::new()),
+            Arc::new(Metrics::default()),
         ));
         // A fill stamped before an invalidation must not be used after it.
         let stale = v.lookup(k.digest).await.unwrap();
@@ -497,7 +525,7 @@ mod tests {
         store.insert(&record(k.digest, None)).await.unwrap();
         let mut s = settings();
         s.trust_while_unsubscribed = Duration::ZERO;
-        let v = Verifier::new(store.clone(), &s, Arc::new(Metrics::new()));
+        let v = Verifier::new(store.clone(), &s, Arc::new(Metrics::default()));
         v.verify(k.digest, 10).await.unwrap();
         v.verify(k.digest, 10).await.unwrap();
         assert_eq!(store.lookups.load(Ordering::SeqCst), 1);

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use common::*;
 use keygate::key::{generate, KeyKind};
-use keygate::store::{now_unix, KeyRecord, Store};
 
 struct Rig {
     redis: RedisServer,
@@ -175,22 +174,7 @@ async fn every_bad_credential_gets_401_with_its_code_and_challenge() {
     let reply = r.http.get_with_key(&url, unknown.secret.expose()).await;
     assert_unauthorized(&reply, "invalid_key", Some("invalid_token")).await;
 
-    let expired = generate(KeyKind::User);
-    r.store
-        .insert(&KeyRecord {
-            id: "key_expired".into(),
-            digest: expired.digest,
-            name: "old".into(),
-            tenant: "acme".into(),
-            role: "admin".into(),
-            subject: "bob".into(),
-            kind: KeyKind::User,
-            created_at: now_unix() - 100,
-            expires_at: Some(now_unix() - 10),
-            revoked_at: None,
-        })
-        .await
-        .unwrap();
+    let expired = insert_expired_key(&*r.store).await;
     let reply = r.http.get_with_key(&url, expired.secret.expose()).await;
     assert_unauthorized(&reply, "key_expired", Some("invalid_token")).await;
 

@@ -26,10 +26,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Notify};
 
 use keygate::config::Config;
+use keygate::key::{generate, generate_id, GeneratedKey, KeyKind};
 use keygate::manage::{self, CreatedKey, NewKey};
 use keygate::server::Server;
 use keygate::store::redis::{RedisSettings, RedisStore};
-use keygate::store::{now_unix, Store};
+use keygate::store::{now_unix, KeyRecord, Store};
 
 /// Polls `cond` every 10 ms until it holds or `within` passes.
 pub async fn eventually<F, Fut>(within: Duration, what: &str, mut cond: F)
@@ -208,6 +209,27 @@ pub async fn create_key(store: &dyn Store, tenant: &str, role: &str) -> CreatedK
     )
     .await
     .unwrap()
+}
+
+/// Stores a user key that expired ten seconds ago; returns the key.
+pub async fn insert_expired_key(store: &dyn Store) -> GeneratedKey {
+    let expired = generate(KeyKind::User);
+    store
+        .insert(&KeyRecord {
+            id: generate_id("key_"),
+            digest: expired.digest,
+            name: "old".into(),
+            tenant: "acme".into(),
+            role: "admin".into(),
+            subject: "bob".into(),
+            kind: KeyKind::User,
+            created_at: now_unix() - 100,
+            expires_at: Some(now_unix() - 10),
+            revoked_at: None,
+        })
+        .await
+        .unwrap();
+    expired
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -426,6 +448,13 @@ impl Keygate {
         .await;
     }
 
+    /// Scrapes `/metrics` over HTTP.
+    pub async fn scrape(&self) -> Scrape {
+        let reply = Http::new().get(&self.admin_url("/metrics"), &[]).await;
+        assert_eq!(reply.status, 200);
+        Scrape::parse(&reply.text())
+    }
+
     /// Invalidation messages this instance has processed.
     pub fn invalidations(&self) -> u64 {
         self.app.metrics.invalidations.get()
@@ -614,5 +643,45 @@ impl Relay {
 
     pub fn resume(&self) {
         self.paused.send_replace(false);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus text
+
+/// One scrape of `/metrics`: every sample by its series as printed (`name{label="v",…}`).
+#[derive(Debug, Clone)]
+pub struct Scrape {
+    pub text: String,
+    pub samples: HashMap<String, f64>,
+}
+
+impl Scrape {
+    pub fn parse(text: &str) -> Self {
+        let samples = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                Some((series.to_owned(), value.parse().ok()?))
+            })
+            .collect();
+        Scrape {
+            text: text.to_owned(),
+            samples,
+        }
+    }
+
+    /// A sample's value; 0 for a series not (yet) exported.
+    pub fn get(&self, series: &str) -> f64 {
+        self.samples.get(series).copied().unwrap_or(0.0)
+    }
+
+    /// The metric names exported (histograms also under their `_bucket`, `_sum`, `_count`).
+    pub fn names(&self) -> std::collections::HashSet<String> {
+        self.samples
+            .keys()
+            .map(|s| s.split('{').next().unwrap().to_owned())
+            .collect()
     }
 }
