@@ -1,0 +1,544 @@
+//! The load harness: keygate against a plain nginx reverse proxy and against the upstream
+//! alone, all on loopback on one machine, driven by `wrk` with the same connections and
+//! duration, runs interleaved (A B C D A B C D …) and repeated.
+//!
+//! `cargo bench --bench load` (needs `wrk` and `nginx`: `apt-get install -y wrk nginx`; the
+//! harness says so when they are missing). Settings by environment: `LOAD_SECONDS` (per run,
+//! default 10), `LOAD_ROUNDS` (default 3), `LOAD_CONNECTIONS` (default 64), `LOAD_MISS_KEYS`
+//! (keys of the miss-path population, default 50,000, with a 1,000-entry cache).
+//!
+//! It starts: a fast upstream (this same binary, re-run with `--serve-upstream`), a
+//! `redis-server`, keygate with one cached key, keygate in front of a key population far larger
+//! than its cache (every request a miss answered by Redis), nginx (`proxy_pass`, keepalive, as
+//! many workers as keygate has threads), and the upstream alone. It prints one table of
+//! requests/s and p50/p99/p99.9 latency, the ratios, an invalid-key flood with Redis's command
+//! counts, and the resident memory of 1,000,000 cached verdicts.
+//!
+//! Under `cargo test` (no `--bench`) it only checks that it was built.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::convert::Infallible;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper::Response;
+use hyper_util::rt::TokioIo;
+
+use common::{free_port, namespace, redis_store, temp_dir, RedisServer};
+use keygate::config::CacheSettings;
+use keygate::key::{generate, KeyDigest, KeyKind};
+use keygate::manage::{self, NewKey};
+use keygate::metrics::Metrics;
+use keygate::store::{now_unix, KeyRecord, Store, StoreError};
+use keygate::verify::Verifier;
+
+/// Worker threads (and nginx workers): the machine's cores.
+fn workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--serve-upstream") {
+        serve_upstream(args[i + 1].parse().expect("an address"));
+        return;
+    }
+    if !args.iter().any(|a| a == "--bench") {
+        println!("load harness: run it with `cargo bench --bench load`");
+        return;
+    }
+    for tool in ["wrk", "nginx", "redis-server"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .map_or(true, |s| !s.success())
+        {
+            eprintln!("the load harness needs {tool}: apt-get install -y wrk nginx redis-server");
+            std::process::exit(2);
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(run());
+}
+
+/// The fast upstream: answers every request `200 ok` over HTTP/1.1 keep-alive.
+fn serve_upstream(addr: SocketAddr) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers())
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(async move {
+                let svc = service_fn(|_req| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn wait_for_port(addr: SocketAddr, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start on {addr}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn start_keygate(
+    upstream: SocketAddr,
+    redis_url: &str,
+    ns: &str,
+    env: &[(&str, &str)],
+) -> (Proc, SocketAddr) {
+    let addr = loopback(free_port());
+    let admin = loopback(free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["serve", "--listen", &addr.to_string()])
+        .args(["--admin-listen", &admin.to_string()])
+        .args(["--upstream", &format!("http://{upstream}")])
+        .args(["--redis-url", redis_url, "--namespace", ns])
+        // Like the nginx under test: no access log, warnings only.
+        .env("RUST_LOG", "warn")
+        .env("KEYGATE__LOG__ACCESS", "false")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("keygate binary");
+    (Proc(child), addr)
+}
+
+fn start_nginx(dir: &Path, upstream: SocketAddr) -> (Proc, SocketAddr) {
+    let addr = loopback(free_port());
+    let conf = format!(
+        "worker_processes {workers};
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  upstream app {{ server {upstream}; keepalive 256; }}
+  server {{
+    listen {addr} reuseport;
+    location / {{
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+    }}
+  }}
+}}
+",
+        workers = workers(),
+        dir = dir.display(),
+    );
+    let path = dir.join("nginx.conf");
+    std::fs::write(&path, conf).expect("write nginx.conf");
+    let child = Command::new("nginx")
+        .arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(&path)
+        .args(["-g", "daemon off;"])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nginx");
+    (Proc(child), addr)
+}
+
+/// wrk's Lua: a random key from the file given as its argument per request (none: no
+/// `Authorization`), each thread seeded apart, and one machine-readable result line.
+const WRK_SCRIPT: &str = r#"
+local keys = {}
+init = function(args)
+  math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)") or "0", 16) % 100000)
+  if args[1] then for line in io.lines(args[1]) do keys[#keys + 1] = line end end
+end
+request = function()
+  if #keys == 0 then return wrk.format("GET", "/") end
+  return wrk.format("GET", "/", { ["Authorization"] = "Bearer " .. keys[math.random(#keys)] })
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("KGRESULT %d %d %d %d %d %d %d\n", summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
+end
+"#;
+
+/// One wrk run's figures.
+#[derive(Clone, Copy, Debug, Default)]
+struct Run {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    errors: u64,
+    non_2xx: u64,
+}
+
+fn wrk(script: &Path, addr: SocketAddr, keys: Option<&Path>, seconds: u64, conns: u64) -> Run {
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t", &workers().to_string()])
+        .args(["-c", &conns.to_string()])
+        .args(["-d", &format!("{seconds}s")])
+        .arg("-s")
+        .arg(script)
+        .arg(format!("http://{addr}/"));
+    if let Some(k) = keys {
+        cmd.arg("--").arg(k);
+    }
+    let out = cmd.output().expect("wrk");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("KGRESULT "))
+        .unwrap_or_else(|| panic!("wrk printed no result: {text}"));
+    let n: Vec<f64> = line
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    Run {
+        rps: n[0] / (n[1] / 1e6),
+        errors: n[2] as u64,
+        non_2xx: n[3] as u64,
+        p50_us: n[4],
+        p99_us: n[5],
+        p999_us: n[6],
+    }
+}
+
+fn write_lines(path: &Path, lines: impl IntoIterator<Item = String>) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    for l in lines {
+        writeln!(f, "{l}").unwrap();
+    }
+}
+
+/// Creates `n` keys through the library, 32 at a time; returns the plaintext keys.
+async fn create_keys(store: Arc<keygate::store::redis::RedisStore>, n: usize) -> Vec<String> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let per = n.div_ceil(32);
+    for chunk in 0..32 {
+        let store = store.clone();
+        let count = per.min(n.saturating_sub(chunk * per));
+        tasks.spawn(async move {
+            let mut keys = Vec::with_capacity(count);
+            for _ in 0..count {
+                let new = NewKey {
+                    tenant: "bench".into(),
+                    role: "admin".into(),
+                    name: "load".into(),
+                    subject: None,
+                    expires_at: None,
+                };
+                let created = manage::create_key(&*store, new, now_unix()).await.unwrap();
+                keys.push(created.secret.expose().to_owned());
+            }
+            keys
+        });
+    }
+    let mut all = Vec::with_capacity(n);
+    while let Some(keys) = tasks.join_next().await {
+        all.extend(keys.unwrap());
+    }
+    all
+}
+
+fn median(runs: &[Run], f: impl Fn(&Run) -> f64) -> f64 {
+    let mut v: Vec<f64> = runs.iter().map(f).collect();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+async fn run() {
+    let seconds = env_num("LOAD_SECONDS", 10);
+    let rounds = env_num("LOAD_ROUNDS", 3) as usize;
+    let conns = env_num("LOAD_CONNECTIONS", 64);
+    let miss_keys = env_num("LOAD_MISS_KEYS", 50_000) as usize;
+    let dir = temp_dir("load");
+    let script = dir.join("keygate.lua");
+    std::fs::write(&script, WRK_SCRIPT).unwrap();
+
+    let upstream = loopback(free_port());
+    let _upstream = Proc(
+        Command::new(std::env::current_exe().unwrap())
+            .args(["--serve-upstream", &upstream.to_string()])
+            .spawn()
+            .unwrap(),
+    );
+    let redis = RedisServer::start();
+    let ns = namespace("load");
+    let store = redis_store(&redis, &ns);
+
+    println!("creating {miss_keys} keys for the miss path…");
+    let keys = create_keys(store.clone(), miss_keys + 1).await;
+    let cached_file = dir.join("cached.keys");
+    write_lines(&cached_file, [keys[0].clone()]);
+    let miss_file = dir.join("miss.keys");
+    write_lines(&miss_file, keys[1..].iter().cloned());
+
+    let (_kg, keygate) = start_keygate(upstream, &redis.url(), &ns, &[]);
+    let (_kg_miss, keygate_miss) = start_keygate(
+        upstream,
+        &redis.url(),
+        &ns,
+        &[("KEYGATE__CACHE__CAPACITY", "1000")],
+    );
+    let (_nginx, nginx) = start_nginx(&dir, upstream);
+    for (addr, what) in [
+        (upstream, "the upstream"),
+        (keygate, "keygate"),
+        (keygate_miss, "keygate (miss path)"),
+        (nginx, "nginx"),
+    ] {
+        wait_for_port(addr, what).await;
+    }
+
+    type Target<'a> = (&'a str, SocketAddr, Option<&'a Path>);
+    let targets: [Target; 4] = [
+        ("upstream alone", upstream, None),
+        ("nginx proxy_pass", nginx, None),
+        ("keygate, cached key", keygate, Some(&cached_file)),
+        ("keygate, miss path", keygate_miss, Some(&miss_file)),
+    ];
+    // Warm-up: connections, pools and the cached key.
+    for (_, addr, keys) in &targets {
+        wrk(&script, *addr, *keys, 2, conns);
+    }
+    let mut results: Vec<Vec<Run>> = vec![Vec::new(); targets.len()];
+    for round in 0..rounds {
+        for (i, (name, addr, keys)) in targets.iter().enumerate() {
+            let r = wrk(&script, *addr, *keys, seconds, conns);
+            println!(
+                "round {}: {name:<22} {:>9.0} req/s  p99 {:>6.0} µs  errors {} non-2xx {}",
+                round + 1,
+                r.rps,
+                r.p99_us,
+                r.errors,
+                r.non_2xx
+            );
+            results[i].push(r);
+        }
+    }
+
+    println!();
+    println!(
+        "{} connections, {} wrk threads, {}s per run, {} interleaved rounds; medians:",
+        conns,
+        workers(),
+        seconds,
+        rounds
+    );
+    println!(
+        "| target | req/s | p50 | p99 | p99.9 | non-2xx or errors |\n| --- | --- | --- | --- | --- | --- |"
+    );
+    for (i, (name, _, _)) in targets.iter().enumerate() {
+        let runs = &results[i];
+        println!(
+            "| {name} | {:.0} | {:.0} µs | {:.0} µs | {:.0} µs | {} |",
+            median(runs, |r| r.rps),
+            median(runs, |r| r.p50_us),
+            median(runs, |r| r.p99_us),
+            median(runs, |r| r.p999_us),
+            runs.iter().map(|r| r.errors + r.non_2xx).sum::<u64>()
+        );
+    }
+    let rps = |i: usize| median(&results[i], |r| r.rps);
+    let p99 = |i: usize| median(&results[i], |r| r.p99_us);
+    println!();
+    println!("| ratio | value | target |\n| --- | --- | --- |");
+    println!(
+        "| keygate cached / nginx, throughput | {:.2} | ≥ 1.0 |",
+        rps(2) / rps(1)
+    );
+    println!(
+        "| keygate cached / nginx, p99 | {:.2} | ≤ 1.1 |",
+        p99(2) / p99(1)
+    );
+    println!(
+        "| keygate cached / upstream alone, throughput | {:.2} | |",
+        rps(2) / rps(0)
+    );
+    println!(
+        "| keygate miss path / cached, throughput | {:.2} | ≥ 0.5 |",
+        rps(3) / rps(2)
+    );
+
+    flood(&script, &dir, &redis, upstream, &ns, seconds, conns).await;
+    drop(store);
+    cached_million().await;
+}
+
+/// Floods a fresh keygate with malformed keys, then with well-formed unknown ones, counting
+/// Redis's commands around each.
+async fn flood(
+    script: &Path,
+    dir: &Path,
+    redis: &RedisServer,
+    upstream: SocketAddr,
+    ns: &str,
+    seconds: u64,
+    conns: u64,
+) {
+    let (_kg, kg) = start_keygate(
+        upstream,
+        &redis.url(),
+        ns,
+        &[("KEYGATE__CACHE__NEGATIVE_TTL", "1h")],
+    );
+    wait_for_port(kg, "keygate (flood)").await;
+    let malformed: Vec<String> = (0..10_000)
+        .map(|i| {
+            let mut k = generate(KeyKind::User).secret.expose().to_owned();
+            // Damage the checksum, the length or the alphabet.
+            match i % 3 {
+                0 => k.replace_range(k.len() - 1.., if k.ends_with('A') { "B" } else { "A" }),
+                1 => k.truncate(k.len() - 3),
+                _ => k.replace_range(10..11, "-"),
+            }
+            k
+        })
+        .collect();
+    let unknown: Vec<String> = (0..10_000)
+        .map(|_| generate(KeyKind::User).secret.expose().to_owned())
+        .collect();
+    let (malformed_file, unknown_file) = (dir.join("malformed.keys"), dir.join("unknown.keys"));
+    write_lines(&malformed_file, malformed);
+    write_lines(&unknown_file, unknown);
+    let lookups = |r: &RedisServer| r.command_calls().get("hgetall").copied().unwrap_or(0);
+
+    println!();
+    println!("invalid-key flood ({seconds}s each, negative TTL 1h):");
+    println!("| flood | requests | Redis lookups (HGETALL) | bound |\n| --- | --- | --- | --- |");
+    for (name, file, bound) in [
+        ("malformed keys (10,000 distinct)", &malformed_file, 0),
+        (
+            "well-formed unknown keys (10,000 distinct)",
+            &unknown_file,
+            10_000,
+        ),
+    ] {
+        redis.reset_stats();
+        let r = wrk(script, kg, Some(file), seconds, conns);
+        let requests = (r.rps * seconds as f64) as u64;
+        println!("| {name} | {requests} | {} | ≤ {bound} |", lookups(redis));
+    }
+}
+
+/// A store that knows every key: the cache fills without holding records anywhere else.
+struct EveryKey;
+
+#[async_trait]
+impl Store for EveryKey {
+    async fn lookup(&self, d: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
+        Ok(Some(KeyRecord {
+            id: format!("key_{}", &d.to_hex()[..16]),
+            digest: *d,
+            name: "load".into(),
+            tenant: "tenant-0001".into(),
+            role: "member".into(),
+            subject: format!("user-{}", &d.to_hex()[..8]),
+            kind: KeyKind::User,
+            created_at: 1,
+            expires_at: None,
+            revoked_at: None,
+        }))
+    }
+    async fn insert(&self, _: &KeyRecord) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn get(&self, _: &str) -> Result<Option<KeyRecord>, StoreError> {
+        Ok(None)
+    }
+    async fn list(&self, _: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
+        Ok(Vec::new())
+    }
+    async fn revoke(&self, _: &str, _: u64) -> Result<Option<KeyRecord>, StoreError> {
+        Ok(None)
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+fn rss_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Fills a verifier's cache with 1,000,000 verdicts and reports the memory it took.
+async fn cached_million() {
+    const N: u64 = 1_000_000;
+    let before = rss_kib("VmRSS:");
+    let verifier = Verifier::new(
+        Arc::new(EveryKey),
+        &CacheSettings {
+            capacity: N + N / 10,
+            ttl: Duration::from_secs(3600),
+            negative_ttl: Duration::from_secs(5),
+            trust_while_unsubscribed: Duration::from_secs(3),
+        },
+        Arc::new(Metrics::default()),
+    );
+    for i in 0..N {
+        let digest = KeyDigest::of(&i.to_le_bytes());
+        verifier.verify(digest, 10).await.unwrap();
+    }
+    let entries = verifier.cached_entries().await;
+    let after = rss_kib("VmRSS:");
+    println!();
+    println!(
+        "1,000,000 cached verdicts: {entries} entries, resident memory grew by {} MiB (process peak {} MiB; target ≤ 256 MiB)",
+        (after - before) / 1024,
+        rss_kib("VmHWM:") / 1024
+    );
+}
