@@ -18,8 +18,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod support;
 
-use std::convert::Infallible;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -28,11 +28,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper::Response;
-use hyper_util::rt::TokioIo;
 
 use common::{free_port, namespace, redis_store, temp_dir, RedisServer};
 use keygate::config::CacheSettings;
@@ -82,7 +77,7 @@ fn main() {
     runtime.block_on(run());
 }
 
-/// The fast upstream: answers every request `200 ok` over HTTP/1.1 keep-alive.
+/// The fast upstream, as its own process.
 fn serve_upstream(addr: SocketAddr) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers())
@@ -91,20 +86,7 @@ fn serve_upstream(addr: SocketAddr) {
         .expect("runtime");
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            tokio::spawn(async move {
-                let svc = service_fn(|_req| async {
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
+        support::serve_fast_upstream(listener).await
     });
 }
 
