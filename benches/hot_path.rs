@@ -102,7 +102,7 @@ fn hot_path(c: &mut Criterion) {
     let ids = IdentitySettings::default();
     let mut config = Config::default();
     config.upstream.url = Some("http://127.0.0.1:3000".into());
-    let upstream = config.serve_settings().unwrap().upstream;
+    let upstream = config.serve_settings().unwrap().upstream.unwrap();
     let request_id = HeaderValue::from_static("0123456789abcdef");
     let mut client_headers = HeaderMap::new();
     for (k, v) in [
@@ -120,7 +120,7 @@ fn hot_path(c: &mut Criterion) {
             |h| {
                 rewrite_request_headers(
                     h,
-                    &identity,
+                    Some(&identity),
                     &ids,
                     &upstream,
                     &Forwarded {

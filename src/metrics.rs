@@ -7,7 +7,7 @@ use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, T
 use crate::rejection::Rejection;
 
 /// Every `outcome` label value of `keygate_auth_decisions_total`.
-pub const OUTCOMES: [&str; 10] = [
+pub const OUTCOMES: [&str; 12] = [
     "allowed",
     "missing_credentials",
     "invalid_request",
@@ -18,6 +18,8 @@ pub const OUTCOMES: [&str; 10] = [
     "store_unavailable",
     "upstream_unavailable",
     "upstream_timeout",
+    "invalid_path",
+    "no_route",
 ];
 
 /// The process's metrics.

@@ -1,11 +1,13 @@
 //! Listeners, the request path, and shutdown.
 //!
-//! [`handle`] is the whole request path on one screen: request id, credential, verdict, header
-//! rewrite, forward, error mapping, access log. The accept loops around it keep going through
+//! [`handle`] is the whole request path on one screen: request id, path normalisation, route,
+//! credential and verdict, policy, header rewrite, forward, error mapping, access log. The accept loops around it keep going through
 //! accept errors (EMFILE must not kill the process) and run each connection in its own task
 //! with hyper's header read timeout and size limits. Shutdown is a sequence: readiness goes
 //! false, the listeners close, in-flight requests get up to `shutdown_grace` to finish.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -29,9 +31,10 @@ use crate::config::{IdentitySettings, Settings};
 use crate::metrics::Metrics;
 use crate::proxy::{self, Forwarded, Upstream, X_REQUEST_ID};
 use crate::rejection::Rejection;
+use crate::route::{self, RouteTable};
 use crate::store::{self, now_unix, Store, StoreError};
 use crate::verify::Verifier;
-use crate::{admin, auth};
+use crate::{admin, auth, policy};
 
 /// The body of every proxy response: the upstream's, streamed, or a small synthetic one.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -53,8 +56,8 @@ impl State {
 pub struct App {
     /// Cache and store.
     pub verifier: Arc<Verifier>,
-    /// The pooled upstream client.
-    pub upstream: Upstream,
+    /// The routes, each with its pooled upstream client.
+    pub routes: RouteTable<Arc<Upstream>>,
     /// Identity header names.
     pub identity: IdentitySettings,
     /// Readiness and drain state.
@@ -75,12 +78,32 @@ pub async fn handle(
         .unwrap_or_else(proxy::new_request_id);
 
     let outcome = async {
-        let identity = auth::check(&app.verifier, req.headers(), now_unix()).await?;
         let host = req.headers().get(HOST).cloned().or_else(|| {
             req.uri()
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
+        let path = route::normalize(req.uri().path())?;
+        let route = app
+            .routes
+            .find(
+                host.as_ref().map(HeaderValue::as_bytes),
+                &path,
+                req.method(),
+            )
+            .ok_or(Rejection::NoRoute)?;
+        let identity = if route.auth {
+            let identity = auth::check(&app.verifier, req.headers(), now_unix()).await?;
+            let tenant = route.tenant(&path, req.headers());
+            policy::authorize(route, &identity, req.method(), tenant)?;
+            Some(identity)
+        } else {
+            None
+        };
+        // The upstream sees the path that was matched, so it cannot read another one into it.
+        if let Cow::Owned(normal) = path {
+            proxy::set_path(req.uri_mut(), &normal)?;
+        }
         let fwd = Forwarded {
             client_ip: peer.ip(),
             proto: "http",
@@ -89,27 +112,31 @@ pub async fn handle(
         };
         proxy::rewrite_request_headers(
             req.headers_mut(),
-            &identity,
+            identity.as_deref(),
             &app.identity,
-            app.upstream.settings(),
+            route.upstream.settings(),
             &fwd,
         );
         let method = req.method().clone();
-        let resp = app.upstream.send(req).await?;
-        Ok::<_, Rejection>((identity, method, resp))
+        let resp = route.upstream.send(req).await?;
+        Ok::<_, Rejection>((identity, &*route.name, method, resp))
     }
     .await;
 
     let mut resp = match outcome {
-        Ok((identity, method, resp)) => {
+        Ok((identity, route, method, resp)) => {
             app.metrics.decision(Ok(()));
+            let (key_id, tenant) = identity
+                .as_deref()
+                .map_or(("-", "-"), |i| (&*i.key_id, &*i.tenant));
             tracing::info!(
                 target: "keygate::access",
                 request_id = ?request_id,
                 method = %method,
+                route,
                 status = resp.status().as_u16(),
-                key_id = &*identity.key_id,
-                tenant = &*identity.tenant,
+                key_id,
+                tenant,
                 outcome = "allowed",
                 latency_us = started.elapsed().as_micros() as u64,
             );
@@ -181,10 +208,19 @@ impl Server {
             metrics.clone(),
         ));
         store.start(verifier.clone())?;
+        // One pooled client per distinct upstream, shared by the routes that name it.
+        let mut clients: HashMap<String, Arc<Upstream>> = HashMap::new();
+        let routes = settings.routes.clone().map_upstreams(|up| {
+            let id = format!("{}{}", up.authority, up.base_path);
+            clients
+                .entry(id)
+                .or_insert_with(|| Arc::new(Upstream::new(up)))
+                .clone()
+        });
         let app = Arc::new(App {
             metrics,
             verifier,
-            upstream: Upstream::new(settings.upstream.clone()),
+            routes,
             identity: settings.identity.clone(),
             state: State::default(),
         });
