@@ -1141,4 +1141,50 @@ mod tests {
             "{err}"
         );
     }
+
+    /// The example config, with its commented routes and roles switched on when `uncomment`.
+    fn example_config(uncomment: bool) -> String {
+        let text = include_str!("../config/keygate.toml");
+        let Some(at) = text.find("# Roles and routes") else {
+            panic!("config/keygate.toml documents routes");
+        };
+        let (head, tail) = text.split_at(at);
+        if !uncomment {
+            return text.to_owned();
+        }
+        let setting = |l: &str| {
+            l.starts_with('[')
+                || l.split_once(" = ")
+                    .is_some_and(|(k, _)| k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+        };
+        let tail: Vec<&str> = tail
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if setting(rest) => rest,
+                _ => l,
+            })
+            .collect();
+        format!("{head}{}\n", tail.join("\n"))
+    }
+
+    #[test]
+    fn the_example_config_is_valid_with_and_without_its_routes() {
+        let plain = routes_config(&example_config(false)).unwrap();
+        assert_eq!(plain.routes.iter().count(), 1, "only the catch-all");
+        let routed = routes_config(&example_config(true)).unwrap();
+        let names: Vec<_> = routed.routes.iter().map(|r| r.name.to_string()).collect();
+        assert_eq!(names.len(), 5, "{names:?}");
+        assert!(names.contains(&"admin".to_owned()));
+    }
+
+    #[test]
+    fn the_readme_routes_example_is_valid() {
+        let readme = include_str!("../README.md");
+        let section = &readme[readme.find("## Routes and roles").unwrap()..];
+        let block = section.split("```toml\n").nth(1).unwrap();
+        let block = &block[..block.find("```").unwrap()];
+        let text = format!("[upstream]\nurl = \"http://127.0.0.1:3000\"\n{block}");
+        let s = routes_config(&text).unwrap();
+        assert_eq!(s.routes.iter().count(), 5);
+    }
 }
