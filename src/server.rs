@@ -1,9 +1,9 @@
 //! Listeners, the request path, and shutdown.
 //!
 //! [`handle`] is the whole request path on one screen: request id, path normalisation, route,
-//! credential and verdict, policy, header rewrite, forward, error mapping, access log. The accept loops around it keep going through
-//! accept errors (EMFILE must not kill the process) and run each connection in its own task
-//! with hyper's header read timeout and size limits. Shutdown is a sequence: readiness goes
+//! credential and verdict, policy, header rewrite, forward, error mapping, access log. The
+//! accept loops around it keep going through accept errors (EMFILE must not kill the process)
+//! and run each connection in its own task with hyper's header read timeout and size limits. Shutdown is a sequence: readiness goes
 //! false, the listeners close, in-flight requests get up to `shutdown_grace` to finish.
 
 use std::borrow::Cow;
