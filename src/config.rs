@@ -471,6 +471,14 @@ impl Config {
                 }
                 None => TenantFrom::Unbound,
             };
+            if !tenant.fits(&prefix, rc.ignore_case) {
+                return Err(field_err(
+                    &f("tenant_from"),
+                    format!(
+                        "does not fit path_prefix {prefix:?}: no request on this route could name a tenant"
+                    ),
+                ));
+            }
             if !rc.auth && (rc.roles.is_some() || tenant != TenantFrom::Unbound) {
                 return Err(field_err(
                     &f("auth"),
@@ -1071,6 +1079,10 @@ mod tests {
             ),
             (
                 "[[routes]]\nupstream = \"http://x\"\ntenant_from = \"/t/{tenant\"",
+                "routes[0].tenant_from",
+            ),
+            (
+                "[[routes]]\nupstream = \"http://x\"\npath_prefix = \"/api\"\ntenant_from = \"/t/{tenant}\"",
                 "routes[0].tenant_from",
             ),
             (

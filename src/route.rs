@@ -304,6 +304,28 @@ impl TenantFrom {
     }
 }
 
+impl TenantFrom {
+    /// Whether a path under `prefix` can match the template: where both name a segment, the
+    /// template's literal must be the prefix's. A template that cannot fit its route's prefix
+    /// would refuse every request, which is a config mistake, not a policy.
+    pub fn fits(&self, prefix: &str, ignore_case: bool) -> bool {
+        let TenantFrom::Path(template) = self else {
+            return true;
+        };
+        if prefix == "/" {
+            return true;
+        }
+        prefix[1..]
+            .split('/')
+            .zip(template.iter())
+            .all(|(p, t)| match t {
+                TemplateSegment::Tenant => true,
+                TemplateSegment::Literal(l) if ignore_case => l.eq_ignore_ascii_case(p),
+                TemplateSegment::Literal(l) => **l == *p,
+            })
+    }
+}
+
 /// Bytes a configured path prefix or template literal may hold: no escapes, no parameters, no
 /// braces, nothing an upstream might decode into something else.
 fn is_prefix_byte(b: u8) -> bool {
@@ -694,6 +716,20 @@ mod tests {
         assert_eq!(r.tenant("/", &h), Some(&b"acme"[..]));
         h.append("x-tenant", "other".parse().unwrap());
         assert_eq!(r.tenant("/", &h), None, "two tenants are ambiguous");
+    }
+
+    #[test]
+    fn templates_must_fit_their_prefix() {
+        let t = TenantFrom::parse("/api/tenants/{tenant}").unwrap();
+        for prefix in ["/", "/api", "/api/tenants", "/api/tenants/acme/x"] {
+            assert!(t.fits(prefix, false), "{prefix}");
+        }
+        assert!(!t.fits("/tenants", false));
+        assert!(!t.fits("/API", false));
+        assert!(t.fits("/API", true));
+        assert!(TenantFrom::parse("header:x-tenant")
+            .unwrap()
+            .fits("/any", false));
     }
 
     #[test]

@@ -77,6 +77,8 @@ pub async fn handle(
         .cloned()
         .unwrap_or_else(proxy::new_request_id);
 
+    // Named for the access log, refusals included, once the route is known.
+    let mut route_name: &str = "-";
     let outcome = async {
         let host = req.headers().get(HOST).cloned().or_else(|| {
             req.uri()
@@ -92,6 +94,7 @@ pub async fn handle(
                 req.method(),
             )
             .ok_or(Rejection::NoRoute)?;
+        route_name = &route.name;
         let identity = if route.auth {
             let identity = auth::check(&app.verifier, req.headers(), now_unix()).await?;
             let tenant = route.tenant(&path, req.headers());
@@ -119,12 +122,12 @@ pub async fn handle(
         );
         let method = req.method().clone();
         let resp = route.upstream.send(req).await?;
-        Ok::<_, Rejection>((identity, &*route.name, method, resp))
+        Ok::<_, Rejection>((identity, method, resp))
     }
     .await;
 
     let mut resp = match outcome {
-        Ok((identity, route, method, resp)) => {
+        Ok((identity, method, resp)) => {
             app.metrics.decision(Ok(()));
             let (key_id, tenant) = identity
                 .as_deref()
@@ -133,7 +136,7 @@ pub async fn handle(
                 target: "keygate::access",
                 request_id = ?request_id,
                 method = %method,
-                route,
+                route = route_name,
                 status = resp.status().as_u16(),
                 key_id,
                 tenant,
@@ -147,6 +150,7 @@ pub async fn handle(
             tracing::info!(
                 target: "keygate::access",
                 request_id = ?request_id,
+                route = route_name,
                 status = rejection.status().as_u16(),
                 outcome = rejection.code(),
                 latency_us = started.elapsed().as_micros() as u64,
