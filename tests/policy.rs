@@ -343,3 +343,23 @@ async fn requests_are_routed_to_two_upstreams_by_host_and_by_prefix() {
     );
     assert_eq!(a.requests().len() + b.requests().len(), 6);
 }
+
+#[tokio::test]
+async fn http2_requests_are_routed_by_their_authority() {
+    let a = Upstream::start().await;
+    let b = Upstream::start().await;
+    let by_host = RouteConfig {
+        host: Some("127.0.0.1".into()),
+        upstream: Some(b.url()),
+        ..route("/")
+    };
+    let r = rig(Some(&a), vec![by_host]).await;
+    let key = create_key(&*r.store, "acme", "member").await;
+    // HTTP/2 has no Host header: the :authority (here 127.0.0.1:<port>) names the host.
+    let reply = Http::http2()
+        .get_with_key(&r.keygate.url("/x/../h2"), key.secret.expose())
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(b.requests()[0].path, "/h2");
+    assert!(a.requests().is_empty());
+}
