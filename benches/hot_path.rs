@@ -1,5 +1,5 @@
 //! Micro-benchmarks of the cached request path's pieces: token parse and checksum, hashing,
-//! a cached verdict lookup, and the header rewrite. Run with `cargo bench --bench hot_path`.
+//! a cached verdict lookup, path normalisation, route lookup and policy, and the header rewrite. Run with `cargo bench --bench hot_path`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +12,9 @@ use keygate::auth::bearer_token;
 use keygate::config::{CacheSettings, Config, IdentitySettings};
 use keygate::key::{generate, KeyDigest, KeyKind, Token};
 use keygate::metrics::Metrics;
+use keygate::policy::authorize;
 use keygate::proxy::{rewrite_request_headers, Forwarded};
+use keygate::route::normalize;
 use keygate::store::{KeyRecord, Store, StoreError};
 use keygate::verify::{Identity, Verifier};
 
@@ -102,7 +104,7 @@ fn hot_path(c: &mut Criterion) {
     let ids = IdentitySettings::default();
     let mut config = Config::default();
     config.upstream.url = Some("http://127.0.0.1:3000".into());
-    let upstream = config.serve_settings().unwrap().upstream;
+    let upstream = config.serve_settings().unwrap().upstream.unwrap();
     let request_id = HeaderValue::from_static("0123456789abcdef");
     let mut client_headers = HeaderMap::new();
     for (k, v) in [
@@ -120,7 +122,7 @@ fn hot_path(c: &mut Criterion) {
             |h| {
                 rewrite_request_headers(
                     h,
-                    &identity,
+                    Some(&identity),
                     &ids,
                     &upstream,
                     &Forwarded {
@@ -136,5 +138,47 @@ fn hot_path(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, hot_path);
+/// Path normalisation, route lookup and the policy decision on a small edge-gateway table.
+fn routing(c: &mut Criterion) {
+    let config: Config = toml::from_str(
+        r#"
+        [upstream]
+        url = "http://127.0.0.1:3000"
+        [[routes]]
+        path_prefix = "/healthz"
+        auth = false
+        [[routes]]
+        path_prefix = "/admin"
+        roles = ["admin"]
+        [[routes]]
+        path_prefix = "/tenants"
+        tenant_from = "/tenants/{tenant}"
+        [[routes]]
+        host = "reports.example.com"
+        tenant_from = "header:x-tenant"
+        "#,
+    )
+    .unwrap();
+    let routes = config.serve_settings().unwrap().routes;
+    let identity = Identity::from_record(&record(KeyDigest([0; 32]))).unwrap();
+    let headers = HeaderMap::new();
+    let host = Some(&b"api.example.com"[..]);
+
+    c.bench_function("normalize_normal_path", |b| {
+        b.iter(|| normalize(black_box("/tenants/acme/orders/42")).unwrap())
+    });
+    c.bench_function("normalize_path_needing_work", |b| {
+        b.iter(|| normalize(black_box("/tenants//%61cme/./orders/x/../42")).unwrap())
+    });
+    c.bench_function("route_find_and_authorize", |b| {
+        b.iter(|| {
+            let path = normalize(black_box("/tenants/acme/orders/42")).unwrap();
+            let route = routes.find(host, &path, &http::Method::GET).unwrap();
+            let tenant = route.tenant(&path, &headers);
+            authorize(route, &identity, &http::Method::GET, tenant).unwrap()
+        })
+    });
+}
+
+criterion_group!(benches, hot_path, routing);
 criterion_main!(benches);

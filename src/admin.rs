@@ -8,6 +8,9 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 
+use futures_util::future::join_all;
+
+use crate::proxy::Upstream;
 use crate::server::App;
 
 fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -66,12 +69,23 @@ async fn readiness(app: &App) -> Response<Full<Bytes>> {
         reasons.push(format!("store: {err}"));
     }
     let mut warnings = store.warnings();
-    if let Err(err) = app.upstream.probe().await {
-        let reason = format!("upstream {}: {err}", app.route_names[0]);
-        if app.upstream.settings().readiness_check {
-            reasons.push(reason);
-        } else {
-            warnings.push(reason);
+    // Each distinct upstream once, named by the first route that uses it.
+    let mut upstreams: Vec<(&str, &Upstream)> = Vec::new();
+    for route in app.routes.iter() {
+        let up = &*route.upstream.upstream;
+        if !upstreams.iter().any(|(_, u)| std::ptr::eq(*u, up)) {
+            upstreams.push((&route.name, up));
+        }
+    }
+    let probes = upstreams.iter().map(|(_, up)| up.probe());
+    for ((name, up), result) in upstreams.iter().zip(join_all(probes).await) {
+        if let Err(err) = result {
+            let reason = format!("upstream {name}: {err}");
+            if up.settings().readiness_check {
+                reasons.push(reason);
+            } else {
+                warnings.push(reason);
+            }
         }
     }
     let (status, body) = if reasons.is_empty() {

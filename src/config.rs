@@ -6,6 +6,7 @@
 //! it. [`Config::serve_settings`] then checks every value and builds [`Settings`]: parsed
 //! addresses, durations, URIs and header names, so nothing on the request path parses config.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,6 +14,8 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Uri};
 use serde::{Deserialize, Serialize};
 
+use crate::policy;
+use crate::route::{self, Grant, MethodSet, Route, RouteTable, TenantFrom};
 use crate::store::redis::RedisSettings;
 
 /// Environment variable prefix; `KEYGATE__SERVER__LISTEN` sets `server.listen`.
@@ -78,6 +81,71 @@ pub struct Config {
     pub identity: IdentityConfig,
     /// Logging.
     pub log: LogConfig,
+    /// `[roles.<name>]`: roles beyond (or replacing) the built-in `admin`, `member` and
+    /// `readonly`.
+    pub roles: BTreeMap<String, RoleConfig>,
+    /// `[[routes]]`: the route table; `upstream.url`, when set, adds a catch-all route after
+    /// these.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `[roles.<name>]`: what a role may do, as a list of methods or a named permission set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleConfig {
+    /// Methods the role may use, e.g. `["GET", "POST"]`; `"*"` for every method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
+    /// A named permission set instead of `methods`: `all` or `read` (GET, HEAD, OPTIONS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<String>,
+}
+
+/// `[[routes]]`: one entry of the route table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteConfig {
+    /// A name for logs; `routes[i]` when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Match only this host (`Host` header, port ignored); unset matches every host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Match paths under this prefix, segment by segment (`/api` matches `/api/x`, not `/apix`).
+    pub path_prefix: String,
+    /// Match only these methods; unset matches every method.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub methods: Option<Vec<String>>,
+    /// Where matched requests go; defaults to `upstream.url`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// Require a valid key (`false` for open paths such as a public health check).
+    pub auth: bool,
+    /// Roles admitted; unset admits every role. `["admin"]` makes an admin-only route.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub roles: Option<Vec<String>>,
+    /// Bind the route to the key's tenant: a path template `/tenants/{tenant}` or
+    /// `header:<name>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant_from: Option<String>,
+    /// Match `path_prefix` ignoring ASCII case (for upstreams that ignore case).
+    pub ignore_case: bool,
+}
+
+impl Default for RouteConfig {
+    fn default() -> Self {
+        RouteConfig {
+            name: None,
+            host: None,
+            path_prefix: "/".into(),
+            methods: None,
+            upstream: None,
+            auth: true,
+            roles: None,
+            tenant_from: None,
+            ignore_case: false,
+        }
+    }
 }
 
 /// `[server]`
@@ -275,6 +343,12 @@ impl Config {
                     message: "expected KEYGATE__<SECTION>__<FIELD>".into(),
                 });
             };
+            if section == "routes" || section == "roles" {
+                return Err(ConfigError::Env {
+                    var,
+                    message: format!("[{section}] can only be set in the config file"),
+                });
+            }
             let typed = typed_value(&defaults, section, field, &value).map_err(|message| {
                 ConfigError::Env {
                     var: var.clone(),
@@ -305,12 +379,11 @@ impl Config {
     /// Validates everything the proxy needs and builds its runtime settings.
     pub fn serve_settings(&self) -> Result<Settings, ConfigError> {
         let s = &self.server;
-        let upstream_url = self.upstream.url.as_deref().ok_or_else(|| {
-            field_err(
-                "upstream.url",
-                "required: give --upstream URL or set it in the config",
-            )
-        })?;
+        let routes = self.route_table()?;
+        let upstream = match &self.upstream.url {
+            Some(url) => Some(UpstreamSettings::new(&self.upstream, url, "upstream.url")?),
+            None => None,
+        };
         let identity = IdentitySettings::new(&self.identity)?;
         Ok(Settings {
             listen: addr("server.listen", &s.listen)?,
@@ -323,7 +396,8 @@ impl Config {
                 1024,
                 1 << 20,
             )?,
-            upstream: UpstreamSettings::new(&self.upstream, upstream_url)?,
+            upstream,
+            routes,
             store: self.store_settings()?,
             cache: CacheSettings {
                 capacity: bounded("cache.capacity", self.cache.capacity as usize, 1, 1 << 30)?
@@ -338,6 +412,168 @@ impl Config {
             identity,
             log: self.log_settings()?,
         })
+    }
+
+    /// The roles: the built-in ones, then `[roles.*]` (which may redefine them).
+    fn roles(&self) -> Result<Vec<(String, MethodSet)>, ConfigError> {
+        let mut roles: Vec<(String, MethodSet)> = policy::DEFAULT_ROLES
+            .iter()
+            .map(|(name, methods)| ((*name).to_owned(), *methods))
+            .collect();
+        for (name, rc) in &self.roles {
+            let f = format!("roles.{name}");
+            if crate::store::check_ident("role", name).is_err() {
+                return Err(field_err(
+                    &f,
+                    "role names are 1 to 64 characters of letters, digits and -_.",
+                ));
+            }
+            let methods = match (&rc.methods, &rc.permissions) {
+                (Some(list), None) => method_set(&format!("{f}.methods"), list)?,
+                (None, Some(set)) => policy::permission_set(set).ok_or_else(|| {
+                    field_err(
+                        &format!("{f}.permissions"),
+                        format!("{set:?}: expected \"all\" or \"read\""),
+                    )
+                })?,
+                _ => return Err(field_err(&f, "set exactly one of methods or permissions")),
+            };
+            match roles.iter_mut().find(|(n, _)| n == name) {
+                Some(role) => role.1 = methods,
+                None => roles.push((name.clone(), methods)),
+            }
+        }
+        Ok(roles)
+    }
+
+    /// Validates `[[routes]]` and `upstream.url` into the route table, most specific first.
+    pub fn route_table(&self) -> Result<RouteTable<UpstreamSettings>, ConfigError> {
+        let roles = self.roles()?;
+        let all_roles = || -> Box<[Grant]> {
+            roles
+                .iter()
+                .map(|(role, methods)| Grant {
+                    role: role.as_str().into(),
+                    methods: *methods,
+                })
+                .collect()
+        };
+        let default_url = self.upstream.url.as_deref();
+        let mut routes = Vec::with_capacity(self.routes.len() + 1);
+        for (i, rc) in self.routes.iter().enumerate() {
+            let f = |field: &str| format!("routes[{i}].{field}");
+            let host = match &rc.host {
+                Some(h) => Some(route::parse_host(h).map_err(|m| field_err(&f("host"), m))?),
+                None => None,
+            };
+            let prefix = route::parse_prefix(&rc.path_prefix)
+                .map_err(|m| field_err(&f("path_prefix"), m))?;
+            let methods = match &rc.methods {
+                Some(list) => Some(method_set(&f("methods"), list)?),
+                None => None,
+            };
+            let url = rc.upstream.as_deref().or(default_url).ok_or_else(|| {
+                field_err(
+                    &f("upstream"),
+                    "required (or set upstream.url as the default of every route)",
+                )
+            })?;
+            let upstream = UpstreamSettings::new(&self.upstream, url, &f("upstream"))?;
+            let tenant = match &rc.tenant_from {
+                Some(spec) => {
+                    TenantFrom::parse(spec).map_err(|m| field_err(&f("tenant_from"), m))?
+                }
+                None => TenantFrom::Unbound,
+            };
+            if !tenant.fits(&prefix, rc.ignore_case) {
+                return Err(field_err(
+                    &f("tenant_from"),
+                    format!(
+                        "does not fit path_prefix {prefix:?}: no request on this route could name a tenant"
+                    ),
+                ));
+            }
+            if !rc.auth && (rc.roles.is_some() || tenant != TenantFrom::Unbound) {
+                return Err(field_err(
+                    &f("auth"),
+                    "an open route (auth = false) admits everyone: it cannot have roles or tenant_from",
+                ));
+            }
+            let grants = match &rc.roles {
+                None => all_roles(),
+                Some(names) if names.is_empty() => {
+                    return Err(field_err(&f("roles"), "must name at least one role"))
+                }
+                Some(names) => names
+                    .iter()
+                    .enumerate()
+                    .map(|(j, name)| {
+                        let (role, methods) =
+                            roles.iter().find(|(r, _)| r == name).ok_or_else(|| {
+                                let known: Vec<&str> =
+                                    roles.iter().map(|(r, _)| r.as_str()).collect();
+                                field_err(
+                                    &format!("routes[{i}].roles[{j}]"),
+                                    format!(
+                                        "unknown role {name:?}; known roles: {}",
+                                        known.join(", ")
+                                    ),
+                                )
+                            })?;
+                        Ok(Grant {
+                            role: role.as_str().into(),
+                            methods: *methods,
+                        })
+                    })
+                    .collect::<Result<_, ConfigError>>()?,
+            };
+            let route = Route {
+                name: rc
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("routes[{i}]"))
+                    .into(),
+                host,
+                prefix,
+                ignore_case: rc.ignore_case,
+                methods,
+                auth: rc.auth,
+                grants,
+                tenant,
+                upstream,
+            };
+            if let Some(j) = routes.iter().position(|r| overlaps(r, &route)) {
+                return Err(field_err(
+                    &format!("routes[{i}]"),
+                    format!(
+                        "overlaps routes[{j}] (same host, path_prefix and methods): one of them could never match"
+                    ),
+                ));
+            }
+            routes.push(route);
+        }
+        // The sidecar case: `--upstream` alone is one catch-all route. Explicit routes for all
+        // hosts and `/` come first in config order, so they take precedence over it.
+        if let Some(url) = default_url {
+            routes.push(Route {
+                name: "default".into(),
+                host: None,
+                prefix: "/".into(),
+                ignore_case: false,
+                methods: None,
+                auth: true,
+                grants: all_roles(),
+                tenant: TenantFrom::Unbound,
+                upstream: UpstreamSettings::new(&self.upstream, url, "upstream.url")?,
+            });
+        }
+        if routes.is_empty() {
+            return Err(field_err(
+                "upstream.url",
+                "required: give --upstream URL or set it in the config (or define [[routes]])",
+            ));
+        }
+        Ok(RouteTable::new(routes))
     }
 
     /// Validates the store settings alone (all the key-management commands need).
@@ -454,6 +690,36 @@ fn typed_value(
     }
 }
 
+/// Two routes overlap when some request could match both equally well: then only config
+/// order would decide, which is a trap, so it is refused.
+fn overlaps<U>(a: &Route<U>, b: &Route<U>) -> bool {
+    let same_prefix = if a.ignore_case || b.ignore_case {
+        a.prefix.eq_ignore_ascii_case(&b.prefix)
+    } else {
+        a.prefix == b.prefix
+    };
+    let methods = |r: &Route<U>| r.methods.unwrap_or(MethodSet::ALL);
+    a.host == b.host
+        && same_prefix
+        && a.methods.is_some() == b.methods.is_some()
+        && methods(a).intersects(methods(b))
+}
+
+/// Parses a configured list of methods.
+fn method_set(field: &str, list: &[String]) -> Result<MethodSet, ConfigError> {
+    if list.is_empty() {
+        return Err(field_err(field, "must name at least one method"));
+    }
+    list.iter().enumerate().try_fold(MethodSet::NONE, |set, (j, m)| {
+        MethodSet::parse(m).map(|one| set.union(one)).ok_or_else(|| {
+            field_err(
+                &format!("{field}[{j}]"),
+                format!("{m:?} is not a method: expected GET, HEAD, OPTIONS, POST, PUT, PATCH, DELETE, TRACE, CONNECT or \"*\""),
+            )
+        })
+    })
+}
+
 fn addr(field: &str, v: &str) -> Result<SocketAddr, ConfigError> {
     v.parse().map_err(|_| {
         field_err(
@@ -500,8 +766,10 @@ pub struct Settings {
     pub header_read_timeout: Duration,
     /// Largest request head in bytes.
     pub max_header_bytes: usize,
-    /// The default upstream.
-    pub upstream: UpstreamSettings,
+    /// The default upstream (`upstream.url`), if set.
+    pub upstream: Option<UpstreamSettings>,
+    /// The route table (the default upstream is its last, catch-all route).
+    pub routes: RouteTable<UpstreamSettings>,
     /// The store.
     pub store: StoreSettings,
     /// The verdict cache.
@@ -547,8 +815,7 @@ pub struct UpstreamSettings {
 }
 
 impl UpstreamSettings {
-    fn new(c: &UpstreamConfig, url: &str) -> Result<Self, ConfigError> {
-        let f = "upstream.url";
+    fn new(c: &UpstreamConfig, url: &str, f: &str) -> Result<Self, ConfigError> {
         let uri: Uri = url
             .parse()
             .map_err(|e| field_err(f, format!("{url:?} is not a URL: {e}")))?;
@@ -773,8 +1040,213 @@ mod tests {
             },
             ..Default::default()
         };
+        let up = c.serve_settings().unwrap().upstream.unwrap();
+        assert_eq!(up.base_path, "/api");
+        assert_eq!(up.authority.as_str(), "127.0.0.1:3000");
+    }
+
+    fn routes_config(toml_text: &str) -> Result<Settings, ConfigError> {
+        let dir = std::env::temp_dir().join(format!(
+            "keygate-cfg-routes-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("routes.toml");
+        std::fs::write(&file, toml_text).unwrap();
+        let loaded = Config::load(Some(&file), Vec::new(), &[]);
+        std::fs::remove_dir_all(dir).unwrap();
+        loaded?.serve_settings()
+    }
+
+    #[test]
+    fn routes_and_roles_are_read_from_the_file() {
+        let s = routes_config(
+            r#"
+            [roles.auditor]
+            methods = ["GET", "HEAD"]
+            [roles.readonly]
+            permissions = "all"
+
+            [[routes]]
+            path_prefix = "/healthz"
+            upstream = "http://127.0.0.1:3001"
+            auth = false
+
+            [[routes]]
+            name = "admin"
+            host = "API.example.com"
+            path_prefix = "/admin/"
+            upstream = "http://127.0.0.1:3002/base"
+            roles = ["admin", "auditor"]
+            tenant_from = "header:x-tenant"
+            "#,
+        )
+        .unwrap();
+        assert!(s.upstream.is_none());
+        let routes: Vec<_> = s.routes.iter().collect();
+        assert_eq!(routes.len(), 2);
+        // Host-specific first.
+        assert_eq!(&*routes[0].name, "admin");
+        assert_eq!(routes[0].host.as_deref(), Some("api.example.com"));
+        assert_eq!(&*routes[0].prefix, "/admin");
+        assert_eq!(routes[0].upstream.base_path, "/base");
+        let roles: Vec<_> = routes[0].grants.iter().map(|g| &*g.role).collect();
+        assert_eq!(roles, ["admin", "auditor"]);
+        assert!(routes[0].binds_tenant());
+        assert!(!routes[1].auth);
+        // Every role, with `readonly` redefined by the file.
+        let readonly = routes[1].grants.iter().find(|g| &*g.role == "readonly");
+        assert_eq!(readonly.unwrap().methods, MethodSet::ALL);
+    }
+
+    #[test]
+    fn the_upstream_url_is_the_last_catch_all_route() {
+        let mut c = Config::default();
+        c.upstream.url = Some("http://127.0.0.1:3000".into());
+        c.routes.push(RouteConfig {
+            path_prefix: "/public".into(),
+            auth: false,
+            ..Default::default()
+        });
         let s = c.serve_settings().unwrap();
-        assert_eq!(s.upstream.base_path, "/api");
-        assert_eq!(s.upstream.authority.as_str(), "127.0.0.1:3000");
+        let names: Vec<_> = s.routes.iter().map(|r| &*r.name).collect();
+        assert_eq!(names, ["routes[0]", "default"]);
+        // The route without its own upstream uses upstream.url.
+        assert_eq!(
+            s.routes.iter().next().unwrap().upstream.authority,
+            "127.0.0.1:3000"
+        );
+    }
+
+    #[test]
+    fn route_and_role_errors_name_their_field() {
+        let cases = [
+            ("[[routes]]\npath_prefix = \"/a\"", "routes[0].upstream"),
+            (
+                "[[routes]]\nupstream = \"http://x\"\n[[routes]]\nupstream = \"ftp://x\"",
+                "routes[1].upstream",
+            ),
+            (
+                "[[routes]]\nupstream = \"http://x\"\ntenant_from = \"/t/{tenant\"",
+                "routes[0].tenant_from",
+            ),
+            (
+                "[[routes]]\nupstream = \"http://x\"\npath_prefix = \"/api\"\ntenant_from = \"/t/{tenant}\"",
+                "routes[0].tenant_from",
+            ),
+            (
+                "[[routes]]\nupstream = \"http://x\"\nroles = [\"admin\", \"boss\"]",
+                "routes[0].roles[1]",
+            ),
+            (
+                "[[routes]]\nupstream = \"http://x\"\nmethods = [\"GET\", \"get\"]",
+                "routes[0].methods[1]",
+            ),
+            (
+                "[[routes]]\nupstream = \"http://x\"\npath_prefix = \"/a/../b\"",
+                "routes[0].path_prefix",
+            ),
+            (
+                "[[routes]]\nupstream = \"http://x\"\nhost = \"a:80\"",
+                "routes[0].host",
+            ),
+            (
+                "[[routes]]\nupstream = \"http://x\"\nauth = false\nroles = [\"admin\"]",
+                "routes[0].auth",
+            ),
+            (
+                "[[routes]]\nupstream = \"http://x\"\npath_prefix = \"/a\"\n[[routes]]\nupstream = \"http://y\"\npath_prefix = \"/a/\"",
+                "routes[1]",
+            ),
+            ("[[routes]]\nupstream = \"http://x\"\nprefix = \"/a\"", "routes[0]"),
+            ("[roles.x]\nmethods = [\"GET\"]\npermissions = \"read\"", "roles.x"),
+            ("[roles.x]\npermissions = \"write\"", "roles.x.permissions"),
+            ("[roles.\"a b\"]\npermissions = \"read\"", "roles.a b"),
+        ];
+        for (text, field) in cases {
+            let err = routes_config(text).unwrap_err().to_string();
+            assert!(err.starts_with(field), "{text}\n=> {err}");
+        }
+        let err = Config::load(None, env(&[("KEYGATE__ROUTES__X", "1")]), &[]).unwrap_err();
+        assert!(err.to_string().contains("config file"), "{err}");
+    }
+
+    #[test]
+    fn routes_that_differ_in_methods_or_host_do_not_overlap() {
+        routes_config(
+            r#"
+            [[routes]]
+            upstream = "http://x"
+            path_prefix = "/a"
+            [[routes]]
+            upstream = "http://x"
+            path_prefix = "/a"
+            methods = ["POST"]
+            [[routes]]
+            upstream = "http://x"
+            path_prefix = "/a"
+            methods = ["GET"]
+            [[routes]]
+            upstream = "http://x"
+            host = "b.example"
+            path_prefix = "/a"
+            "#,
+        )
+        .unwrap();
+        let err = routes_config(
+            "[[routes]]\nupstream = \"http://x\"\nmethods = [\"GET\", \"PUT\"]\n[[routes]]\nupstream = \"http://x\"\nmethods = [\"PUT\"]",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().starts_with("routes[1]: overlaps routes[0]"),
+            "{err}"
+        );
+    }
+
+    /// The example config, with its commented routes and roles switched on when `uncomment`.
+    fn example_config(uncomment: bool) -> String {
+        let text = include_str!("../config/keygate.toml");
+        let Some(at) = text.find("# Roles and routes") else {
+            panic!("config/keygate.toml documents routes");
+        };
+        let (head, tail) = text.split_at(at);
+        if !uncomment {
+            return text.to_owned();
+        }
+        let setting = |l: &str| {
+            l.starts_with('[')
+                || l.split_once(" = ")
+                    .is_some_and(|(k, _)| k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+        };
+        let tail: Vec<&str> = tail
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if setting(rest) => rest,
+                _ => l,
+            })
+            .collect();
+        format!("{head}{}\n", tail.join("\n"))
+    }
+
+    #[test]
+    fn the_example_config_is_valid_with_and_without_its_routes() {
+        let plain = routes_config(&example_config(false)).unwrap();
+        assert_eq!(plain.routes.iter().count(), 1, "only the catch-all");
+        let routed = routes_config(&example_config(true)).unwrap();
+        let names: Vec<_> = routed.routes.iter().map(|r| r.name.to_string()).collect();
+        assert_eq!(names.len(), 5, "{names:?}");
+        assert!(names.contains(&"admin".to_owned()));
+    }
+
+    #[test]
+    fn the_readme_routes_example_is_valid() {
+        let readme = include_str!("../README.md");
+        let section = &readme[readme.find("## Routes and roles").unwrap()..];
+        let block = section.split("```toml\n").nth(1).unwrap();
+        let block = &block[..block.find("```").unwrap()];
+        let text = format!("[upstream]\nurl = \"http://127.0.0.1:3000\"\n{block}");
+        let s = routes_config(&text).unwrap();
+        assert_eq!(s.routes.iter().count(), 5);
     }
 }

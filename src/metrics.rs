@@ -13,7 +13,7 @@ use prometheus::{
 use crate::rejection::Rejection;
 
 /// Every `outcome` label value of `keygate_auth_decisions_total`.
-pub const OUTCOMES: [&str; 10] = [
+pub const OUTCOMES: [&str; 12] = [
     "allowed",
     "missing_credentials",
     "invalid_request",
@@ -24,6 +24,8 @@ pub const OUTCOMES: [&str; 10] = [
     "store_unavailable",
     "upstream_unavailable",
     "upstream_timeout",
+    "invalid_path",
+    "no_route",
 ];
 
 /// The `status_class` label values, indexed by the status code's first digit minus one.
@@ -43,6 +45,7 @@ const IO_BUCKETS: &[f64] = &[
 ];
 
 /// The series of one route.
+#[derive(Clone)]
 pub struct RouteMetrics {
     processing: [Histogram; 5],
     upstream: [Histogram; 5],
@@ -76,7 +79,9 @@ impl RouteMetrics {
 pub struct Metrics {
     registry: Registry,
     decisions: Vec<IntCounter>,
-    routes: Vec<RouteMetrics>,
+    processing: HistogramVec,
+    upstream: HistogramVec,
+    upstream_errors: IntCounterVec,
     /// Verdicts answered from the cache.
     pub cache_hits: IntCounter,
     /// Cache hits whose verdict was "no such key".
@@ -128,9 +133,8 @@ fn histogram_vec(name: &str, help: &str, buckets: &[f64], labels: &[&str]) -> Hi
 }
 
 impl Metrics {
-    /// Registers every metric in a fresh registry, with one set of per-route series for each
-    /// of `routes` (the route names from the config).
-    pub fn new(routes: &[&str]) -> Self {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> Self {
         let registry = Registry::new();
         let decisions_vec = IntCounterVec::new(
             Opts::new(
@@ -185,23 +189,14 @@ impl Metrics {
         )
         .expect("valid metric");
 
-        let per_class = |vec: &HistogramVec, route: &str| {
-            STATUS_CLASSES.map(|class| vec.with_label_values(&[route, class]))
-        };
         let m = Metrics {
             decisions: OUTCOMES
                 .iter()
                 .map(|o| decisions_vec.with_label_values(&[o]))
                 .collect(),
-            routes: routes
-                .iter()
-                .map(|r| RouteMetrics {
-                    processing: per_class(&processing, r),
-                    upstream: per_class(&upstream, r),
-                    upstream_unavailable: upstream_errors.with_label_values(&[r, "unavailable"]),
-                    upstream_timeout: upstream_errors.with_label_values(&[r, "timeout"]),
-                })
-                .collect(),
+            processing: processing.clone(),
+            upstream: upstream.clone(),
+            upstream_errors: upstream_errors.clone(),
             cache_hits: counter(
                 "keygate_cache_hits_total",
                 "Verdicts answered from the in-process cache.",
@@ -295,9 +290,18 @@ impl Metrics {
         }
     }
 
-    /// The series of the route with this index (its place in the route table).
-    pub fn route(&self, index: usize) -> &RouteMetrics {
-        &self.routes[index]
+    /// Resolves a route's series (at startup: the request path keeps the handles).
+    pub fn route(&self, name: &str) -> RouteMetrics {
+        let per_class =
+            |vec: &HistogramVec| STATUS_CLASSES.map(|class| vec.with_label_values(&[name, class]));
+        RouteMetrics {
+            processing: per_class(&self.processing),
+            upstream: per_class(&self.upstream),
+            upstream_unavailable: self
+                .upstream_errors
+                .with_label_values(&[name, "unavailable"]),
+            upstream_timeout: self.upstream_errors.with_label_values(&[name, "timeout"]),
+        }
     }
 
     /// Records one store lookup.
@@ -319,7 +323,7 @@ impl Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new(&["default"])
+        Self::new()
     }
 }
 
@@ -346,14 +350,15 @@ mod tests {
 
     #[test]
     fn route_series_split_own_time_from_upstream_time() {
-        let m = Metrics::new(&["api", "web"]);
-        m.route(1).observe(
+        let m = Metrics::new();
+        let (api, web) = (m.route("api"), m.route("web"));
+        web.observe(
             204,
             Duration::from_millis(30),
             Some(Duration::from_millis(29)),
         );
-        m.route(0).observe(401, Duration::from_micros(40), None);
-        m.route(0).upstream_failed(Rejection::UpstreamTimeout);
+        api.observe(401, Duration::from_micros(40), None);
+        api.upstream_failed(Rejection::UpstreamTimeout);
         let text = m.render();
         for want in [
             "keygate_processing_duration_seconds_count{route=\"web\",status_class=\"2xx\"} 1",

@@ -99,10 +99,11 @@ pub struct Forwarded<'a> {
     pub request_id: &'a HeaderValue,
 }
 
-/// Rewrites a request head for the upstream (see the module docs for the order).
+/// Rewrites a request head for the upstream (see the module docs for the order). `identity` is
+/// `None` on an open route: client identity headers are still removed, none are added.
 pub fn rewrite_request_headers(
     headers: &mut HeaderMap,
-    identity: &Identity,
+    identity: Option<&Identity>,
     ids: &IdentitySettings,
     upstream: &UpstreamSettings,
     fwd: &Forwarded<'_>,
@@ -113,12 +114,14 @@ pub fn rewrite_request_headers(
     }
     strip_identity(headers, &ids.prefix);
 
-    let v = &identity.headers;
-    headers.insert(ids.key_id.clone(), v.key_id.clone());
-    headers.insert(ids.tenant.clone(), v.tenant.clone());
-    headers.insert(ids.role.clone(), v.role.clone());
-    headers.insert(ids.subject.clone(), v.subject.clone());
-    headers.insert(ids.subject_kind.clone(), v.subject_kind.clone());
+    if let Some(identity) = identity {
+        let v = &identity.headers;
+        headers.insert(ids.key_id.clone(), v.key_id.clone());
+        headers.insert(ids.tenant.clone(), v.tenant.clone());
+        headers.insert(ids.role.clone(), v.role.clone());
+        headers.insert(ids.subject.clone(), v.subject.clone());
+        headers.insert(ids.subject_kind.clone(), v.subject_kind.clone());
+    }
 
     append_forwarded_for(headers, fwd.client_ip);
     headers.insert(
@@ -151,6 +154,19 @@ fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
     if let Ok(v) = HeaderValue::try_from(value) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
+}
+
+/// Replaces a request's path with its normalised form, keeping the query as the client sent it.
+pub fn set_path(uri: &mut Uri, path: &str) -> Result<(), Rejection> {
+    let pq = match uri.query() {
+        Some(q) => PathAndQuery::try_from(format!("{path}?{q}")),
+        None => PathAndQuery::try_from(path),
+    }
+    .map_err(|_| Rejection::InvalidPath)?;
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.path_and_query = Some(pq);
+    *uri = Uri::from_parts(parts).map_err(|_| Rejection::InvalidPath)?;
+    Ok(())
 }
 
 /// The pooled client to one upstream, shared by every request.
@@ -284,6 +300,7 @@ mod tests {
         .serve_settings()
         .unwrap()
         .upstream
+        .unwrap()
     }
 
     fn rewrite(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -297,7 +314,7 @@ mod tests {
         let rid = HeaderValue::from_static("rid-1");
         rewrite_request_headers(
             &mut h,
-            &identity(),
+            Some(&identity()),
             &IdentitySettings::default(),
             &upstream(),
             &Forwarded {
@@ -349,6 +366,36 @@ mod tests {
         assert_eq!(h["x-forwarded-host"], "api.example");
         assert_eq!(h[HOST], "10.0.0.1:3000");
         assert_eq!(h[&X_REQUEST_ID], "rid-1");
+    }
+
+    #[test]
+    fn open_routes_get_no_identity_but_lose_spoofed_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("x-keygate-tenant", HeaderValue::from_static("evil"));
+        let rid = HeaderValue::from_static("rid-1");
+        rewrite_request_headers(
+            &mut h,
+            None,
+            &IdentitySettings::default(),
+            &upstream(),
+            &Forwarded {
+                client_ip: "192.0.2.7".parse().unwrap(),
+                proto: "http",
+                host: None,
+                request_id: &rid,
+            },
+        );
+        assert!(h.keys().all(|k| !k.as_str().starts_with("x-keygate-")));
+    }
+
+    #[test]
+    fn set_path_keeps_the_query() {
+        let mut uri: Uri = "/x/../a%2e?q=%2e%2e&b".parse().unwrap();
+        set_path(&mut uri, "/a.").unwrap();
+        assert_eq!(uri, "/a.?q=%2e%2e&b");
+        let mut uri: Uri = "http://h:1//b".parse().unwrap();
+        set_path(&mut uri, "/b").unwrap();
+        assert_eq!(uri, "http://h:1/b");
     }
 
     #[test]

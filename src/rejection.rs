@@ -30,6 +30,10 @@ pub enum Rejection {
     UpstreamUnavailable,
     /// The upstream did not answer in time.
     UpstreamTimeout,
+    /// The path is malformed or ambiguous (an encoded `/`, `..` above the root, …).
+    InvalidPath,
+    /// No route matches the request's host, path and method.
+    NoRoute,
 }
 
 const REALM: &str = "Bearer realm=\"keygate\"";
@@ -47,6 +51,8 @@ impl Rejection {
             Rejection::StoreUnavailable => "store_unavailable",
             Rejection::UpstreamUnavailable => "upstream_unavailable",
             Rejection::UpstreamTimeout => "upstream_timeout",
+            Rejection::InvalidPath => "invalid_path",
+            Rejection::NoRoute => "no_route",
         }
     }
 
@@ -63,6 +69,8 @@ impl Rejection {
             Rejection::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
             Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Rejection::InvalidPath => StatusCode::BAD_REQUEST,
+            Rejection::NoRoute => StatusCode::NOT_FOUND,
         }
     }
 
@@ -97,6 +105,12 @@ impl Rejection {
             }
             Rejection::UpstreamTimeout => {
                 r#"{"error":"upstream_timeout","message":"the upstream service did not answer in time"}"#
+            }
+            Rejection::InvalidPath => {
+                r#"{"error":"invalid_path","message":"the request path is malformed or ambiguous"}"#
+            }
+            Rejection::NoRoute => {
+                r#"{"error":"no_route","message":"no route matches this request"}"#
             }
         }
     }
@@ -144,7 +158,7 @@ impl Rejection {
 mod tests {
     use super::*;
 
-    const ALL: [Rejection; 10] = [
+    const ALL: [Rejection; 12] = [
         Rejection::MissingCredentials,
         Rejection::InvalidRequest,
         Rejection::MalformedKey,
@@ -155,6 +169,8 @@ mod tests {
         Rejection::StoreUnavailable,
         Rejection::UpstreamUnavailable,
         Rejection::UpstreamTimeout,
+        Rejection::InvalidPath,
+        Rejection::NoRoute,
     ];
 
     #[test]
@@ -163,6 +179,13 @@ mod tests {
             let v: serde_json::Value = serde_json::from_str(r.body()).unwrap();
             assert_eq!(v["error"], r.code(), "{r:?}");
             assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+        }
+    }
+
+    #[test]
+    fn every_code_is_a_metric_outcome() {
+        for r in ALL {
+            assert!(crate::metrics::OUTCOMES.contains(&r.code()), "{r:?}");
         }
     }
 

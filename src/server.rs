@@ -1,11 +1,13 @@
 //! Listeners, the request path, and shutdown.
 //!
-//! [`handle`] is the whole request path on one screen: request id, credential, verdict, header
-//! rewrite, forward, error mapping, access log. The accept loops around it keep going through
-//! accept errors (EMFILE must not kill the process) and run each connection in its own task
-//! with hyper's header read timeout and size limits. Shutdown is a sequence: readiness goes
+//! [`handle`] is the whole request path on one screen: request id, path normalisation, route,
+//! credential and verdict, policy, header rewrite, forward, error mapping, access log. The
+//! accept loops around it keep going through accept errors (EMFILE must not kill the process)
+//! and run each connection in its own task with hyper's header read timeout and size limits. Shutdown is a sequence: readiness goes
 //! false, the listeners close, in-flight requests get up to `shutdown_grace` to finish.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -28,12 +30,13 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::config::{IdentitySettings, Settings};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RouteMetrics};
 use crate::proxy::{self, Forwarded, Upstream, X_REQUEST_ID};
 use crate::rejection::Rejection;
+use crate::route::{self, RouteTable};
 use crate::store::{self, now_unix, Store, StoreError};
 use crate::verify::Verifier;
-use crate::{admin, auth};
+use crate::{admin, auth, policy};
 
 /// The body of every proxy response: the upstream's, streamed, or a small synthetic one.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -51,26 +54,34 @@ impl State {
     }
 }
 
+/// Where a matched route sends its requests, and the route's metric series.
+pub struct RouteTarget {
+    /// The pooled client (shared by the routes that name the same upstream).
+    pub upstream: Arc<Upstream>,
+    /// The route's series, resolved at startup.
+    pub metrics: RouteMetrics,
+}
+
 /// Everything a request needs, built once at startup.
 pub struct App {
     /// Cache and store.
     pub verifier: Arc<Verifier>,
-    /// The pooled upstream client.
-    pub upstream: Upstream,
+    /// The routes, each with its pooled upstream client.
+    pub routes: RouteTable<RouteTarget>,
     /// Identity header names.
     pub identity: IdentitySettings,
     /// Readiness and drain state.
     pub state: State,
     /// The process's metrics.
     pub metrics: Arc<Metrics>,
-    /// Route names, for spans and logs (indexed like the route table).
-    pub route_names: Vec<&'static str>,
+    /// Series of requests refused before a route matched (`invalid_path`, `no_route`).
+    pub unrouted: RouteMetrics,
     /// Whether each request gets an access log line.
     pub access_log: bool,
 }
 
-/// The route every request takes until the route table exists: the one upstream.
-const DEFAULT_ROUTE: usize = 0;
+/// The `route` label and log field of requests that matched no route.
+const UNROUTED: &str = "-";
 
 /// The request path.
 pub async fn handle(
@@ -82,55 +93,79 @@ pub async fn handle(
     let request_id = proxy::client_request_id(req.headers())
         .cloned()
         .unwrap_or_else(proxy::new_request_id);
-    let route = DEFAULT_ROUTE;
     let span = tracing::info_span!(
         "request",
         request_id = ?request_id,
-        route = app.route_names[route],
+        route = tracing::field::Empty,
         key_id = tracing::field::Empty,
         tenant = tracing::field::Empty,
         outcome = tracing::field::Empty,
     );
     let method = req.method().clone();
-    // Set once the request has been forwarded: how long the upstream took to answer.
+    // Set as the request goes: the route it matched, and how long the upstream took.
+    let mut matched: Option<&RouteTarget> = None;
     let mut upstream_time = None;
 
     let outcome = async {
-        let identity = auth::check(&app.verifier, req.headers(), now_unix()).await?;
-        span.record("key_id", &*identity.key_id);
-        span.record("tenant", &*identity.tenant);
         let host = req.headers().get(HOST).cloned().or_else(|| {
             req.uri()
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
+        let path = route::normalize(req.uri().path())?;
+        let route = app
+            .routes
+            .find(
+                host.as_ref().map(HeaderValue::as_bytes),
+                &path,
+                req.method(),
+            )
+            .ok_or(Rejection::NoRoute)?;
+        span.record("route", &*route.name);
+        matched = Some(&route.upstream);
+        let identity = if route.auth {
+            let identity = auth::check(&app.verifier, req.headers(), now_unix()).await?;
+            span.record("key_id", &*identity.key_id);
+            span.record("tenant", &*identity.tenant);
+            let tenant = route.tenant(&path, req.headers());
+            policy::authorize(route, &identity, req.method(), tenant)?;
+            Some(identity)
+        } else {
+            None
+        };
+        // The upstream sees the path that was matched, so it cannot read another one into it.
+        if let Cow::Owned(normal) = path {
+            proxy::set_path(req.uri_mut(), &normal)?;
+        }
         let fwd = Forwarded {
             client_ip: peer.ip(),
             proto: "http",
             host,
             request_id: &request_id,
         };
+        let upstream = &route.upstream.upstream;
         proxy::rewrite_request_headers(
             req.headers_mut(),
-            &identity,
+            identity.as_deref(),
             &app.identity,
-            app.upstream.settings(),
+            upstream.settings(),
             &fwd,
         );
         let sent = Instant::now();
-        let resp = app.upstream.send(req).await;
+        let resp = upstream.send(req).await;
         upstream_time = Some(sent.elapsed());
         resp
     }
     .instrument(span.clone())
     .await;
 
+    let series = matched.map_or(&app.unrouted, |t| &t.metrics);
     let decision = outcome.as_ref().map(drop).map_err(|r| *r);
     let mut resp = match outcome {
         Ok(resp) => resp.map(Either::Left),
         Err(rejection) => {
             if upstream_time.is_some() {
-                app.metrics.route(route).upstream_failed(rejection);
+                series.upstream_failed(rejection);
             }
             rejection.into_response().map(Either::Right)
         }
@@ -140,11 +175,11 @@ pub async fn handle(
     let status = resp.status().as_u16();
     let took = started.elapsed();
     app.metrics.decision(decision);
-    app.metrics
-        .route(route)
-        .observe(status, took, upstream_time);
-    let outcome_label = decision.err().map_or("allowed", Rejection::code);
-    span.record("outcome", outcome_label);
+    series.observe(status, took, upstream_time);
+    if matched.is_none() {
+        span.record("route", UNROUTED);
+    }
+    span.record("outcome", decision.err().map_or("allowed", Rejection::code));
     if app.access_log {
         let _entered = span.enter();
         tracing::info!(
@@ -201,20 +236,35 @@ impl Server {
         };
         let proxy = bind(settings.listen).await?;
         let admin = bind(settings.admin_listen).await?;
-        let route_names = vec!["default"];
-        let metrics = Arc::new(Metrics::new(&route_names));
+        let metrics = Arc::new(Metrics::new());
         let verifier = Arc::new(Verifier::new(
             store.clone(),
             &settings.cache,
             metrics.clone(),
         ));
         store.start(verifier.clone())?;
+        // One pooled client per distinct upstream, shared by the routes that name it.
+        let mut clients: HashMap<String, Arc<Upstream>> = HashMap::new();
+        let names: Vec<Box<str>> = settings.routes.iter().map(|r| r.name.clone()).collect();
+        let mut names = names.into_iter();
+        let routes = settings.routes.clone().map_upstreams(|up| {
+            let id = format!("{}{}", up.authority, up.base_path);
+            let upstream = clients
+                .entry(id)
+                .or_insert_with(|| Arc::new(Upstream::new(up)))
+                .clone();
+            let name = names.next().expect("one name per route");
+            RouteTarget {
+                upstream,
+                metrics: metrics.route(&name),
+            }
+        });
         let app = Arc::new(App {
+            unrouted: metrics.route(UNROUTED),
             metrics,
-            route_names,
             access_log: settings.log.access,
             verifier,
-            upstream: Upstream::new(settings.upstream.clone()),
+            routes,
             identity: settings.identity.clone(),
             state: State::default(),
         });

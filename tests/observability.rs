@@ -58,6 +58,7 @@ async fn every_counter_moves_by_exactly_what_happened() {
         .unwrap();
     let expired = insert_expired_key(&*store).await;
     let unknown = generate(KeyKind::User);
+    let reader = create_key(&*store, "acme", "readonly").await;
     let before = kg.scrape().await;
 
     // 3 allowed (1 miss, 2 hits).
@@ -90,6 +91,17 @@ async fn every_counter_moves_by_exactly_what_happened() {
         .get_with_key(&kg.url("/slow?ms=2000"), good.secret.expose())
         .await;
     assert_eq!(slow.error_code(), "upstream_timeout");
+    // A read-only key may not POST (one lookup); a path with an encoded slash matches no route
+    // and never reaches the cache.
+    let auth_reader = format!("Bearer {}", reader.secret.expose());
+    let post = http
+        .request("POST", &url, &[("authorization", &auth_reader)])
+        .await;
+    assert_eq!(post.error_code(), "insufficient_scope");
+    let bad_path = http
+        .get_with_key(&kg.url("/a%2fb"), good.secret.expose())
+        .await;
+    assert_eq!(bad_path.error_code(), "invalid_path");
 
     let after = kg.scrape().await;
     let want = [
@@ -100,16 +112,23 @@ async fn every_counter_moves_by_exactly_what_happened() {
         (decisions("key_expired"), 1.0),
         (decisions("key_revoked"), 1.0),
         (decisions("upstream_timeout"), 1.0),
+        (decisions("insufficient_scope"), 1.0),
+        (decisions("invalid_path"), 1.0),
+        (decisions("no_route"), 0.0),
         (decisions("store_unavailable"), 0.0),
         (decisions("upstream_unavailable"), 0.0),
-        ("keygate_cache_misses_total".into(), 4.0),
+        ("keygate_cache_misses_total".into(), 5.0),
         ("keygate_cache_hits_total".into(), 4.0),
         ("keygate_cache_negative_hits_total".into(), 1.0),
-        ("keygate_store_lookups_total".into(), 4.0),
+        ("keygate_store_lookups_total".into(), 5.0),
         ("keygate_store_errors_total".into(), 0.0),
-        ("keygate_store_lookup_duration_seconds_count".into(), 4.0),
+        ("keygate_store_lookup_duration_seconds_count".into(), 5.0),
         (processing_count("2xx"), 3.0),
-        (processing_count("4xx"), 7.0),
+        (processing_count("4xx"), 8.0),
+        (
+            "keygate_processing_duration_seconds_count{route=\"-\",status_class=\"4xx\"}".into(),
+            1.0,
+        ),
         (processing_count("5xx"), 1.0),
         (upstream_count("2xx"), 3.0),
         (upstream_count("5xx"), 1.0),

@@ -94,7 +94,7 @@ async fn client_request_id_is_kept_end_to_end() {
 #[tokio::test]
 async fn spoofed_identity_headers_never_reach_the_upstream() {
     let r = rig().await;
-    let key = create_key(&*r.store, "acme", "reader").await;
+    let key = create_key(&*r.store, "acme", "readonly").await;
     let auth = format!("Bearer {}", key.secret.expose());
     let reply = r
         .http
@@ -113,7 +113,7 @@ async fn spoofed_identity_headers_never_reach_the_upstream() {
     let h = &r.upstream.requests()[0].headers;
     assert_eq!(h.get_all("x-keygate-tenant").iter().count(), 1);
     assert_eq!(h["x-keygate-tenant"], "acme");
-    assert_eq!(h["x-keygate-role"], "reader");
+    assert_eq!(h["x-keygate-role"], "readonly");
     assert!(h.get("x-keygate-impersonate").is_none());
     assert!(h.get("connection").is_none());
 }

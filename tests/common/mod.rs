@@ -240,6 +240,7 @@ pub async fn insert_expired_key(store: &dyn Store) -> GeneratedKey {
 pub struct Seen {
     pub method: String,
     pub path: String,
+    pub query: Option<String>,
     pub headers: HeaderMap,
 }
 
@@ -331,6 +332,7 @@ async fn upstream_answer(
     seen.lock().unwrap().push(Seen {
         method: req.method().to_string(),
         path: req.uri().path().to_owned(),
+        query: req.uri().query().map(str::to_owned),
         headers: req.headers().clone(),
     });
     match req.uri().path() {
