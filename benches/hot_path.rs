@@ -1,10 +1,17 @@
-//! Micro-benchmarks of the cached request path's pieces: token parse and checksum, hashing,
-//! a cached verdict lookup, path normalisation, route lookup and policy, and the header rewrite. Run with `cargo bench --bench hot_path`.
+//! Micro-benchmarks of the cached request path's pieces (token parse and checksum, hashing, a
+//! cached verdict lookup, path normalisation, route lookup and policy, the header rewrite) and
+//! of a whole request through an in-process keygate to an in-process upstream. Run with
+//! `cargo bench --bench hot_path`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue};
 
@@ -15,8 +22,11 @@ use keygate::metrics::Metrics;
 use keygate::policy::authorize;
 use keygate::proxy::{rewrite_request_headers, Forwarded};
 use keygate::route::normalize;
+use keygate::server::Server;
 use keygate::store::{KeyRecord, Store, StoreError};
 use keygate::verify::{Identity, Verifier};
+
+mod support;
 
 /// A one-record store; only the first lookup reaches it, the rest are cache hits.
 struct OneKey(KeyRecord);
@@ -180,5 +190,50 @@ fn routing(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, hot_path, routing);
+/// One whole request, one at a time, over a kept-alive connection: client → keygate (cached
+/// key) → upstream → back, all in-process on loopback.
+fn whole_request(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let key = generate(KeyKind::User);
+    let (proxy, client) = rt.block_on(async {
+        let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream_addr = upstream.local_addr().unwrap();
+        tokio::spawn(support::serve_fast_upstream(upstream));
+        let mut config = Config::default();
+        config.server.listen = "127.0.0.1:0".into();
+        config.server.admin_listen = "127.0.0.1:0".into();
+        config.upstream.url = Some(format!("http://{upstream_addr}"));
+        config.log.access = false;
+        let server = Server::bind_with_store(
+            config.serve_settings().unwrap(),
+            Arc::new(OneKey(record(key.digest))),
+        )
+        .await
+        .unwrap();
+        let proxy = server.proxy_addr();
+        tokio::spawn(server.run(std::future::pending()));
+        let client: Client<HttpConnector, Empty<Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        (proxy, client)
+    });
+    let uri: http::Uri = format!("http://{proxy}/things?page=2").parse().unwrap();
+    let auth = HeaderValue::from_str(&format!("Bearer {}", key.secret.expose())).unwrap();
+    let send = || async {
+        let req = http::Request::get(uri.clone())
+            .header(http::header::AUTHORIZATION, auth.clone())
+            .body(Empty::new())
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap()
+    };
+    rt.block_on(send());
+    c.bench_function("whole_request_cached_key", |b| b.iter(|| rt.block_on(send())));
+}
+
+criterion_group!(benches, hot_path, routing, whole_request);
 criterion_main!(benches);
