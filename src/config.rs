@@ -78,6 +78,25 @@ pub struct Config {
     pub identity: IdentityConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The management API.
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Keys of this tenant with an admin role manage every tenant through the API; keys of
+    /// any other tenant manage only their own tenant's records.
+    pub operator_tenant: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            operator_tenant: "keygate".into(),
+        }
+    }
 }
 
 /// `[server]`
@@ -323,6 +342,16 @@ impl Config {
             },
             identity,
             log: self.log_settings()?,
+            operator_tenant: {
+                let t = &self.admin.operator_tenant;
+                crate::store::check_ident("admin.operator_tenant", t).map_err(|_| {
+                    field_err(
+                        "admin.operator_tenant",
+                        "1 to 64 characters of letters, digits and -_.",
+                    )
+                })?;
+                t.clone()
+            },
         })
     }
 
@@ -480,6 +509,8 @@ pub struct Settings {
     pub identity: IdentitySettings,
     /// Logging.
     pub log: LogSettings,
+    /// The tenant whose admin keys manage every tenant through the API.
+    pub operator_tenant: String,
 }
 
 /// Which store to use.

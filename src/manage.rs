@@ -502,6 +502,28 @@ pub async fn list_audit(store: &dyn Store, limit: usize) -> Result<Vec<AuditEntr
     Ok(store.list_audit(limit).await?)
 }
 
+/// Records a mutation refused before it started (an API key without the admin role), under
+/// the tenant of the key that tried.
+pub async fn audit_denied(
+    store: &dyn Store,
+    actor: &str,
+    action: &str,
+    target: &str,
+    tenant: &str,
+    now: u64,
+) {
+    audit_outcome(
+        store,
+        actor,
+        action,
+        target,
+        tenant,
+        "insufficient_scope",
+        now,
+    )
+    .await;
+}
+
 /// Appends the outcome of a mutation to the audit trail. Ids and tenants given by a caller are
 /// only recorded once they passed the identifier check, so the trail holds no garbage (and,
 /// should someone paste a key where an id belongs, no key).
@@ -512,6 +534,22 @@ async fn audit<T>(
     target: &str,
     tenant: &str,
     result: &Result<T, ManageError>,
+    now: u64,
+) {
+    let outcome = match result {
+        Ok(_) => "success",
+        Err(e) => e.code(),
+    };
+    audit_outcome(store, actor, action, target, tenant, outcome, now).await;
+}
+
+async fn audit_outcome(
+    store: &dyn Store,
+    actor: &str,
+    action: &str,
+    target: &str,
+    tenant: &str,
+    outcome: &str,
     now: u64,
 ) {
     let clean = |v: &str| {
@@ -527,10 +565,7 @@ async fn audit<T>(
         action: action.to_owned(),
         target: clean(target),
         tenant: clean(tenant),
-        outcome: match result {
-            Ok(_) => "success".to_owned(),
-            Err(e) => e.code().to_owned(),
-        },
+        outcome: outcome.to_owned(),
     };
     if let Err(e) = store.append_audit(&entry).await {
         tracing::warn!(error = %e, action, target = %entry.target, "cannot append to the audit trail");

@@ -61,6 +61,8 @@ pub struct App {
     pub state: State,
     /// The process's metrics.
     pub metrics: Arc<Metrics>,
+    /// The tenant whose admin keys manage every tenant through the API.
+    pub operator_tenant: String,
 }
 
 /// The request path.
@@ -187,6 +189,7 @@ impl Server {
             upstream: Upstream::new(settings.upstream.clone()),
             identity: settings.identity.clone(),
             state: State::default(),
+            operator_tenant: settings.operator_tenant.clone(),
         });
         Ok(Server {
             app,

@@ -531,6 +531,25 @@ impl Http {
         }
     }
 
+    /// A request with a body, read whole.
+    pub async fn request_body(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Reply {
+        let resp = self
+            .send(method, url, headers, Full::new(body.into()).boxed())
+            .await;
+        let (parts, body) = resp.into_parts();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+
     pub async fn get(&self, url: &str, headers: &[(&str, &str)]) -> Reply {
         self.request("GET", url, headers).await
     }
