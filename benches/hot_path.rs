@@ -53,6 +53,7 @@ fn record(digest: KeyDigest) -> KeyRecord {
         created_at: 1,
         expires_at: None,
         revoked_at: None,
+        last_used_at: None,
     }
 }
 

@@ -572,9 +572,15 @@ fn print_record(r: &KeyRecord, output: Output) -> anyhow::Result<()> {
                     "revoked",
                     r.revoked_at.map(format_time).unwrap_or_else(|| "no".into()),
                 ),
+                (
+                    "last used",
+                    r.last_used_at
+                        .map(format_time)
+                        .unwrap_or_else(|| "never".into()),
+                ),
             ];
             for (k, v) in rows {
-                println!("{k:<8} {v}");
+                println!("{k:<9} {v}");
             }
         }
     }
@@ -582,7 +588,15 @@ fn print_record(r: &KeyRecord, output: Output) -> anyhow::Result<()> {
 }
 
 fn print_table(records: &[KeyRecord]) {
-    let header = ["ID", "NAME", "TENANT", "ROLE", "EXPIRES", "REVOKED"];
+    let header = [
+        "ID",
+        "NAME",
+        "TENANT",
+        "ROLE",
+        "EXPIRES",
+        "REVOKED",
+        "LAST USED",
+    ];
     let rows: Vec<Vec<String>> = records
         .iter()
         .map(|r| {
@@ -595,6 +609,9 @@ fn print_table(records: &[KeyRecord]) {
                     .map(format_time)
                     .unwrap_or_else(|| "never".into()),
                 r.revoked_at.map(format_time).unwrap_or_else(|| "-".into()),
+                r.last_used_at
+                    .map(format_time)
+                    .unwrap_or_else(|| "never".into()),
             ]
         })
         .collect();

@@ -173,6 +173,8 @@ pub struct StoreConfig {
     pub health_check_interval: String,
     /// Use the embedded file store at this path instead of Redis.
     pub keys_file: Option<String>,
+    /// How often a key's last use is recorded (at most once per key per interval, batched).
+    pub last_used_interval: String,
 }
 
 impl Default for StoreConfig {
@@ -183,6 +185,7 @@ impl Default for StoreConfig {
             timeout: "1s".into(),
             health_check_interval: "1s".into(),
             keys_file: None,
+            last_used_interval: "5s".into(),
         }
     }
 }
@@ -342,6 +345,13 @@ impl Config {
             },
             identity,
             log: self.log_settings()?,
+            last_used_interval: {
+                let d = nonzero("store.last_used_interval", &self.store.last_used_interval)?;
+                if d < Duration::from_secs(1) {
+                    return Err(field_err("store.last_used_interval", "must be at least 1s"));
+                }
+                d
+            },
             operator_tenant: {
                 let t = &self.admin.operator_tenant;
                 crate::store::check_ident("admin.operator_tenant", t).map_err(|_| {
@@ -511,6 +521,8 @@ pub struct Settings {
     pub log: LogSettings,
     /// The tenant whose admin keys manage every tenant through the API.
     pub operator_tenant: String,
+    /// How often a key's last use is recorded.
+    pub last_used_interval: Duration,
 }
 
 /// Which store to use.

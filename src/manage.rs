@@ -202,6 +202,7 @@ async fn create_key_unaudited(
         created_at: now,
         expires_at: new.expires_at,
         revoked_at: None,
+        last_used_at: None,
     };
     store.insert(&record).await?;
     Ok(CreatedKey {
@@ -364,6 +365,7 @@ fn account_key(
             created_at: now,
             expires_at,
             revoked_at: None,
+            last_used_at: None,
         },
         secret: generated.secret,
     }

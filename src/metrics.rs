@@ -34,6 +34,10 @@ pub struct Metrics {
     pub unsynced_lookups: IntCounter,
     /// Cached verdicts discarded because an invalidation raced their fill.
     pub stale_fills: IntCounter,
+    /// Last-used notes dropped because the flusher's queue was full.
+    pub last_used_dropped: IntCounter,
+    /// Batches of last-used times the store failed to record.
+    pub last_used_errors: IntCounter,
 }
 
 impl Metrics {
@@ -76,6 +80,14 @@ impl Metrics {
                 "keygate_stale_fills_total",
                 "Cached verdicts discarded because an invalidation arrived while they were being filled.",
             ),
+            last_used_dropped: counter(
+                "keygate_last_used_dropped_total",
+                "Last-used notes dropped because the flusher's queue was full.",
+            ),
+            last_used_errors: counter(
+                "keygate_last_used_flush_errors_total",
+                "Batches of last-used times the store failed to record.",
+            ),
             registry,
         };
         let r = &m.registry;
@@ -89,6 +101,10 @@ impl Metrics {
         r.register(Box::new(m.unsynced_lookups.clone()))
             .expect("unique metric");
         r.register(Box::new(m.stale_fills.clone()))
+            .expect("unique metric");
+        r.register(Box::new(m.last_used_dropped.clone()))
+            .expect("unique metric");
+        r.register(Box::new(m.last_used_errors.clone()))
             .expect("unique metric");
         m
     }

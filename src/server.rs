@@ -177,12 +177,12 @@ impl Server {
         let proxy = bind(settings.listen).await?;
         let admin = bind(settings.admin_listen).await?;
         let metrics = Arc::new(Metrics::new());
-        let verifier = Arc::new(Verifier::new(
-            store.clone(),
-            &settings.cache,
-            metrics.clone(),
-        ));
+        let verifier = Arc::new(
+            Verifier::new(store.clone(), &settings.cache, metrics.clone())
+                .with_last_used_interval(settings.last_used_interval),
+        );
         store.start(verifier.clone())?;
+        verifier.start_last_used_flusher();
         let app = Arc::new(App {
             metrics,
             verifier,

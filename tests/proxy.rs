@@ -188,6 +188,7 @@ async fn every_bad_credential_gets_401_with_its_code_and_challenge() {
             created_at: now_unix() - 100,
             expires_at: Some(now_unix() - 10),
             revoked_at: None,
+            last_used_at: None,
         })
         .await
         .unwrap();

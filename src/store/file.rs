@@ -49,6 +49,9 @@ struct Inner {
     reload_error: Mutex<Option<String>>,
     /// Where this process's own writes report changed keys, once serving.
     sink: OnceLock<Arc<dyn InvalidationSink>>,
+    /// Last-used times by key id, kept in `<file>.last-used.json` rather than in the keys
+    /// file, so recording them never rewrites (or reloads) the keys.
+    last_used: Mutex<HashMap<String, u64>>,
 }
 
 #[derive(Default, PartialEq, Debug)]
@@ -103,18 +106,37 @@ impl FileStore {
         };
         let set =
             parse(&text).map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))?;
+        // Last-used times are bookkeeping: an unreadable file only loses them.
+        let last_used = fs::read(last_used_path(path))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
         Ok(FileStore {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
                 set: RwLock::new(Arc::new(set)),
                 reload_error: Mutex::new(None),
                 sink: OnceLock::new(),
+                last_used: Mutex::new(last_used),
             }),
         })
     }
 
     fn snapshot(&self) -> Arc<KeySet> {
         self.inner.set.read().expect("key set lock").clone()
+    }
+
+    /// A record with its last-used time filled in.
+    fn with_last_used(&self, r: &KeyRecord) -> KeyRecord {
+        let mut r = r.clone();
+        r.last_used_at = self
+            .inner
+            .last_used
+            .lock()
+            .expect("last used lock")
+            .get(&r.id)
+            .copied();
+        r
     }
 
     /// Applies an edit off the runtime threads, then evicts the cached verdict of every key it
@@ -219,6 +241,25 @@ impl Inner {
         drop(lock);
         Ok((out, changed))
     }
+}
+
+fn last_used_path(path: &Path) -> PathBuf {
+    with_suffix(path, ".last-used.json")
+}
+
+/// Whether a filesystem event is only about keygate's own files beside the keys file (the
+/// audit trail, last-used times, lock and temporary files), which need no reload.
+fn only_side_files(keys_file: &Path, event: &notify::Event) -> bool {
+    let Some(name) = keys_file.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let side = [".audit.jsonl", ".last-used.json", ".lock"].map(|s| format!("{name}{s}"));
+    !event.paths.is_empty()
+        && event.paths.iter().all(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| side.iter().any(|s| n.starts_with(s.as_str())))
+        })
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
@@ -360,6 +401,7 @@ fn parse(text: &str) -> Result<KeySet, String> {
                 created_at: k.created_at.0,
                 expires_at: k.expires_at.map(|t| t.0),
                 revoked_at: k.revoked_at.map(|t| t.0),
+                last_used_at: None,
             },
         );
     }
@@ -510,7 +552,7 @@ impl Store for FileStore {
     }
 
     async fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
-        Ok(self.snapshot().by_id(id).cloned())
+        Ok(self.snapshot().by_id(id).map(|r| self.with_last_used(r)))
     }
 
     async fn list(&self, tenant: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
@@ -520,7 +562,7 @@ impl Store for FileStore {
             .iter()
             .filter_map(|d| set.by_digest.get(d))
             .filter(|r| tenant.is_none_or(|t| t == r.tenant))
-            .cloned()
+            .map(|r| self.with_last_used(r))
             .collect())
     }
 
@@ -647,7 +689,39 @@ impl Store for FileStore {
     }
 
     async fn account_keys(&self, id: &str) -> Result<Vec<KeyRecord>, StoreError> {
-        Ok(self.snapshot().account_keys(id).cloned().collect())
+        Ok(self
+            .snapshot()
+            .account_keys(id)
+            .map(|r| self.with_last_used(r))
+            .collect())
+    }
+
+    async fn touch(&self, used: &[(KeyDigest, u64)]) -> Result<(), StoreError> {
+        let set = self.snapshot();
+        let text = {
+            let mut map = self.inner.last_used.lock().expect("last used lock");
+            let mut changed = false;
+            for (d, t) in used {
+                if let Some(r) = set.by_digest.get(d) {
+                    let slot = map.entry(r.id.clone()).or_insert(0);
+                    if *slot < *t {
+                        *slot = *t;
+                        changed = true;
+                    }
+                }
+            }
+            if !changed {
+                return Ok(());
+            }
+            serde_json::to_vec(&*map).map_err(|e| StoreError::Corrupt(e.to_string()))?
+        };
+        let path = last_used_path(&self.inner.path);
+        self.blocking(move |_| {
+            write_atomically(&path, &text).map_err(|e| {
+                StoreError::Unavailable(format!("cannot write {}: {e}", path.display()))
+            })
+        })
+        .await
     }
 
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
@@ -714,10 +788,11 @@ impl Store for FileStore {
         let _ = self.inner.sink.set(sink.clone());
 
         let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        let keys_file = self.inner.path.clone();
         let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
             // Our own reads show up as access events; only changes matter.
             if let Ok(ev) = ev {
-                if !matches!(ev.kind, EventKind::Access(_)) {
+                if !matches!(ev.kind, EventKind::Access(_)) && !only_side_files(&keys_file, &ev) {
                     let _ = tx.try_send(());
                 }
             }

@@ -46,6 +46,10 @@ pub struct KeyRecord {
     /// Revocation time, Unix seconds, once revoked.
     #[serde(serialize_with = "ser_opt_time")]
     pub revoked_at: Option<u64>,
+    /// When the key was last seen in a request, Unix seconds, recorded at most once per
+    /// `store.last_used_interval` (so up to that much behind); `None`: never used.
+    #[serde(serialize_with = "ser_opt_time")]
+    pub last_used_at: Option<u64>,
 }
 
 impl KeyRecord {
@@ -194,6 +198,14 @@ pub trait Store: Send + Sync + 'static {
     async fn account_keys(&self, id: &str) -> Result<Vec<KeyRecord>, StoreError> {
         let _ = id;
         Err(unsupported())
+    }
+
+    /// Records when keys were last used: sets each record's `last_used_at` to the given time
+    /// unless it is already later. Not an invalidation (no verdict depends on it), and keys
+    /// that do not exist are skipped.
+    async fn touch(&self, used: &[(KeyDigest, u64)]) -> Result<(), StoreError> {
+        let _ = used;
+        Ok(())
     }
 
     /// Appends an entry to the audit trail.

@@ -143,6 +143,22 @@ redis.call('ZREM', KEYS[4], ARGV[6])
 return 1
 "#;
 
+/// Records last-used times: for each (hex, time) pair, sets `last_used_at` on an existing
+/// record unless it is already later. Publishes nothing: no verdict depends on it.
+/// ARGV: key record prefix, then hex/time pairs.
+const TOUCH_SCRIPT: &str = r#"
+for i = 2, #ARGV, 2 do
+  local k = ARGV[1] .. ARGV[i]
+  if redis.call('EXISTS', k) == 1 then
+    local cur = redis.call('HGET', k, 'last_used_at')
+    if (not cur) or tonumber(cur) < tonumber(ARGV[i + 1]) then
+      redis.call('HSET', k, 'last_used_at', ARGV[i + 1])
+    end
+  end
+end
+return 1
+"#;
+
 /// About how many audit entries `ns:audit` keeps (trimmed with `MAXLEN ~`, so cheaply).
 pub const AUDIT_MAX_LEN: usize = 100_000;
 
@@ -171,6 +187,7 @@ pub struct RedisStore {
     create_account: Script,
     rotate: Script,
     remove_account: Script,
+    touch: Script,
 }
 
 impl RedisStore {
@@ -197,6 +214,7 @@ impl RedisStore {
             create_account: Script::new(CREATE_ACCOUNT_SCRIPT),
             rotate: Script::new(ROTATE_SCRIPT),
             remove_account: Script::new(REMOVE_ACCOUNT_SCRIPT),
+            touch: Script::new(TOUCH_SCRIPT),
         })
     }
 
@@ -531,6 +549,23 @@ impl Store for RedisStore {
         Ok(out)
     }
 
+    async fn touch(&self, used: &[(KeyDigest, u64)]) -> Result<(), StoreError> {
+        if used.is_empty() {
+            return Ok(());
+        }
+        let prefix = format!("{}:key:", self.ns);
+        // Idempotent (only ever moves a time forward), so a dropped connection may retry it.
+        self.idempotent(|mut c| {
+            let mut inv = self.touch.arg(&prefix);
+            for (d, t) in used {
+                inv.arg(d.to_hex()).arg(*t);
+            }
+            async move { inv.invoke_async::<i64>(&mut c).await }
+        })
+        .await
+        .map(drop)
+    }
+
     async fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
         let mut cmd = redis::cmd("XADD");
         cmd.arg(self.audit_key())
@@ -621,6 +656,9 @@ fn encode(r: &KeyRecord) -> Vec<(&'static str, String)> {
     if let Some(e) = r.revoked_at {
         f.push(("revoked_at", e.to_string()));
     }
+    if let Some(e) = r.last_used_at {
+        f.push(("last_used_at", e.to_string()));
+    }
     f
 }
 
@@ -688,6 +726,10 @@ fn decode(digest: KeyDigest, mut f: HashMap<String, String>) -> Result<KeyRecord
         .ok()
         .map(|v| time("revoked_at", v))
         .transpose()?;
+    let last_used_at = take("last_used_at")
+        .ok()
+        .map(|v| time("last_used_at", v))
+        .transpose()?;
     Ok(KeyRecord {
         id,
         digest,
@@ -699,6 +741,7 @@ fn decode(digest: KeyDigest, mut f: HashMap<String, String>) -> Result<KeyRecord
         created_at,
         expires_at,
         revoked_at,
+        last_used_at,
     })
 }
 
@@ -718,6 +761,7 @@ mod tests {
             created_at: 100,
             expires_at: Some(200),
             revoked_at: None,
+            last_used_at: None,
         }
     }
 
