@@ -612,7 +612,9 @@ fn parse_json<T: DeserializeOwned>(body: &[u8], empty_ok: bool) -> Result<T, Api
         body
     };
     let msg = |e: serde_json::Error| {
-        ApiError::bad(format!("request body: {}", redact_strings(&e.to_string())))
+        // Bounded too: an unknown field's name is echoed, and names can be long.
+        let text: String = redact_strings(&e.to_string()).chars().take(300).collect();
+        ApiError::bad(format!("request body: {text}"))
     };
     // Only an object: serde would otherwise read a struct from an array, field by position.
     let value: Value = serde_json::from_slice(body).map_err(msg)?;

@@ -141,6 +141,31 @@ async fn a_service_account_key_works_and_names_are_unique_per_tenant() {
     }
     let listed = env.json(&["service-accounts", "list", "--tenant", "acme"]);
     assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+
+    // Refusals are in the audit trail too, with the reason as the outcome.
+    let audit = env.json(&["audit"]);
+    let outcomes: Vec<(&str, &str)> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["action"].as_str().unwrap(),
+                e["outcome"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("service_accounts.create", "success"),
+            ("service_accounts.create", "conflict"),
+            ("service_accounts.create", "success"),
+            ("service_accounts.create", "invalid_request"),
+            ("service_accounts.create", "invalid_request"),
+        ]
+    );
+    assert!(audit[0]["time"].is_string() && audit[0]["actor"] == "cli");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
