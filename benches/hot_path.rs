@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use http::{HeaderMap, HeaderValue};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use http::{HeaderMap, HeaderValue};
 
 use keygate::auth::bearer_token;
 use keygate::config::{CacheSettings, Config, IdentitySettings};
@@ -65,6 +65,7 @@ fn record(digest: KeyDigest) -> KeyRecord {
         created_at: 1,
         expires_at: None,
         revoked_at: None,
+        last_used_at: None,
     }
 }
 
@@ -232,7 +233,9 @@ fn whole_request(c: &mut Criterion) {
         resp.into_body().collect().await.unwrap()
     };
     rt.block_on(send());
-    c.bench_function("whole_request_cached_key", |b| b.iter(|| rt.block_on(send())));
+    c.bench_function("whole_request_cached_key", |b| {
+        b.iter(|| rt.block_on(send()))
+    });
 }
 
 criterion_group!(benches, hot_path, routing, whole_request);

@@ -258,7 +258,9 @@ async fn create_keys(store: Arc<keygate::store::redis::RedisStore>, n: usize) ->
                     subject: None,
                     expires_at: None,
                 };
-                let created = manage::create_key(&*store, new, now_unix()).await.unwrap();
+                let created = manage::create_key(&*store, new, now_unix(), "bench")
+                    .await
+                    .unwrap();
                 keys.push(created.secret.expose().to_owned());
             }
             keys
@@ -469,6 +471,7 @@ impl Store for EveryKey {
             created_at: 1,
             expires_at: None,
             revoked_at: None,
+            last_used_at: None,
         }))
     }
     async fn insert(&self, _: &KeyRecord) -> Result<(), StoreError> {

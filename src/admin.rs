@@ -1,5 +1,5 @@
-//! The admin listener: liveness and readiness probes, Prometheus metrics (and, later, the
-//! management API). Kept apart from the proxy listener so probes and operators never compete with traffic
+//! The admin listener: liveness and readiness probes, metrics, and the management API under
+//! `/v1/` ([`crate::api`]). Kept apart from the proxy listener so probes and operators never compete with traffic
 //! and the management surface is never exposed where clients connect.
 
 use bytes::Bytes;
@@ -23,6 +23,9 @@ fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 
 /// Routes an admin request.
 pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path().starts_with("/v1/") {
+        return crate::api::handle(app, req).await;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return json(
             StatusCode::METHOD_NOT_ALLOWED,

@@ -9,9 +9,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 use crate::config::{Config, Override};
-use crate::manage::{self, CreatedKey, NewKey};
+use crate::manage::{self, CreatedAccount, CreatedKey, NewKey, NewServiceAccount, RotateExpiry};
 use crate::server::Server;
-use crate::store::{self, format_time, now_unix, KeyRecord};
+use crate::store::{self, format_time, now_unix, KeyRecord, ServiceAccount};
 use crate::telemetry;
 
 /// keygate: bearer API key authentication in front of HTTP services.
@@ -55,6 +55,68 @@ enum Command {
     /// Manage user API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Manage service accounts (non-user accounts of a tenant, for agents, CI and workers).
+    #[command(subcommand, name = "service-accounts", alias = "sa")]
+    ServiceAccounts(AccountsCommand),
+    /// Show the audit trail of key-management changes (never a key).
+    Audit {
+        /// How many of the latest entries to show.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AccountsCommand {
+    /// Create a service account and its key; the key is printed once and cannot be shown again.
+    Create {
+        /// Tenant (organization) of the account.
+        #[arg(long)]
+        tenant: String,
+        /// Name, unique within the tenant (regardless of case).
+        #[arg(long)]
+        name: String,
+        /// Role of the account's keys; any role but the organization admin role `admin`.
+        #[arg(long)]
+        role: String,
+        /// Lifetime of the key, e.g. 90d (default: never expires).
+        #[arg(long, value_name = "DURATION", conflicts_with = "never_expire")]
+        expires_in: Option<String>,
+        /// The key never expires (the default, stated explicitly).
+        #[arg(long)]
+        never_expire: bool,
+    },
+    /// List service accounts.
+    List {
+        /// Only this tenant's accounts.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Show a service account and its keys (never the keys themselves).
+    Show {
+        /// Service account id (sa_…).
+        id: String,
+    },
+    /// Issue a new key; the old one stops working at once, or after --grace. The new key is
+    /// printed once.
+    Rotate {
+        /// Service account id (sa_…).
+        id: String,
+        /// Lifetime of the new key (default: the same lifetime as the old key).
+        #[arg(long, value_name = "DURATION", conflicts_with = "never_expire")]
+        expires_in: Option<String>,
+        /// The new key never expires.
+        #[arg(long)]
+        never_expire: bool,
+        /// Keep the old key working this long, e.g. 10m (default: revoke it now).
+        #[arg(long, value_name = "DURATION")]
+        grace: Option<String>,
+    },
+    /// Delete a service account and revoke all its keys.
+    Remove {
+        /// Service account id (sa_…).
+        id: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -159,6 +221,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo(args) => demo(config, args).await,
         Command::Keys(cmd) => keys(&config, cmd, cli.output).await,
+        Command::ServiceAccounts(cmd) => accounts(&config, cmd, cli.output).await,
+        Command::Audit { limit } => audit(&config, limit, cli.output).await,
     }
 }
 
@@ -190,6 +254,7 @@ async fn demo(mut config: Config, args: DemoArgs) -> anyhow::Result<()> {
             expires_at: None,
         },
         now_unix(),
+        manage::CLI_ACTOR,
     )
     .await?;
     let server = Server::bind_with_store(settings, store).await?;
@@ -261,6 +326,7 @@ async fn keys(config: &Config, cmd: KeysCommand, output: Output) -> anyhow::Resu
                     expires_at,
                 },
                 now,
+                manage::CLI_ACTOR,
             )
             .await?;
             print_created(&created, output);
@@ -277,7 +343,7 @@ async fn keys(config: &Config, cmd: KeysCommand, output: Output) -> anyhow::Resu
             print_record(&record, output)?;
         }
         KeysCommand::Revoke { id } => {
-            let record = manage::revoke_key(store, &id, now).await?;
+            let record = manage::revoke_key(store, &id, now, manage::CLI_ACTOR).await?;
             if output == Output::Table {
                 println!("Revoked key {}.", record.id);
             }
@@ -285,6 +351,176 @@ async fn keys(config: &Config, cmd: KeysCommand, output: Output) -> anyhow::Resu
         }
     }
     Ok(())
+}
+
+async fn accounts(config: &Config, cmd: AccountsCommand, output: Output) -> anyhow::Result<()> {
+    let store = store::open(&config.store_settings()?, true).context("opening the key store")?;
+    let store = &*store;
+    let now = now_unix();
+    let actor = manage::CLI_ACTOR;
+    match cmd {
+        AccountsCommand::Create {
+            tenant,
+            name,
+            role,
+            expires_in,
+            never_expire: _,
+        } => {
+            let expires_at = manage::parse_expiry(expires_in.as_deref(), None, now)?;
+            let new = NewServiceAccount {
+                tenant,
+                name,
+                role,
+                expires_at,
+            };
+            let created = manage::create_service_account(store, new, now, actor).await?;
+            print_account_key(&created, "Created", output);
+        }
+        AccountsCommand::List { tenant } => {
+            let accounts = manage::list_service_accounts(store, tenant.as_deref()).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&accounts)?),
+                Output::Table => print_accounts(&accounts),
+            }
+        }
+        AccountsCommand::Show { id } => {
+            let (account, keys) = manage::show_service_account(store, &id).await?;
+            match output {
+                Output::Json => {
+                    let mut v = serde_json::to_value(&account)?;
+                    v["keys"] = serde_json::to_value(&keys)?;
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                }
+                Output::Table => {
+                    print_accounts(std::slice::from_ref(&account));
+                    println!();
+                    print_table(&keys);
+                }
+            }
+        }
+        AccountsCommand::Rotate {
+            id,
+            expires_in,
+            never_expire,
+            grace,
+        } => {
+            let expiry = match (
+                never_expire,
+                manage::parse_expiry(expires_in.as_deref(), None, now)?,
+            ) {
+                (true, _) => RotateExpiry::Never,
+                (false, Some(at)) => RotateExpiry::At(at),
+                (false, None) => RotateExpiry::SameLifetime,
+            };
+            let grace = grace
+                .as_deref()
+                .map(manage::parse_duration)
+                .transpose()
+                .context("--grace")?;
+            let rotated =
+                manage::rotate_service_account(store, &id, expiry, grace, now, actor).await?;
+            print_account_key(&rotated, "Rotated", output);
+            if output == Output::Table {
+                match grace {
+                    Some(g) if !g.is_zero() => println!(
+                        "The previous key keeps working until {}.",
+                        format_time(now + g.as_secs().max(1))
+                    ),
+                    _ => println!("The previous key no longer works."),
+                }
+            }
+        }
+        AccountsCommand::Remove { id } => {
+            let account = manage::remove_service_account(store, &id, now, actor).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&account)?),
+                Output::Table => println!(
+                    "Removed service account {} ({:?}); all its keys are revoked.",
+                    account.id, account.name
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn audit(config: &Config, limit: usize, output: Output) -> anyhow::Result<()> {
+    let store = store::open(&config.store_settings()?, true).context("opening the key store")?;
+    let entries = manage::list_audit(&*store, limit).await?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&entries)?),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = entries
+                .iter()
+                .map(|e| {
+                    vec![
+                        format_time(e.at),
+                        e.actor.clone(),
+                        e.action.clone(),
+                        e.target.clone(),
+                        e.tenant.clone(),
+                        e.outcome.clone(),
+                    ]
+                })
+                .collect();
+            print_rows(
+                &["TIME", "ACTOR", "ACTION", "TARGET", "TENANT", "OUTCOME"],
+                &rows,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Prints a service account's new key once, with the warning that it cannot be shown again.
+fn print_account_key(created: &CreatedAccount, verb: &str, output: Output) {
+    let a = &created.account;
+    let key = created.key.secret.expose();
+    match output {
+        Output::Json => {
+            let mut v = serde_json::to_value(a).expect("accounts serialise");
+            v["key"] = json!(key);
+            v["key_id"] = json!(created.key.record.id);
+            v["key_shown_once"] = json!(true);
+            println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        }
+        Output::Table => {
+            println!(
+                "{verb} service account {} ({:?}) in tenant {} with role {}; key {} expires {}.",
+                a.id,
+                a.name,
+                a.tenant,
+                a.role,
+                created.key.record.id,
+                a.expires_at
+                    .map(format_time)
+                    .unwrap_or_else(|| "never".into())
+            );
+            println!();
+            println!("    {key}");
+            println!();
+            println!("This key is shown once: store it now. It cannot be shown again.");
+        }
+    }
+}
+
+fn print_accounts(accounts: &[ServiceAccount]) {
+    let rows: Vec<Vec<String>> = accounts
+        .iter()
+        .map(|a| {
+            vec![
+                a.id.clone(),
+                a.name.clone(),
+                a.tenant.clone(),
+                a.role.clone(),
+                a.key_id.clone(),
+                a.expires_at
+                    .map(format_time)
+                    .unwrap_or_else(|| "never".into()),
+            ]
+        })
+        .collect();
+    print_rows(&["ID", "NAME", "TENANT", "ROLE", "KEY", "EXPIRES"], &rows);
 }
 
 fn print_created(created: &CreatedKey, output: Output) {
@@ -337,9 +573,15 @@ fn print_record(r: &KeyRecord, output: Output) -> anyhow::Result<()> {
                     "revoked",
                     r.revoked_at.map(format_time).unwrap_or_else(|| "no".into()),
                 ),
+                (
+                    "last used",
+                    r.last_used_at
+                        .map(format_time)
+                        .unwrap_or_else(|| "never".into()),
+                ),
             ];
             for (k, v) in rows {
-                println!("{k:<8} {v}");
+                println!("{k:<9} {v}");
             }
         }
     }
@@ -347,11 +589,19 @@ fn print_record(r: &KeyRecord, output: Output) -> anyhow::Result<()> {
 }
 
 fn print_table(records: &[KeyRecord]) {
-    let header = ["ID", "NAME", "TENANT", "ROLE", "EXPIRES", "REVOKED"];
-    let rows: Vec<[String; 6]> = records
+    let header = [
+        "ID",
+        "NAME",
+        "TENANT",
+        "ROLE",
+        "EXPIRES",
+        "REVOKED",
+        "LAST USED",
+    ];
+    let rows: Vec<Vec<String>> = records
         .iter()
         .map(|r| {
-            [
+            vec![
                 r.id.clone(),
                 r.name.clone(),
                 r.tenant.clone(),
@@ -360,11 +610,18 @@ fn print_table(records: &[KeyRecord]) {
                     .map(format_time)
                     .unwrap_or_else(|| "never".into()),
                 r.revoked_at.map(format_time).unwrap_or_else(|| "-".into()),
+                r.last_used_at
+                    .map(format_time)
+                    .unwrap_or_else(|| "never".into()),
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
+    print_rows(&header, &rows);
+}
+
+fn print_rows(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
@@ -372,13 +629,13 @@ fn print_table(records: &[KeyRecord]) {
     let line = |cells: &[&str]| {
         let parts: Vec<String> = cells
             .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
+            .zip(&widths)
+            .map(|(c, &w)| format!("{c:<w$}"))
             .collect();
         println!("{}", parts.join("  ").trim_end());
     };
-    line(&header);
-    for row in &rows {
+    line(header);
+    for row in rows {
         line(&row.iter().map(String::as_str).collect::<Vec<_>>());
     }
 }

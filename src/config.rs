@@ -87,6 +87,8 @@ pub struct Config {
     /// `[[routes]]`: the route table; `upstream.url`, when set, adds a catch-all route after
     /// these.
     pub routes: Vec<RouteConfig>,
+    /// The management API.
+    pub admin: AdminConfig,
 }
 
 /// `[roles.<name>]`: what a role may do, as a list of methods or a named permission set.
@@ -144,6 +146,23 @@ impl Default for RouteConfig {
             roles: None,
             tenant_from: None,
             ignore_case: false,
+        }
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Keys of this tenant with an admin role manage every tenant through the API; keys of
+    /// any other tenant manage only their own tenant's records.
+    pub operator_tenant: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            operator_tenant: "keygate".into(),
         }
     }
 }
@@ -225,6 +244,8 @@ pub struct StoreConfig {
     pub health_check_interval: String,
     /// Use the embedded file store at this path instead of Redis.
     pub keys_file: Option<String>,
+    /// How often a key's last use is recorded (at most once per key per interval, batched).
+    pub last_used_interval: String,
 }
 
 impl Default for StoreConfig {
@@ -235,6 +256,7 @@ impl Default for StoreConfig {
             timeout: "1s".into(),
             health_check_interval: "1s".into(),
             keys_file: None,
+            last_used_interval: "5s".into(),
         }
     }
 }
@@ -411,6 +433,23 @@ impl Config {
             },
             identity,
             log: self.log_settings()?,
+            last_used_interval: {
+                let d = nonzero("store.last_used_interval", &self.store.last_used_interval)?;
+                if d < Duration::from_secs(1) {
+                    return Err(field_err("store.last_used_interval", "must be at least 1s"));
+                }
+                d
+            },
+            operator_tenant: {
+                let t = &self.admin.operator_tenant;
+                crate::store::check_ident("admin.operator_tenant", t).map_err(|_| {
+                    field_err(
+                        "admin.operator_tenant",
+                        "1 to 64 characters of letters, digits and -_.",
+                    )
+                })?;
+                t.clone()
+            },
         })
     }
 
@@ -778,6 +817,10 @@ pub struct Settings {
     pub identity: IdentitySettings,
     /// Logging.
     pub log: LogSettings,
+    /// The tenant whose admin keys manage every tenant through the API.
+    pub operator_tenant: String,
+    /// How often a key's last use is recorded.
+    pub last_used_interval: Duration,
 }
 
 /// Which store to use.

@@ -9,6 +9,7 @@
 //! ([`proxy::Upstream::send`]) and maps every refusal in one place ([`rejection::Rejection`]).
 
 pub mod admin;
+pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;

@@ -114,6 +114,10 @@ pub struct Metrics {
     pub proxy_connections: IntGauge,
     /// Open connections on the admin listener.
     pub admin_connections: IntGauge,
+    /// Last-used notes dropped because the flusher's queue was full.
+    pub last_used_dropped: IntCounter,
+    /// Batches of last-used times the store failed to record.
+    pub last_used_errors: IntCounter,
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
@@ -246,6 +250,14 @@ impl Metrics {
             ),
             proxy_connections: connections.with_label_values(&["proxy"]),
             admin_connections: connections.with_label_values(&["admin"]),
+            last_used_dropped: counter(
+                "keygate_last_used_dropped_total",
+                "Last-used notes dropped because the flusher's queue was full.",
+            ),
+            last_used_errors: counter(
+                "keygate_last_used_flush_errors_total",
+                "Batches of last-used times the store failed to record.",
+            ),
             registry,
         };
         let r = &m.registry;
@@ -269,6 +281,8 @@ impl Metrics {
             &m.cache_flushes,
             &m.unsynced_lookups,
             &m.stale_fills,
+            &m.last_used_dropped,
+            &m.last_used_errors,
         ] {
             register(Box::new(c.clone()));
         }

@@ -285,6 +285,7 @@ mod tests {
             created_at: 1,
             expires_at: None,
             revoked_at: None,
+            last_used_at: None,
         })
         .unwrap()
     }

@@ -78,6 +78,8 @@ pub struct App {
     pub unrouted: RouteMetrics,
     /// Whether each request gets an access log line.
     pub access_log: bool,
+    /// The tenant whose admin keys manage every tenant through the API.
+    pub operator_tenant: String,
 }
 
 /// The `route` label and log field of requests that matched no route.
@@ -237,11 +239,10 @@ impl Server {
         let proxy = bind(settings.listen).await?;
         let admin = bind(settings.admin_listen).await?;
         let metrics = Arc::new(Metrics::new());
-        let verifier = Arc::new(Verifier::new(
-            store.clone(),
-            &settings.cache,
-            metrics.clone(),
-        ));
+        let verifier = Arc::new(
+            Verifier::new(store.clone(), &settings.cache, metrics.clone())
+                .with_last_used_interval(settings.last_used_interval),
+        );
         store.start(verifier.clone())?;
         // One pooled client per distinct upstream, shared by the routes that name it.
         let mut clients: HashMap<String, Arc<Upstream>> = HashMap::new();
@@ -259,6 +260,7 @@ impl Server {
                 metrics: metrics.route(&name),
             }
         });
+        verifier.start_last_used_flusher();
         let app = Arc::new(App {
             unrouted: metrics.route(UNROUTED),
             metrics,
@@ -267,6 +269,7 @@ impl Server {
             routes,
             identity: settings.identity.clone(),
             state: State::default(),
+            operator_tenant: settings.operator_tenant.clone(),
         });
         Ok(Server {
             app,

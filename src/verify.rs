@@ -6,6 +6,7 @@
 //! an unknown key is remembered as unknown for the (short) negative TTL, so a flood of made-up
 //! keys reaches the store once per key per negative TTL.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +39,9 @@ pub struct Identity {
     pub revoked: bool,
     /// Prebuilt header values.
     pub headers: IdentityValues,
+    /// When this entry last queued a last-used note (Unix seconds): the rate limit that makes
+    /// recording use cost one atomic load on most requests.
+    last_noted: AtomicU64,
 }
 
 /// Identity header values for the upstream.
@@ -77,6 +81,7 @@ impl Identity {
             kind: r.kind,
             expires_at: r.expires_at,
             revoked: r.revoked_at.is_some(),
+            last_noted: AtomicU64::new(0),
         })
     }
 }
@@ -196,6 +201,22 @@ impl Link {
     }
 }
 
+/// Default of `store.last_used_interval`.
+pub const DEFAULT_LAST_USED_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Most last-used notes waiting for the flusher; beyond it notes are dropped (and counted),
+/// never waited for.
+const LAST_USED_QUEUE: usize = 16_384;
+
+/// Last-used bookkeeping: the request path queues `(digest, time)` at most once per key per
+/// interval with a non-blocking `try_send`; a background task drains the queue every interval
+/// and writes one batch to the store. No request ever waits for it.
+struct Usage {
+    tx: tokio::sync::mpsc::Sender<(KeyDigest, u64)>,
+    rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<(KeyDigest, u64)>>>,
+    interval: Duration,
+}
+
 /// Cache plus store: answers "is this key good, and whose is it?".
 pub struct Verifier {
     cache: Cache<KeyDigest, Entry>,
@@ -203,6 +224,7 @@ pub struct Verifier {
     generations: Generations,
     link: Link,
     metrics: Arc<Metrics>,
+    usage: Usage,
 }
 
 impl Verifier {
@@ -225,7 +247,13 @@ impl Verifier {
             })
             .build();
         metrics.subscription_up.set(1);
+        let (tx, rx) = tokio::sync::mpsc::channel(LAST_USED_QUEUE);
         Verifier {
+            usage: Usage {
+                tx,
+                rx: std::sync::Mutex::new(Some(rx)),
+                interval: DEFAULT_LAST_USED_INTERVAL,
+            },
             cache,
             store,
             generations: Generations::new(),
@@ -235,6 +263,72 @@ impl Verifier {
                 trust_for: settings.trust_while_unsubscribed,
             },
             metrics,
+        }
+    }
+
+    /// Sets how often a key's last use is recorded (at least 1 s).
+    pub fn with_last_used_interval(mut self, interval: Duration) -> Self {
+        self.usage.interval = interval.max(Duration::from_secs(1));
+        self
+    }
+
+    /// Starts the task that writes queued last-used times to the store, one batch per
+    /// interval. It ends when the verifier is dropped. Call once; later calls do nothing.
+    pub fn start_last_used_flusher(&self) {
+        let Some(mut rx) = self.usage.rx.lock().expect("usage lock").take() else {
+            return;
+        };
+        let (store, metrics, interval) = (
+            self.store.clone(),
+            self.metrics.clone(),
+            self.usage.interval,
+        );
+        tokio::spawn(async move {
+            let mut open = true;
+            while open {
+                tokio::time::sleep(interval).await;
+                let mut batch: HashMap<KeyDigest, u64> = HashMap::new();
+                loop {
+                    match rx.try_recv() {
+                        Ok((d, t)) => {
+                            let slot = batch.entry(d).or_insert(t);
+                            *slot = (*slot).max(t);
+                        }
+                        Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                        Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                            open = false;
+                            break;
+                        }
+                    }
+                }
+                if batch.is_empty() {
+                    continue;
+                }
+                let batch: Vec<(KeyDigest, u64)> = batch.into_iter().collect();
+                if let Err(e) = store.touch(&batch).await {
+                    // Bookkeeping only: these times are lost, later uses are recorded again.
+                    metrics.last_used_errors.inc();
+                    tracing::warn!(error = %e, keys = batch.len(), "cannot record last-used times");
+                }
+            }
+        });
+    }
+
+    /// Queues a last-used note for a verified key, at most once per key per interval. Never
+    /// waits: a full queue drops the note.
+    fn note_use(&self, id: &Identity, digest: KeyDigest, now: u64) {
+        let last = id.last_noted.load(Ordering::Relaxed);
+        if now < last.saturating_add(self.usage.interval.as_secs()) {
+            return;
+        }
+        // One winner per interval among concurrent requests with this key.
+        if id
+            .last_noted
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+            && self.usage.tx.try_send((digest, now)).is_err()
+        {
+            self.metrics.last_used_dropped.inc();
         }
     }
 
@@ -263,7 +357,10 @@ impl Verifier {
             Verdict::Known(id) if id.expires_at.is_some_and(|e| now >= e) => {
                 Err(VerifyError::Expired)
             }
-            Verdict::Known(id) => Ok(id),
+            Verdict::Known(id) => {
+                self.note_use(&id, digest, now);
+                Ok(id)
+            }
         }
     }
 
@@ -422,6 +519,7 @@ mod tests {
             created_at: 1,
             expires_at,
             revoked_at: None,
+            last_used_at: None,
         }
     }
 
@@ -445,6 +543,30 @@ mod tests {
             assert_eq!(&*id.tenant, "acme");
         }
         assert_eq!(store.lookups.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn use_is_noted_at_most_once_per_key_per_interval() {
+        let store = Arc::new(FakeStore::default());
+        let (a, b) = (generate(KeyKind::User), generate(KeyKind::User));
+        store.insert(&record(a.digest, None)).await.unwrap();
+        store.insert(&record(b.digest, None)).await.unwrap();
+        let v = Verifier::new(store.clone(), &settings(), Arc::new(Metrics::new()))
+            .with_last_used_interval(Duration::from_secs(10));
+        for now in [100, 101, 109] {
+            v.verify(a.digest, now).await.unwrap();
+        }
+        v.verify(b.digest, 105).await.unwrap();
+        v.verify(a.digest, 110).await.unwrap();
+        let mut rx = v.usage.rx.lock().unwrap().take().unwrap();
+        let mut notes = Vec::new();
+        while let Ok(n) = rx.try_recv() {
+            notes.push(n);
+        }
+        assert_eq!(
+            notes,
+            vec![(a.digest, 100), (b.digest, 105), (a.digest, 110)]
+        );
     }
 
     #[tokio::test]

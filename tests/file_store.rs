@@ -231,3 +231,71 @@ async fn serve_refuses_a_missing_keys_file() {
     let err = keygate::server::Server::bind(settings).await.err().unwrap();
     assert!(err.to_string().contains("does not exist"), "{err}");
 }
+
+fn cli_json(keys_file: &Path, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.extend(["--output", "json"]);
+    let out = keygate_cli(keys_file, &all);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_accounts_rotate_and_remove_in_the_keys_file() {
+    let rig = file_rig().await;
+    let f = &rig.keys_file;
+    let created = cli_json(
+        f,
+        &[
+            "service-accounts",
+            "create",
+            "--tenant",
+            "acme",
+            "--name",
+            "Agent",
+            "--role",
+            "member",
+        ],
+    );
+    let id = created["id"].as_str().unwrap().to_owned();
+    let first = created["key"].as_str().unwrap().to_owned();
+    rig.status_becomes(&first, 200, "the account's key works")
+        .await;
+
+    let dup = keygate_cli(
+        f,
+        &[
+            "service-accounts",
+            "create",
+            "--tenant",
+            "acme",
+            "--name",
+            "AGENT",
+            "--role",
+            "member",
+        ],
+    );
+    assert!(!dup.status.success(), "a duplicate name was accepted");
+
+    let rotated = cli_json(f, &["service-accounts", "rotate", &id]);
+    let second = rotated["key"].as_str().unwrap().to_owned();
+    rig.status_becomes(&first, 401, "the old key is rejected")
+        .await;
+    rig.status_becomes(&second, 200, "the new key works").await;
+
+    cli_json(f, &["service-accounts", "remove", &id]);
+    rig.status_becomes(&second, 401, "a removed account's key is rejected")
+        .await;
+
+    let text = std::fs::read_to_string(f).unwrap();
+    let audit = std::fs::read_to_string(format!("{}.audit.jsonl", f.display())).unwrap();
+    assert_eq!(audit.lines().count(), 4, "{audit}");
+    assert!(audit.contains("service_accounts.remove"));
+    for secret in [&first, &second] {
+        assert!(!text.contains(secret.as_str()) && !audit.contains(secret.as_str()));
+    }
+}

@@ -130,6 +130,7 @@ async fn a_new_key_is_announced_so_no_unknown_verdict_outlives_it() {
             created_at: now_unix(),
             expires_at: None,
             revoked_at: None,
+            last_used_at: None,
         })
         .await
         .unwrap();

@@ -1,8 +1,9 @@
 //! The embedded file store: hashed key records in a TOML file, for a first run with no Redis
 //! and for small sidecars whose keys are mounted from a Kubernetes Secret.
 //!
-//! The file holds one `[[keys]]` table per key (see the README for the fields); never a
-//! plaintext key. The whole set lives in memory; lookups take a read lock for a hash-map probe.
+//! The file holds one `[[keys]]` table per key and one `[[service_accounts]]` table per service
+//! account (see the README for the fields); never a plaintext key. The audit trail is a JSON
+//! lines file beside it, `<file>.audit.jsonl`, appended to (`O_APPEND`, one write per entry). The whole set lives in memory; lookups take a read lock for a hash-map probe.
 //!
 //! - Reload: a filesystem watcher on the file's directory (which also sees Kubernetes' symlink
 //!   swaps) and SIGHUP trigger a debounced reload. A file that fails to parse or validate keeps
@@ -12,20 +13,25 @@
 //! - Writes (the key-management commands): under an exclusive lock on `<file>.lock`, the file
 //!   is re-read, edited with `toml_edit` (comments and layout survive), written to a temporary
 //!   file, fsynced and renamed over the original. A crash leaves the old or the new file, never
-//!   half of one, and concurrent writers never lose each other's keys.
+//!   half of one, and concurrent writers never lose each other's keys. A write made in a
+//!   running server (the admin API) reports its changed keys to the invalidation sink itself:
+//!   the set it adopts is already the new one, so the watcher's reload would see no change.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use super::{format_time, InvalidationSink, KeyRecord, Store, StoreError};
+use super::{
+    format_time, AuditEntry, InvalidationSink, KeyRecord, OldKeys, ServiceAccount, Store,
+    StoreError,
+};
 use crate::key::{KeyDigest, KeyKind};
 
 /// Quiet time after the last filesystem event before reloading.
@@ -41,6 +47,11 @@ struct Inner {
     set: RwLock<Arc<KeySet>>,
     /// The error of the last reload, if it failed (the last good set is still served).
     reload_error: Mutex<Option<String>>,
+    /// Where this process's own writes report changed keys, once serving.
+    sink: OnceLock<Arc<dyn InvalidationSink>>,
+    /// Last-used times by key id, kept in `<file>.last-used.json` rather than in the keys
+    /// file, so recording them never rewrites (or reloads) the keys.
+    last_used: Mutex<HashMap<String, u64>>,
 }
 
 #[derive(Default, PartialEq, Debug)]
@@ -48,6 +59,8 @@ struct KeySet {
     by_digest: HashMap<KeyDigest, KeyRecord>,
     /// Digests in file order, for listing.
     order: Vec<KeyDigest>,
+    /// Service accounts in file order.
+    accounts: Vec<ServiceAccount>,
 }
 
 impl KeySet {
@@ -56,6 +69,18 @@ impl KeySet {
             .iter()
             .filter_map(|d| self.by_digest.get(d))
             .find(|r| r.id == id)
+    }
+
+    fn account(&self, id: &str) -> Option<&ServiceAccount> {
+        self.accounts.iter().find(|a| a.id == id)
+    }
+
+    /// The keys of an account: service account keys whose subject is the account's id.
+    fn account_keys<'a>(&'a self, id: &'a str) -> impl Iterator<Item = &'a KeyRecord> {
+        self.order
+            .iter()
+            .filter_map(|d| self.by_digest.get(d))
+            .filter(move |r| r.kind == KeyKind::ServiceAccount && r.subject == id)
     }
 }
 
@@ -81,17 +106,57 @@ impl FileStore {
         };
         let set =
             parse(&text).map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))?;
+        // Last-used times are bookkeeping: an unreadable file only loses them.
+        let last_used = fs::read(last_used_path(path))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
         Ok(FileStore {
             inner: Arc::new(Inner {
                 path: path.to_owned(),
                 set: RwLock::new(Arc::new(set)),
                 reload_error: Mutex::new(None),
+                sink: OnceLock::new(),
+                last_used: Mutex::new(last_used),
             }),
         })
     }
 
     fn snapshot(&self) -> Arc<KeySet> {
         self.inner.set.read().expect("key set lock").clone()
+    }
+
+    /// A record with its last-used time filled in.
+    fn with_last_used(&self, r: &KeyRecord) -> KeyRecord {
+        let mut r = r.clone();
+        r.last_used_at = self
+            .inner
+            .last_used
+            .lock()
+            .expect("last used lock")
+            .get(&r.id)
+            .copied();
+        r
+    }
+
+    /// Applies an edit off the runtime threads, then evicts the cached verdict of every key it
+    /// changed in this process (other processes see the file change through their watcher).
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut toml_edit::DocumentMut, &KeySet) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (out, changed) = self.blocking(move |inner| inner.edit(f)).await?;
+        if let Some(sink) = self.inner.sink.get() {
+            for d in &changed {
+                sink.invalidate(d).await;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The audit trail's file, beside the keys file.
+    fn audit_path(&self) -> PathBuf {
+        with_suffix(&self.inner.path, ".audit.jsonl")
     }
 
     /// Runs a blocking file operation off the runtime threads.
@@ -127,11 +192,12 @@ impl Inner {
         Ok(changed)
     }
 
-    /// Applies an edit to the file under the writers' lock, atomically, and adopts the result.
+    /// Applies an edit to the file under the writers' lock, atomically, and adopts the result;
+    /// returns the edit's result and the digests of the keys whose records changed.
     fn edit<T>(
         &self,
         f: impl FnOnce(&mut toml_edit::DocumentMut, &KeySet) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+    ) -> Result<(T, Vec<KeyDigest>), StoreError> {
         let io = |what: &str, e: std::io::Error| {
             StoreError::Unavailable(format!("{what} {}: {e}", self.path.display()))
         };
@@ -168,12 +234,32 @@ impl Inner {
         let new_set = parse(&new_text)
             .map_err(|e| StoreError::Corrupt(format!("edit produced an invalid file: {e}")))?;
         write_atomically(&self.path, new_text.as_bytes()).map_err(|e| io("cannot write", e))?;
+        let changed = diff(&current, &new_set);
         let mut guard = self.set.write().expect("key set lock");
         *guard = Arc::new(new_set);
         drop(guard);
         drop(lock);
-        Ok(out)
+        Ok((out, changed))
     }
+}
+
+fn last_used_path(path: &Path) -> PathBuf {
+    with_suffix(path, ".last-used.json")
+}
+
+/// Whether a filesystem event is only about keygate's own files beside the keys file (the
+/// audit trail, last-used times, lock and temporary files), which need no reload.
+fn only_side_files(keys_file: &Path, event: &notify::Event) -> bool {
+    let Some(name) = keys_file.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let side = [".audit.jsonl", ".last-used.json", ".lock"].map(|s| format!("{name}{s}"));
+    !event.paths.is_empty()
+        && event.paths.iter().all(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| side.iter().any(|s| n.starts_with(s.as_str())))
+        })
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
@@ -217,6 +303,20 @@ fn diff(old: &KeySet, new: &KeySet) -> Vec<KeyDigest> {
 struct FileDoc {
     #[serde(default)]
     keys: Vec<FileKey>,
+    #[serde(default)]
+    service_accounts: Vec<FileAccount>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAccount {
+    id: toml::Spanned<String>,
+    name: String,
+    tenant: String,
+    role: String,
+    created_at: Time,
+    expires_at: Option<Time>,
+    key_id: String,
 }
 
 #[derive(Deserialize)]
@@ -301,10 +401,110 @@ fn parse(text: &str) -> Result<KeySet, String> {
                 created_at: k.created_at.0,
                 expires_at: k.expires_at.map(|t| t.0),
                 revoked_at: k.revoked_at.map(|t| t.0),
+                last_used_at: None,
             },
         );
     }
+    let mut names = HashSet::new();
+    for a in doc.service_accounts {
+        let line = line_of(text, a.id.span().start);
+        let id = a.id.into_inner();
+        let bad = |what: String| format!("line {line}: service account {id:?}: {what}");
+        super::check_ident("id", &id).map_err(&bad)?;
+        super::check_ident("tenant", &a.tenant).map_err(&bad)?;
+        super::check_ident("role", &a.role).map_err(&bad)?;
+        super::check_name(&a.name).map_err(&bad)?;
+        if set.account(&id).is_some() {
+            return Err(bad("duplicate id".into()));
+        }
+        if !names.insert((a.tenant.clone(), ServiceAccount::name_key(&a.name))) {
+            return Err(bad(format!(
+                "tenant {} already has a service account named {:?}",
+                a.tenant, a.name
+            )));
+        }
+        if set.by_id(&a.key_id).is_none_or(|k| k.subject != id) {
+            return Err(bad(format!(
+                "key_id {:?} is not a key of this account",
+                a.key_id
+            )));
+        }
+        set.accounts.push(ServiceAccount {
+            id,
+            name: a.name,
+            tenant: a.tenant,
+            role: a.role,
+            created_at: a.created_at.0,
+            expires_at: a.expires_at.map(|t| t.0),
+            key_id: a.key_id,
+        });
+    }
     Ok(set)
+}
+
+fn account_table(a: &ServiceAccount) -> toml_edit::Table {
+    let mut t = toml_edit::Table::new();
+    t["id"] = toml_edit::value(&a.id);
+    t["name"] = toml_edit::value(&a.name);
+    t["tenant"] = toml_edit::value(&a.tenant);
+    t["role"] = toml_edit::value(&a.role);
+    t["created_at"] = toml_edit::value(format_time(a.created_at));
+    if let Some(e) = a.expires_at {
+        t["expires_at"] = toml_edit::value(format_time(e));
+    }
+    t["key_id"] = toml_edit::value(&a.key_id);
+    t
+}
+
+fn accounts_array(
+    doc: &mut toml_edit::DocumentMut,
+) -> Result<&mut toml_edit::ArrayOfTables, StoreError> {
+    let item = doc
+        .entry("service_accounts")
+        .or_insert(toml_edit::Item::ArrayOfTables(
+            toml_edit::ArrayOfTables::new(),
+        ));
+    item.as_array_of_tables_mut().ok_or_else(|| {
+        StoreError::Corrupt(
+            "`service_accounts` must be written as [[service_accounts]] tables".into(),
+        )
+    })
+}
+
+/// Sets `field` to a time on the `[[keys]]` table with this id.
+fn set_key_time(
+    doc: &mut toml_edit::DocumentMut,
+    id: &str,
+    field: &str,
+    at: u64,
+) -> Result<(), StoreError> {
+    for t in keys_array(doc)?.iter_mut() {
+        if t.get("id").and_then(|v| v.as_str()) == Some(id) {
+            t[field] = toml_edit::value(format_time(at));
+        }
+    }
+    Ok(())
+}
+
+/// Appends a key table, moving a keyless file's trailing comments in front of it.
+fn push_key(doc: &mut toml_edit::DocumentMut, record: &KeyRecord) -> Result<(), StoreError> {
+    let mut table = to_table(record);
+    // In a file without keys yet, comments are the document's trailing text; move them in
+    // front of the first table so they stay at the top.
+    let trailing = doc.trailing().as_str().unwrap_or("").to_owned();
+    if !trailing.trim().is_empty() && !doc.contains_key("keys") {
+        table.decor_mut().set_prefix(trailing);
+        doc.set_trailing("");
+    }
+    keys_array(doc)?.push(table);
+    Ok(())
+}
+
+fn key_taken(current: &KeySet, record: &KeyRecord) -> Result<(), StoreError> {
+    if current.by_id(&record.id).is_some() || current.by_digest.contains_key(&record.digest) {
+        return Err(StoreError::Conflict(format!("key id {} exists", record.id)));
+    }
+    Ok(())
 }
 
 fn to_table(r: &KeyRecord) -> toml_edit::Table {
@@ -344,30 +544,15 @@ impl Store for FileStore {
 
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
         let record = record.clone();
-        self.blocking(move |inner| {
-            inner.edit(|doc, current| {
-                if current.by_id(&record.id).is_some()
-                    || current.by_digest.contains_key(&record.digest)
-                {
-                    return Err(StoreError::Conflict(format!("key id {} exists", record.id)));
-                }
-                let mut table = to_table(&record);
-                // In a file without keys yet, comments are the document's trailing text; move
-                // them in front of the first table so they stay at the top.
-                let trailing = doc.trailing().as_str().unwrap_or("").to_owned();
-                if !trailing.trim().is_empty() && !doc.contains_key("keys") {
-                    table.decor_mut().set_prefix(trailing);
-                    doc.set_trailing("");
-                }
-                keys_array(doc)?.push(table);
-                Ok(())
-            })
+        self.write(move |doc, current| {
+            key_taken(current, &record)?;
+            push_key(doc, &record)
         })
         .await
     }
 
     async fn get(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
-        Ok(self.snapshot().by_id(id).cloned())
+        Ok(self.snapshot().by_id(id).map(|r| self.with_last_used(r)))
     }
 
     async fn list(&self, tenant: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
@@ -377,28 +562,209 @@ impl Store for FileStore {
             .iter()
             .filter_map(|d| set.by_digest.get(d))
             .filter(|r| tenant.is_none_or(|t| t == r.tenant))
-            .cloned()
+            .map(|r| self.with_last_used(r))
             .collect())
     }
 
     async fn revoke(&self, id: &str, at: u64) -> Result<Option<KeyRecord>, StoreError> {
         let id = id.to_owned();
-        self.blocking(move |inner| {
-            inner.edit(|doc, current| {
-                let Some(record) = current.by_id(&id) else {
-                    return Ok(None);
-                };
-                let mut record = record.clone();
-                if record.revoked_at.is_none() {
-                    record.revoked_at = Some(at);
-                    for t in keys_array(doc)?.iter_mut() {
-                        if t.get("id").and_then(|v| v.as_str()) == Some(id.as_str()) {
-                            t["revoked_at"] = toml_edit::value(format_time(at));
-                        }
+        self.write(move |doc, current| {
+            let Some(record) = current.by_id(&id) else {
+                return Ok(None);
+            };
+            let mut record = record.clone();
+            if record.revoked_at.is_none() {
+                record.revoked_at = Some(at);
+                set_key_time(doc, &id, "revoked_at", at)?;
+            }
+            Ok(Some(record))
+        })
+        .await
+    }
+
+    async fn create_account(
+        &self,
+        account: &ServiceAccount,
+        key: &KeyRecord,
+    ) -> Result<(), StoreError> {
+        let (account, key) = (account.clone(), key.clone());
+        self.write(move |doc, current| {
+            let name = ServiceAccount::name_key(&account.name);
+            if current
+                .accounts
+                .iter()
+                .any(|a| a.tenant == account.tenant && ServiceAccount::name_key(&a.name) == name)
+            {
+                return Err(StoreError::Conflict(format!(
+                    "tenant {} already has a service account named {:?}",
+                    account.tenant, account.name
+                )));
+            }
+            if current.account(&account.id).is_some() {
+                return Err(StoreError::Conflict(format!(
+                    "service account id {} exists",
+                    account.id
+                )));
+            }
+            key_taken(current, &key)?;
+            push_key(doc, &key)?;
+            accounts_array(doc)?.push(account_table(&account));
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_account(&self, id: &str) -> Result<Option<ServiceAccount>, StoreError> {
+        Ok(self.snapshot().account(id).cloned())
+    }
+
+    async fn list_accounts(&self, tenant: Option<&str>) -> Result<Vec<ServiceAccount>, StoreError> {
+        let set = self.snapshot();
+        Ok(set
+            .accounts
+            .iter()
+            .filter(|a| tenant.is_none_or(|t| t == a.tenant))
+            .cloned()
+            .collect())
+    }
+
+    async fn rotate_account(
+        &self,
+        id: &str,
+        new_key: &KeyRecord,
+        old: OldKeys,
+    ) -> Result<Option<ServiceAccount>, StoreError> {
+        let (id, new_key) = (id.to_owned(), new_key.clone());
+        self.write(move |doc, current| {
+            let Some(account) = current.account(&id) else {
+                return Ok(None);
+            };
+            key_taken(current, &new_key)?;
+            for k in current.account_keys(&id).filter(|k| k.revoked_at.is_none()) {
+                match old {
+                    OldKeys::RevokeAt(at) => set_key_time(doc, &k.id, "revoked_at", at)?,
+                    OldKeys::ExpireAt(at) if k.expires_at.is_none_or(|e| e > at) => {
+                        set_key_time(doc, &k.id, "expires_at", at)?
+                    }
+                    OldKeys::ExpireAt(_) => {}
+                }
+            }
+            push_key(doc, &new_key)?;
+            let mut account = account.clone();
+            account.key_id = new_key.id.clone();
+            account.expires_at = new_key.expires_at;
+            for t in accounts_array(doc)?.iter_mut() {
+                if t.get("id").and_then(|v| v.as_str()) == Some(id.as_str()) {
+                    *t = account_table(&account);
+                }
+            }
+            Ok(Some(account))
+        })
+        .await
+    }
+
+    async fn remove_account(
+        &self,
+        id: &str,
+        at: u64,
+    ) -> Result<Option<ServiceAccount>, StoreError> {
+        let id = id.to_owned();
+        self.write(move |doc, current| {
+            let Some(account) = current.account(&id) else {
+                return Ok(None);
+            };
+            for k in current.account_keys(&id).filter(|k| k.revoked_at.is_none()) {
+                set_key_time(doc, &k.id, "revoked_at", at)?;
+            }
+            let accounts = accounts_array(doc)?;
+            let at_index = accounts
+                .iter()
+                .position(|t| t.get("id").and_then(|v| v.as_str()) == Some(id.as_str()));
+            if let Some(i) = at_index {
+                accounts.remove(i);
+            }
+            Ok(Some(account.clone()))
+        })
+        .await
+    }
+
+    async fn account_keys(&self, id: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        Ok(self
+            .snapshot()
+            .account_keys(id)
+            .map(|r| self.with_last_used(r))
+            .collect())
+    }
+
+    async fn touch(&self, used: &[(KeyDigest, u64)]) -> Result<(), StoreError> {
+        let set = self.snapshot();
+        let text = {
+            let mut map = self.inner.last_used.lock().expect("last used lock");
+            let mut changed = false;
+            for (d, t) in used {
+                if let Some(r) = set.by_digest.get(d) {
+                    let slot = map.entry(r.id.clone()).or_insert(0);
+                    if *slot < *t {
+                        *slot = *t;
+                        changed = true;
                     }
                 }
-                Ok(Some(record))
+            }
+            if !changed {
+                return Ok(());
+            }
+            serde_json::to_vec(&*map).map_err(|e| StoreError::Corrupt(e.to_string()))?
+        };
+        let path = last_used_path(&self.inner.path);
+        self.blocking(move |_| {
+            write_atomically(&path, &text).map_err(|e| {
+                StoreError::Unavailable(format!("cannot write {}: {e}", path.display()))
             })
+        })
+        .await
+    }
+
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        let path = self.audit_path();
+        let mut line = serde_json::to_vec(entry)
+            .map_err(|e| StoreError::Corrupt(format!("audit entry: {e}")))?;
+        line.push(b'\n');
+        self.blocking(move |_| {
+            // One write of a whole line with O_APPEND: concurrent writers never interleave.
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(&path)
+                .and_then(|mut f| f.write_all(&line))
+                .map_err(|e| {
+                    StoreError::Unavailable(format!("cannot append to {}: {e}", path.display()))
+                })
+        })
+        .await
+    }
+
+    async fn list_audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let path = self.audit_path();
+        self.blocking(move |_| {
+            let text = match fs::read_to_string(&path) {
+                Ok(t) => t,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "cannot read {}: {e}",
+                        path.display()
+                    )))
+                }
+            };
+            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            lines[lines.len().saturating_sub(limit)..]
+                .iter()
+                .map(|l| {
+                    serde_json::from_str(l)
+                        .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))
+                })
+                .collect()
         })
         .await
     }
@@ -419,11 +785,14 @@ impl Store for FileStore {
     fn start(self: Arc<Self>, sink: Arc<dyn InvalidationSink>) -> Result<(), StoreError> {
         use notify::{EventKind, RecursiveMode, Watcher};
 
+        let _ = self.inner.sink.set(sink.clone());
+
         let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        let keys_file = self.inner.path.clone();
         let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
             // Our own reads show up as access events; only changes matter.
             if let Ok(ev) = ev {
-                if !matches!(ev.kind, EventKind::Access(_)) {
+                if !matches!(ev.kind, EventKind::Access(_)) && !only_side_files(&keys_file, &ev) {
                     let _ = tx.try_send(());
                 }
             }
@@ -500,7 +869,7 @@ sha256 = "0000000000000000000000000000000000000000000000000000000000000002"
 name = "b"
 tenant = "acme"
 role = "reader"
-subject = "bob"
+subject = "sa_bob"
 kind = "service_account"
 created_at = "2026-01-01T00:00:00Z"
 expires_at = "2030-01-01T00:00:00Z"
@@ -539,9 +908,29 @@ expires_at = "2030-01-01T00:00:00Z"
         let e = parse("[[keys]]\nid = \n").unwrap_err();
         assert!(e.contains("line 2"), "{e}");
 
-        let e = parse(&GOOD.replace("subject = \"bob\"", "subject = \"bob\"\nsecret = \"x\""))
-            .unwrap_err();
+        let e = parse(&GOOD.replace(
+            "subject = \"sa_bob\"",
+            "subject = \"sa_bob\"\nsecret = \"x\"",
+        ))
+        .unwrap_err();
         assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn service_account_names_are_unique_per_tenant_regardless_of_case() {
+        let account = |name: &str, tenant: &str, id: &str| {
+            format!(
+                "\n[[service_accounts]]\nid = \"{id}\"\nname = \"{name}\"\ntenant = \"{tenant}\"\nrole = \"reader\"\ncreated_at = \"2026-01-01T00:00:00Z\"\nkey_id = \"key_b\"\n"
+            )
+        };
+        let one = format!("{GOOD}{}", account("Bob", "acme", "sa_bob"));
+        let set = parse(&one).unwrap();
+        assert_eq!(set.account("sa_bob").unwrap().key_id, "key_b");
+        let e = parse(&format!("{one}{}", account("BOB", "acme", "sa_2"))).unwrap_err();
+        assert!(e.contains("already has a service account"), "{e}");
+        // key_b belongs to sa_bob, not to this account.
+        let e = parse(&format!("{GOOD}{}", account("x", "acme", "sa_x"))).unwrap_err();
+        assert!(e.contains("key_id"), "{e}");
     }
 
     #[test]

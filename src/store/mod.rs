@@ -1,6 +1,11 @@
 //! Where key records live. The [`Store`] trait is all the rest of keygate knows of a store:
-//! the verifier asks it to look a digest up, the CLI (and later the admin API) to create, list,
-//! show and revoke. A store never sees a plaintext key and knows nothing about HTTP.
+//! the verifier asks it to look a digest up; the CLI and the admin API (through
+//! [`crate::manage`]) create, list, show and revoke keys, manage service accounts and append to
+//! the audit trail. A store never sees a plaintext key and knows nothing about HTTP.
+//!
+//! Promise of every mutation that can change a verdict (create, revoke, rotate, remove): the
+//! write and its invalidation are one step, so no running instance keeps serving the old
+//! verdict once the write is visible.
 
 pub mod file;
 pub mod redis;
@@ -41,6 +46,10 @@ pub struct KeyRecord {
     /// Revocation time, Unix seconds, once revoked.
     #[serde(serialize_with = "ser_opt_time")]
     pub revoked_at: Option<u64>,
+    /// When the key was last seen in a request, Unix seconds, recorded at most once per
+    /// `store.last_used_interval` (so up to that much behind); `None`: never used.
+    #[serde(serialize_with = "ser_opt_time")]
+    pub last_used_at: Option<u64>,
 }
 
 impl KeyRecord {
@@ -48,6 +57,68 @@ impl KeyRecord {
     pub fn is_expired(&self, now: u64) -> bool {
         self.expires_at.is_some_and(|e| now >= e)
     }
+}
+
+/// A service account: a non-user account of a tenant, known to the proxy only through its keys
+/// (kind `service_account`, subject = the account id).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceAccount {
+    /// Public id (`sa_…`).
+    pub id: String,
+    /// Name, unique within the tenant regardless of case.
+    pub name: String,
+    /// The tenant (organization) the account belongs to.
+    pub tenant: String,
+    /// The role its keys carry; never the organization admin role.
+    pub role: String,
+    /// Creation time, Unix seconds.
+    #[serde(serialize_with = "ser_time")]
+    pub created_at: u64,
+    /// Expiry of the current key, Unix seconds; `None` never expires.
+    #[serde(serialize_with = "ser_opt_time")]
+    pub expires_at: Option<u64>,
+    /// Id of the current key (the latest created or rotated).
+    pub key_id: String,
+}
+
+impl ServiceAccount {
+    /// The form of the name that must be unique within a tenant.
+    pub fn name_key(name: &str) -> String {
+        name.to_lowercase()
+    }
+}
+
+/// What happens to a service account's previous keys when it is rotated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OldKeys {
+    /// Revoked at this time (Unix seconds): they stop working at once.
+    RevokeAt(u64),
+    /// Kept working until this time (Unix seconds), then expired: the grace period.
+    ExpireAt(u64),
+}
+
+/// One line of the audit trail: who did what to which record, when, and how it went. Never
+/// holds a key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditEntry {
+    /// When, Unix seconds.
+    #[serde(
+        serialize_with = "ser_time",
+        deserialize_with = "de_time",
+        rename = "time"
+    )]
+    pub at: u64,
+    /// `cli`, or the id of the admin key that made the API call.
+    pub actor: String,
+    /// E.g. `keys.create`, `service_accounts.rotate`.
+    pub action: String,
+    /// Id of the affected record (`-` when the request never got as far as one).
+    pub target: String,
+    /// Tenant of the affected record (`-` when unknown).
+    pub tenant: String,
+    /// `success`, or the error code of the failure.
+    pub outcome: String,
 }
 
 /// A store operation failed; the request path answers these with `503`.
@@ -80,6 +151,74 @@ pub trait Store: Send + Sync + 'static {
     /// Checks that the store answers, for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// Creates a service account together with its first key, and announces the key; fails
+    /// with [`StoreError::Conflict`] if the tenant already has an account of that name
+    /// (compared with [`ServiceAccount::name_key`]).
+    async fn create_account(
+        &self,
+        account: &ServiceAccount,
+        key: &KeyRecord,
+    ) -> Result<(), StoreError> {
+        let _ = (account, key);
+        Err(unsupported())
+    }
+    /// Finds a service account by id.
+    async fn get_account(&self, id: &str) -> Result<Option<ServiceAccount>, StoreError> {
+        let _ = id;
+        Err(unsupported())
+    }
+    /// Lists service accounts, oldest first, optionally only one tenant's.
+    async fn list_accounts(&self, tenant: Option<&str>) -> Result<Vec<ServiceAccount>, StoreError> {
+        let _ = tenant;
+        Err(unsupported())
+    }
+    /// Adds `new_key` as the account's current key and applies `old` to every other key of the
+    /// account that is not revoked yet, announcing every changed key, in one step. Returns the
+    /// updated account; `Ok(None)` for an unknown id.
+    async fn rotate_account(
+        &self,
+        id: &str,
+        new_key: &KeyRecord,
+        old: OldKeys,
+    ) -> Result<Option<ServiceAccount>, StoreError> {
+        let _ = (id, new_key, old);
+        Err(unsupported())
+    }
+    /// Deletes a service account and revokes every key of it at `at`, announcing them, in one
+    /// step. Returns the removed account; `Ok(None)` for an unknown id.
+    async fn remove_account(
+        &self,
+        id: &str,
+        at: u64,
+    ) -> Result<Option<ServiceAccount>, StoreError> {
+        let _ = (id, at);
+        Err(unsupported())
+    }
+    /// The keys of a service account, oldest first.
+    async fn account_keys(&self, id: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        let _ = id;
+        Err(unsupported())
+    }
+
+    /// Records when keys were last used: sets each record's `last_used_at` to the given time
+    /// unless it is already later. Not an invalidation (no verdict depends on it), and keys
+    /// that do not exist are skipped.
+    async fn touch(&self, used: &[(KeyDigest, u64)]) -> Result<(), StoreError> {
+        let _ = used;
+        Ok(())
+    }
+
+    /// Appends an entry to the audit trail.
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
+        let _ = entry;
+        Err(unsupported())
+    }
+    /// The latest `limit` audit entries, oldest first.
+    async fn list_audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let _ = limit;
+        Err(unsupported())
+    }
+
     /// Starts the store's background work (reloading a file, following invalidations),
     /// reporting every key whose record may have changed to `sink`. Called once by the server.
     fn start(self: Arc<Self>, sink: Arc<dyn InvalidationSink>) -> Result<(), StoreError> {
@@ -91,6 +230,11 @@ pub trait Store: Send + Sync + 'static {
     fn warnings(&self) -> Vec<String> {
         Vec::new()
     }
+}
+
+/// For stores that hold only keys (test doubles, benchmarks).
+fn unsupported() -> StoreError {
+    StoreError::Unavailable("this store supports keys only".into())
 }
 
 /// Checks an identifier that also travels in headers (ids, tenants, roles).
@@ -156,6 +300,19 @@ pub fn format_time(secs: u64) -> String {
 
 fn ser_time<S: serde::Serializer>(t: &u64, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format_time(*t))
+}
+
+/// Parses an RFC 3339 UTC time into Unix seconds.
+pub fn parse_time(s: &str) -> Option<u64> {
+    humantime::parse_rfc3339_weak(s)
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+}
+
+fn de_time<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    parse_time(&s).ok_or_else(|| serde::de::Error::custom(format!("{s:?} is not an RFC 3339 time")))
 }
 
 fn ser_opt_time<S: serde::Serializer>(t: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {

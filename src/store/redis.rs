@@ -6,8 +6,19 @@
 //!   fields are unset). The request path reads it with one `HGETALL`.
 //! - `ns:id:<key id>`: a string holding the sha256 hex of that key, to find a record by id.
 //! - `ns:ids`: a sorted set of key ids scored by creation time, for listing.
+//! - `ns:sa:<account id>`: a hash with a service account's fields (`id`, `name`, `tenant`,
+//!   `role`, `created_at`, `expires_at`, `key_id`).
+//! - `ns:sa-keys:<account id>`: a set of the ids of every key the account ever had.
+//! - `ns:sa-names:<tenant>`: a hash from lower-cased account name to account id; it makes
+//!   names unique within a tenant regardless of case.
+//! - `ns:sa-ids`: a sorted set of account ids scored by creation time, for listing.
+//! - `ns:audit`: a stream of audit entries (`time`, `actor`, `action`, `target`, `tenant`,
+//!   `outcome`), trimmed to about [`AUDIT_MAX_LEN`] entries.
 //! - `ns:invalidate`: the pub/sub channel; every mutation publishes the changed key's digest
 //!   hex in the same Lua script that writes it, so no write is ever left unannounced.
+//!
+//! The service-account scripts derive some key names from their arguments (a key's record from
+//! its id), as the revoke script does: fine on a standalone Redis, to be revisited for Cluster.
 //!
 //! Every call goes over one multiplexed connection (reconnected on failure) and is bounded by
 //! the configured timeout, so a dead Redis yields an error, never a hang.
@@ -21,7 +32,9 @@ use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
-use super::{subscriber, InvalidationSink, KeyRecord, Store, StoreError};
+use super::{
+    subscriber, AuditEntry, InvalidationSink, KeyRecord, OldKeys, ServiceAccount, Store, StoreError,
+};
 use crate::key::{KeyDigest, KeyKind};
 
 /// Marks a key revoked by id and announces it, in one atomic step: resolves the id, sets
@@ -48,6 +61,107 @@ redis.call('PUBLISH', ARGV[4], ARGV[1])
 return 1
 "#;
 
+/// Creates a service account and its first key and announces the key, in one atomic step;
+/// returns 0 if the tenant has an account of that name, -1 if an id is taken.
+/// KEYS: account, names, account ids, account keys, key record, key id, key ids.
+/// ARGV: name key, account id, created_at, key id, hex, channel, number of account field/value
+/// arguments, the account's field/value pairs, then the key's.
+const CREATE_ACCOUNT_SCRIPT: &str = r#"
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[5]) == 1
+  or redis.call('EXISTS', KEYS[6]) == 1 then return -1 end
+local n = tonumber(ARGV[7])
+redis.call('HSET', KEYS[1], unpack(ARGV, 8, 7 + n))
+redis.call('HSET', KEYS[5], unpack(ARGV, 8 + n))
+redis.call('SET', KEYS[6], ARGV[5])
+redis.call('ZADD', KEYS[7], ARGV[3], ARGV[4])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+redis.call('SADD', KEYS[4], ARGV[4])
+redis.call('PUBLISH', ARGV[6], ARGV[5])
+return 1
+"#;
+
+/// Rotates a service account in one atomic step: every key of the account not yet revoked is
+/// revoked now (ARGV[4] = 'revoke') or made to expire at ARGV[5] unless it expires sooner (the
+/// grace period), the new key is created and becomes the account's current key, and every
+/// changed key is announced. Returns 0 for an unknown account, -1 if the new id is taken.
+/// KEYS: account, account keys, new key record, new key id, key ids.
+/// ARGV: key id prefix, key record prefix, channel, mode, time, new key id, new hex,
+/// new created_at, new expires_at ('' = never), the new key's field/value pairs.
+const ROTATE_SCRIPT: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
+for _, kid in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local hex = redis.call('GET', ARGV[1] .. kid)
+  if hex then
+    local rk = ARGV[2] .. hex
+    if redis.call('HEXISTS', rk, 'revoked_at') == 0 then
+      if ARGV[4] == 'revoke' then
+        redis.call('HSET', rk, 'revoked_at', ARGV[5])
+      else
+        local e = redis.call('HGET', rk, 'expires_at')
+        if (not e) or tonumber(e) > tonumber(ARGV[5]) then
+          redis.call('HSET', rk, 'expires_at', ARGV[5])
+        end
+      end
+      redis.call('PUBLISH', ARGV[3], hex)
+    end
+  end
+end
+redis.call('HSET', KEYS[3], unpack(ARGV, 10))
+redis.call('SET', KEYS[4], ARGV[7])
+redis.call('ZADD', KEYS[5], ARGV[8], ARGV[6])
+redis.call('SADD', KEYS[2], ARGV[6])
+redis.call('HSET', KEYS[1], 'key_id', ARGV[6])
+if ARGV[9] == '' then
+  redis.call('HDEL', KEYS[1], 'expires_at')
+else
+  redis.call('HSET', KEYS[1], 'expires_at', ARGV[9])
+end
+redis.call('PUBLISH', ARGV[3], ARGV[7])
+return 1
+"#;
+
+/// Removes a service account in one atomic step: revokes every key of it (keeping earlier
+/// revocation times), announces each, and deletes the account, its name and its key set.
+/// Returns 0 for an unknown account.
+/// KEYS: account, account keys, names, account ids.
+/// ARGV: key id prefix, key record prefix, channel, time, name key, account id.
+const REMOVE_ACCOUNT_SCRIPT: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for _, kid in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local hex = redis.call('GET', ARGV[1] .. kid)
+  if hex then
+    redis.call('HSETNX', ARGV[2] .. hex, 'revoked_at', ARGV[4])
+    redis.call('PUBLISH', ARGV[3], hex)
+  end
+end
+if redis.call('HGET', KEYS[3], ARGV[5]) == ARGV[6] then redis.call('HDEL', KEYS[3], ARGV[5]) end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[4], ARGV[6])
+return 1
+"#;
+
+/// Records last-used times: for each (hex, time) pair, sets `last_used_at` on an existing
+/// record unless it is already later. Publishes nothing: no verdict depends on it.
+/// ARGV: key record prefix, then hex/time pairs.
+const TOUCH_SCRIPT: &str = r#"
+for i = 2, #ARGV, 2 do
+  local k = ARGV[1] .. ARGV[i]
+  if redis.call('EXISTS', k) == 1 then
+    local cur = redis.call('HGET', k, 'last_used_at')
+    if (not cur) or tonumber(cur) < tonumber(ARGV[i + 1]) then
+      redis.call('HSET', k, 'last_used_at', ARGV[i + 1])
+    end
+  end
+end
+return 1
+"#;
+
+/// About how many audit entries `ns:audit` keeps (trimmed with `MAXLEN ~`, so cheaply).
+pub const AUDIT_MAX_LEN: usize = 100_000;
+
 /// Settings for [`RedisStore`].
 #[derive(Clone, Debug)]
 pub struct RedisSettings {
@@ -70,6 +184,10 @@ pub struct RedisStore {
     health_check_interval: Duration,
     revoke: Script,
     insert: Script,
+    create_account: Script,
+    rotate: Script,
+    remove_account: Script,
+    touch: Script,
 }
 
 impl RedisStore {
@@ -93,6 +211,10 @@ impl RedisStore {
             health_check_interval: settings.health_check_interval,
             revoke: Script::new(REVOKE_SCRIPT),
             insert: Script::new(INSERT_SCRIPT),
+            create_account: Script::new(CREATE_ACCOUNT_SCRIPT),
+            rotate: Script::new(ROTATE_SCRIPT),
+            remove_account: Script::new(REMOVE_ACCOUNT_SCRIPT),
+            touch: Script::new(TOUCH_SCRIPT),
         })
     }
 
@@ -111,6 +233,35 @@ impl RedisStore {
 
     fn ids_key(&self) -> String {
         format!("{}:ids", self.ns)
+    }
+
+    fn account_key(&self, id: &str) -> String {
+        format!("{}:sa:{}", self.ns, id)
+    }
+
+    fn account_keys_key(&self, id: &str) -> String {
+        format!("{}:sa-keys:{}", self.ns, id)
+    }
+
+    fn names_key(&self, tenant: &str) -> String {
+        format!("{}:sa-names:{}", self.ns, tenant)
+    }
+
+    fn account_ids_key(&self) -> String {
+        format!("{}:sa-ids", self.ns)
+    }
+
+    fn audit_key(&self) -> String {
+        format!("{}:audit", self.ns)
+    }
+
+    /// Reads one sorted set of ids, oldest first.
+    async fn zrange_all(&self, key: String) -> Result<Vec<String>, StoreError> {
+        self.idempotent(|mut c| {
+            let key = key.clone();
+            async move { c.zrange(key, 0, -1).await }
+        })
+        .await
     }
 
     /// Runs one Redis call under the store's timeout.
@@ -208,13 +359,7 @@ impl Store for RedisStore {
     }
 
     async fn list(&self, tenant: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
-        let key = self.ids_key();
-        let ids: Vec<String> = self
-            .idempotent(|mut c| {
-                let key = key.clone();
-                async move { c.zrange(key, 0, -1).await }
-            })
-            .await?;
+        let ids = self.zrange_all(self.ids_key()).await?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(rec) = self.get(&id).await? {
@@ -251,6 +396,236 @@ impl Store for RedisStore {
         .map(drop)
     }
 
+    async fn create_account(
+        &self,
+        account: &ServiceAccount,
+        key: &KeyRecord,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let hex = key.digest.to_hex();
+        let mut inv = self.create_account.key(self.account_key(&account.id));
+        inv.key(self.names_key(&account.tenant))
+            .key(self.account_ids_key())
+            .key(self.account_keys_key(&account.id))
+            .key(self.record_key(&key.digest))
+            .key(self.id_key(&key.id))
+            .key(self.ids_key())
+            .arg(ServiceAccount::name_key(&account.name))
+            .arg(&account.id)
+            .arg(account.created_at)
+            .arg(&key.id)
+            .arg(&hex)
+            .arg(self.channel());
+        let fields = encode_account(account);
+        inv.arg(fields.len() * 2);
+        for (field, value) in fields {
+            inv.arg(field).arg(value);
+        }
+        for (field, value) in encode(key) {
+            inv.arg(field).arg(value);
+        }
+        match self.call(inv.invoke_async::<i64>(&mut conn)).await? {
+            1 => Ok(()),
+            0 => Err(StoreError::Conflict(format!(
+                "tenant {} already has a service account named {:?}",
+                account.tenant, account.name
+            ))),
+            _ => Err(StoreError::Conflict(format!(
+                "service account id {} exists",
+                account.id
+            ))),
+        }
+    }
+
+    async fn get_account(&self, id: &str) -> Result<Option<ServiceAccount>, StoreError> {
+        let key = self.account_key(id);
+        let fields: HashMap<String, String> = self
+            .idempotent(|mut c| {
+                let key = key.clone();
+                async move { c.hgetall(key).await }
+            })
+            .await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        decode_account(fields).map(Some)
+    }
+
+    async fn list_accounts(&self, tenant: Option<&str>) -> Result<Vec<ServiceAccount>, StoreError> {
+        let ids = self.zrange_all(self.account_ids_key()).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(a) = self.get_account(&id).await? {
+                if tenant.is_none_or(|t| t == a.tenant) {
+                    out.push(a);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn rotate_account(
+        &self,
+        id: &str,
+        new_key: &KeyRecord,
+        old: OldKeys,
+    ) -> Result<Option<ServiceAccount>, StoreError> {
+        let mut conn = self.conn.clone();
+        let (mode, at) = match old {
+            OldKeys::RevokeAt(t) => ("revoke", t),
+            OldKeys::ExpireAt(t) => ("expire", t),
+        };
+        let mut inv = self.rotate.key(self.account_key(id));
+        inv.key(self.account_keys_key(id))
+            .key(self.record_key(&new_key.digest))
+            .key(self.id_key(&new_key.id))
+            .key(self.ids_key())
+            .arg(format!("{}:id:", self.ns))
+            .arg(format!("{}:key:", self.ns))
+            .arg(self.channel())
+            .arg(mode)
+            .arg(at)
+            .arg(&new_key.id)
+            .arg(new_key.digest.to_hex())
+            .arg(new_key.created_at)
+            .arg(
+                new_key
+                    .expires_at
+                    .map(|e| e.to_string())
+                    .unwrap_or_default(),
+            );
+        for (field, value) in encode(new_key) {
+            inv.arg(field).arg(value);
+        }
+        match self.call(inv.invoke_async::<i64>(&mut conn)).await? {
+            0 => Ok(None),
+            1 => self.get_account(id).await,
+            _ => Err(StoreError::Conflict(format!(
+                "key id {} exists",
+                new_key.id
+            ))),
+        }
+    }
+
+    async fn remove_account(
+        &self,
+        id: &str,
+        at: u64,
+    ) -> Result<Option<ServiceAccount>, StoreError> {
+        // Names never change, so the name read here is still the account's in the script.
+        let Some(account) = self.get_account(id).await? else {
+            return Ok(None);
+        };
+        let mut conn = self.conn.clone();
+        let mut inv = self.remove_account.key(self.account_key(id));
+        inv.key(self.account_keys_key(id))
+            .key(self.names_key(&account.tenant))
+            .key(self.account_ids_key())
+            .arg(format!("{}:id:", self.ns))
+            .arg(format!("{}:key:", self.ns))
+            .arg(self.channel())
+            .arg(at)
+            .arg(ServiceAccount::name_key(&account.name))
+            .arg(id);
+        let removed: i64 = self.call(inv.invoke_async(&mut conn)).await?;
+        Ok((removed == 1).then_some(account))
+    }
+
+    async fn account_keys(&self, id: &str) -> Result<Vec<KeyRecord>, StoreError> {
+        let key = self.account_keys_key(id);
+        let ids: Vec<String> = self
+            .idempotent(|mut c| {
+                let key = key.clone();
+                async move { c.smembers(key).await }
+            })
+            .await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for kid in ids {
+            if let Some(r) = self.get(&kid).await? {
+                out.push(r);
+            }
+        }
+        out.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(out)
+    }
+
+    async fn touch(&self, used: &[(KeyDigest, u64)]) -> Result<(), StoreError> {
+        if used.is_empty() {
+            return Ok(());
+        }
+        let prefix = format!("{}:key:", self.ns);
+        // Idempotent (only ever moves a time forward), so a dropped connection may retry it.
+        self.idempotent(|mut c| {
+            let mut inv = self.touch.arg(&prefix);
+            for (d, t) in used {
+                inv.arg(d.to_hex()).arg(*t);
+            }
+            async move { inv.invoke_async::<i64>(&mut c).await }
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn append_audit(&self, e: &AuditEntry) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(self.audit_key())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(AUDIT_MAX_LEN)
+            .arg("*")
+            .arg("time")
+            .arg(e.at)
+            .arg("actor")
+            .arg(&e.actor)
+            .arg("action")
+            .arg(&e.action)
+            .arg("target")
+            .arg(&e.target)
+            .arg("tenant")
+            .arg(&e.tenant)
+            .arg("outcome")
+            .arg(&e.outcome);
+        let mut conn = self.conn.clone();
+        self.call(cmd.query_async::<String>(&mut conn))
+            .await
+            .map(drop)
+    }
+
+    async fn list_audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let key = self.audit_key();
+        let rows: Vec<(String, HashMap<String, String>)> = self
+            .idempotent(|mut c| {
+                let key = key.clone();
+                async move {
+                    redis::cmd("XREVRANGE")
+                        .arg(key)
+                        .arg("+")
+                        .arg("-")
+                        .arg("COUNT")
+                        .arg(limit)
+                        .query_async(&mut c)
+                        .await
+                }
+            })
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (_, mut f) in rows.into_iter().rev() {
+            let mut take = |name: &str| f.remove(name).unwrap_or_else(|| "-".into());
+            let at = take("time");
+            out.push(AuditEntry {
+                at: at
+                    .parse()
+                    .map_err(|_| StoreError::Corrupt("audit entry without a time".into()))?,
+                actor: take("actor"),
+                action: take("action"),
+                target: take("target"),
+                tenant: take("tenant"),
+                outcome: take("outcome"),
+            });
+        }
+        Ok(out)
+    }
+
     fn start(self: Arc<Self>, sink: Arc<dyn InvalidationSink>) -> Result<(), StoreError> {
         // Down until the first SUBSCRIBE is confirmed.
         sink.link(false);
@@ -281,7 +656,48 @@ fn encode(r: &KeyRecord) -> Vec<(&'static str, String)> {
     if let Some(e) = r.revoked_at {
         f.push(("revoked_at", e.to_string()));
     }
+    if let Some(e) = r.last_used_at {
+        f.push(("last_used_at", e.to_string()));
+    }
     f
+}
+
+fn encode_account(a: &ServiceAccount) -> Vec<(&'static str, String)> {
+    let mut f = vec![
+        ("id", a.id.clone()),
+        ("name", a.name.clone()),
+        ("tenant", a.tenant.clone()),
+        ("role", a.role.clone()),
+        ("created_at", a.created_at.to_string()),
+        ("key_id", a.key_id.clone()),
+    ];
+    if let Some(e) = a.expires_at {
+        f.push(("expires_at", e.to_string()));
+    }
+    f
+}
+
+fn decode_account(mut f: HashMap<String, String>) -> Result<ServiceAccount, StoreError> {
+    let mut take = |name: &str| {
+        f.remove(name)
+            .ok_or_else(|| StoreError::Corrupt(format!("service account lacks field {name}")))
+    };
+    let time = |name: &str, v: String| {
+        v.parse::<u64>()
+            .map_err(|_| StoreError::Corrupt(format!("field {name} is not a time")))
+    };
+    Ok(ServiceAccount {
+        id: take("id")?,
+        name: take("name")?,
+        tenant: take("tenant")?,
+        role: take("role")?,
+        created_at: time("created_at", take("created_at")?)?,
+        key_id: take("key_id")?,
+        expires_at: take("expires_at")
+            .ok()
+            .map(|v| time("expires_at", v))
+            .transpose()?,
+    })
 }
 
 fn decode(digest: KeyDigest, mut f: HashMap<String, String>) -> Result<KeyRecord, StoreError> {
@@ -310,6 +726,10 @@ fn decode(digest: KeyDigest, mut f: HashMap<String, String>) -> Result<KeyRecord
         .ok()
         .map(|v| time("revoked_at", v))
         .transpose()?;
+    let last_used_at = take("last_used_at")
+        .ok()
+        .map(|v| time("last_used_at", v))
+        .transpose()?;
     Ok(KeyRecord {
         id,
         digest,
@@ -321,6 +741,7 @@ fn decode(digest: KeyDigest, mut f: HashMap<String, String>) -> Result<KeyRecord
         created_at,
         expires_at,
         revoked_at,
+        last_used_at,
     })
 }
 
@@ -340,6 +761,7 @@ mod tests {
             created_at: 100,
             expires_at: Some(200),
             revoked_at: None,
+            last_used_at: None,
         }
     }
 

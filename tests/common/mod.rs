@@ -206,6 +206,7 @@ pub async fn create_key(store: &dyn Store, tenant: &str, role: &str) -> CreatedK
             expires_at: None,
         },
         now_unix(),
+        "test",
     )
     .await
     .unwrap()
@@ -226,6 +227,7 @@ pub async fn insert_expired_key(store: &dyn Store) -> GeneratedKey {
             created_at: now_unix() - 100,
             expires_at: Some(now_unix() - 10),
             revoked_at: None,
+            last_used_at: None,
         })
         .await
         .unwrap();
@@ -561,6 +563,25 @@ impl Http {
         }
     }
 
+    /// A request with a body, read whole.
+    pub async fn request_body(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> Reply {
+        let resp = self
+            .send(method, url, headers, Full::new(body.into()).boxed())
+            .await;
+        let (parts, body) = resp.into_parts();
+        Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+
     pub async fn get(&self, url: &str, headers: &[(&str, &str)]) -> Reply {
         self.request("GET", url, headers).await
     }
@@ -686,4 +707,59 @@ impl Scrape {
             .map(|s| s.split('{').next().unwrap().to_owned())
             .collect()
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key management through the real binary, and what Redis holds
+
+/// Runs the `keygate` binary against a Redis namespace with `--output json`.
+pub fn keygate_cli(redis_url: &str, ns: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(args)
+        .args([
+            "--redis-url",
+            redis_url,
+            "--namespace",
+            ns,
+            "--output",
+            "json",
+        ])
+        .output()
+        .unwrap()
+}
+
+/// Runs the binary, expects success, and parses its JSON output.
+pub fn keygate_json(redis_url: &str, ns: &str, args: &[&str]) -> serde_json::Value {
+    let out = keygate_cli(redis_url, ns, args);
+    assert!(
+        out.status.success(),
+        "keygate {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "keygate {args:?} did not print JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Every value stored under `ns:`, read with the command its type needs, as one string.
+pub fn dump_redis(redis: &RedisServer, ns: &str) -> String {
+    let keys: Vec<String> = redis.cmd(&["KEYS", &format!("{ns}:*")]);
+    let mut out = String::new();
+    for k in keys {
+        let kind: String = redis.cmd(&["TYPE", &k]);
+        let value: redis::Value = match kind.as_str() {
+            "string" => redis.cmd(&["GET", &k]),
+            "hash" => redis.cmd(&["HGETALL", &k]),
+            "set" => redis.cmd(&["SMEMBERS", &k]),
+            "zset" => redis.cmd(&["ZRANGE", &k, "0", "-1", "WITHSCORES"]),
+            "list" => redis.cmd(&["LRANGE", &k, "0", "-1"]),
+            "stream" => redis.cmd(&["XRANGE", &k, "-", "+"]),
+            other => panic!("unexpected type {other} of {k}"),
+        };
+        out.push_str(&format!("{k} {value:?}\n"));
+    }
+    out
 }
