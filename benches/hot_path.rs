@@ -127,6 +127,7 @@ fn hot_path(c: &mut Criterion) {
     ] {
         client_headers.insert(k, HeaderValue::from_static(v));
     }
+    let client_ip = keygate::proxy::ip_value([127, 0, 0, 1].into());
     c.bench_function("rewrite_request_headers", |b| {
         b.iter_batched_ref(
             || client_headers.clone(),
@@ -137,7 +138,7 @@ fn hot_path(c: &mut Criterion) {
                     &ids,
                     &upstream,
                     &Forwarded {
-                        client_ip: [127, 0, 0, 1].into(),
+                        client_ip: &client_ip,
                         proto: "http",
                         host: Some(HeaderValue::from_static("api.example.com")),
                         request_id: &request_id,

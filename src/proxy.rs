@@ -50,6 +50,12 @@ fn hop_by_hop() -> [&'static HeaderName; 9] {
 
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most requests carry none: one pass over the few names present is cheaper than nine
+    // removals by hash.
+    let hop = hop_by_hop();
+    if !headers.keys().any(|n| hop.contains(&n)) {
+        return;
+    }
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
@@ -61,7 +67,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
-    for name in hop_by_hop() {
+    for name in hop {
         headers.remove(name);
     }
 }
@@ -89,8 +95,8 @@ fn strip_identity(headers: &mut HeaderMap, prefix: &str) {
 
 /// Per-request facts the rewrite needs besides the headers.
 pub struct Forwarded<'a> {
-    /// The client's address.
-    pub client_ip: IpAddr,
+    /// The client's address, as a header value (made once per connection by [`ip_value`]).
+    pub client_ip: &'a HeaderValue,
     /// `http` or `https`, as the client spoke to keygate.
     pub proto: &'static str,
     /// The host the client asked for (`Host`, or the URI authority under HTTP/2).
@@ -140,8 +146,18 @@ pub fn rewrite_request_headers(
     headers.insert(X_REQUEST_ID.clone(), fwd.request_id.clone());
 }
 
+/// A client address as an `X-Forwarded-For` value.
+pub fn ip_value(ip: IpAddr) -> HeaderValue {
+    HeaderValue::try_from(ip.to_string()).expect("an IP address is a valid header value")
+}
+
 /// Appends the client address to `X-Forwarded-For`, folding earlier values into one header.
-fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
+fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
+    if !headers.contains_key(&X_FORWARDED_FOR) {
+        // The common case, without formatting or allocating.
+        headers.insert(X_FORWARDED_FOR.clone(), ip.clone());
+        return;
+    }
     let mut value = String::new();
     for prior in headers.get_all(&X_FORWARDED_FOR) {
         if let Ok(s) = prior.to_str() {
@@ -149,8 +165,7 @@ fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
             value.push_str(", ");
         }
     }
-    use std::fmt::Write;
-    let _ = write!(value, "{ip}");
+    value.push_str(ip.to_str().unwrap_or_default());
     if let Ok(v) = HeaderValue::try_from(value) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
@@ -198,6 +213,14 @@ impl Upstream {
 
     /// Builds the upstream URI for a request path.
     fn target(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+        if let (true, Some(pq)) = (self.settings.base_path.is_empty(), pq) {
+            // Reuse the parsed path and query (a reference count, no copy, no re-parse).
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(self.settings.scheme.clone());
+            parts.authority = Some(self.settings.authority.clone());
+            parts.path_and_query = Some(pq.clone());
+            return Ok(Uri::from_parts(parts)?);
+        }
         let pq = pq.map(PathAndQuery::as_str).unwrap_or("/");
         let builder = Uri::builder()
             .scheme(self.settings.scheme.clone())
@@ -319,7 +342,7 @@ mod tests {
             &IdentitySettings::default(),
             &upstream(),
             &Forwarded {
-                client_ip: "192.0.2.7".parse().unwrap(),
+                client_ip: &ip_value("192.0.2.7".parse().unwrap()),
                 proto: "http",
                 host: Some(HeaderValue::from_static("api.example")),
                 request_id: &rid,
@@ -380,7 +403,7 @@ mod tests {
             &IdentitySettings::default(),
             &upstream(),
             &Forwarded {
-                client_ip: "192.0.2.7".parse().unwrap(),
+                client_ip: &ip_value("192.0.2.7".parse().unwrap()),
                 proto: "http",
                 host: None,
                 request_id: &rid,

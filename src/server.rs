@@ -89,7 +89,7 @@ const UNROUTED: &str = "-";
 pub async fn handle(
     app: &App,
     mut req: Request<Incoming>,
-    peer: SocketAddr,
+    client_ip: &HeaderValue,
 ) -> Response<ProxyBody> {
     let started = Instant::now();
     let request_id = proxy::client_request_id(req.headers())
@@ -140,7 +140,7 @@ pub async fn handle(
             proxy::set_path(req.uri_mut(), &normal)?;
         }
         let fwd = Forwarded {
-            client_ip: peer.ip(),
+            client_ip,
             proto: "http",
             host,
             request_id: &request_id,
@@ -337,9 +337,11 @@ impl Server {
             app.metrics.proxy_connections.clone(),
             move |peer| {
                 let app = proxy_app.clone();
+                // Formatted once per connection, shared by its requests.
+                let client_ip = proxy::ip_value(peer.ip());
                 service_fn(move |req| {
-                    let app = app.clone();
-                    async move { Ok::<_, Infallible>(handle(&app, req, peer).await) }
+                    let (app, client_ip) = (app.clone(), client_ip.clone());
+                    async move { Ok::<_, Infallible>(handle(&app, req, &client_ip).await) }
                 })
             },
         );
