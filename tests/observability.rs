@@ -290,14 +290,9 @@ async fn no_secret_reaches_logs_or_metrics_even_at_trace_level() {
 
     let mut secrets: Vec<String> = vec![PASSWORD.into()];
     let mut cli_logs = String::new();
-    let mut create = || {
-        let (out, err) = cli(
-            &[
-                "keys", "create", "--tenant", "acme", "--role", "admin", "--name", "k",
-            ],
-            &url,
-            &ns,
-        );
+    // Runs a management command; returns its JSON output's `key` and `id`.
+    let mut manage = |args: &[&str]| {
+        let (out, err) = cli(args, &url, &ns);
         cli_logs.push_str(&err);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         (
@@ -305,14 +300,35 @@ async fn no_secret_reaches_logs_or_metrics_even_at_trace_level() {
             v["id"].as_str().unwrap().to_owned(),
         )
     };
-    let (used, _) = create();
-    let (revoked, revoked_id) = create();
-    let (never_used, _) = create();
-    secrets.extend([used.clone(), revoked.clone(), never_used]);
+    let user_key = [
+        "keys", "create", "--tenant", "acme", "--role", "admin", "--name", "k",
+    ];
+    let (used, _) = manage(&user_key);
+    let (revoked, revoked_id) = manage(&user_key);
+    let (never_used, _) = manage(&user_key);
+    // A service account, rotated: both its first and its second key are secrets.
+    let (first, account) = manage(&[
+        "service-accounts",
+        "create",
+        "--tenant",
+        "acme",
+        "--name",
+        "ci",
+        "--role",
+        "member",
+    ]);
+    let (rotated, _) = manage(&["service-accounts", "rotate", &account]);
+    secrets.extend([
+        used.clone(),
+        revoked.clone(),
+        never_used,
+        first.clone(),
+        rotated.clone(),
+    ]);
 
     let proxy = format!("http://{}", kg.proxy);
     for client in [Http::new(), Http::http2()] {
-        for key in [&used, &revoked] {
+        for key in [&used, &revoked, &rotated] {
             let auth = format!("Bearer {key}");
             let reply = client
                 .get(
@@ -357,6 +373,9 @@ async fn no_secret_reaches_logs_or_metrics_even_at_trace_level() {
         rejected,
     )
     .await;
+    // The service account's first key stopped working at its rotation.
+    let reply = http.get_with_key(&format!("{proxy}/"), &first).await;
+    assert_eq!(reply.error_code(), "key_revoked");
 
     let metrics = http
         .get(&format!("http://{}/metrics", kg.admin), &[])
