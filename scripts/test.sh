@@ -22,4 +22,12 @@ if [ "${CI:-}" = "true" ]; then
     cargo fmt --all -- --check
     cargo clippy --all-targets --locked -- -D warnings
 fi
-cargo test --all-targets --locked
+# The benches run too (a short smoke pass each), so the last lines are theirs: end with one
+# summary line of every test binary's counts.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --all-targets --locked 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
