@@ -5,7 +5,8 @@
 //! `cargo bench --bench load` (needs `wrk` and `nginx`: `apt-get install -y wrk nginx`; the
 //! harness says so when they are missing). Settings by environment: `LOAD_SECONDS` (per run,
 //! default 10), `LOAD_ROUNDS` (default 3), `LOAD_CONNECTIONS` (default 64), `LOAD_MISS_KEYS`
-//! (keys of the miss-path population, default 50,000, with a 1,000-entry cache).
+//! (keys of the miss-path population, default 50,000, with a 1,000-entry cache),
+//! `LOAD_ONLY=memory` (only the 1,000,000-verdict memory figure).
 //!
 //! It starts: a fast upstream (this same binary, re-run with `--serve-upstream`), a
 //! `redis-server`, keygate with one cached key, keygate in front of a key population far larger
@@ -280,6 +281,9 @@ fn median(runs: &[Run], f: impl Fn(&Run) -> f64) -> f64 {
 }
 
 async fn run() {
+    if std::env::var("LOAD_ONLY").as_deref() == Ok("memory") {
+        return cached_million().await;
+    }
     let seconds = env_num("LOAD_SECONDS", 10);
     let rounds = env_num("LOAD_ROUNDS", 3) as usize;
     let conns = env_num("LOAD_CONNECTIONS", 64);

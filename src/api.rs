@@ -259,11 +259,11 @@ struct Caller {
 
 impl Caller {
     fn actor(&self) -> &str {
-        &self.identity.key_id
+        self.identity.key_id()
     }
 
     fn sees(&self, tenant: &str) -> bool {
-        self.operator || *self.identity.tenant == *tenant
+        self.operator || self.identity.tenant() == tenant
     }
 
     /// The tenant a list is restricted to: the one asked for, if the caller may see it.
@@ -272,7 +272,7 @@ impl Caller {
             Some(t) if !self.sees(&t) => Err(Failure::Rejected(Rejection::InsufficientScope)),
             Some(t) => Ok(Some(t)),
             None if self.operator => Ok(None),
-            None => Ok(Some(self.identity.tenant.to_string())),
+            None => Ok(Some(self.identity.tenant().to_string())),
         }
     }
 
@@ -301,17 +301,17 @@ async fn serve(app: &App, req: Request<Incoming>) -> Result<Resp, Failure> {
         .await
         .map_err(Failure::Rejected)?;
     let caller = Caller {
-        operator: *identity.tenant == *app.operator_tenant,
+        operator: identity.tenant() == app.operator_tenant,
         identity,
     };
-    let allowed = match &*caller.identity.role {
+    let allowed = match caller.identity.role() {
         ADMIN_ROLE => true,
         READONLY_ROLE => !op.mutates(),
         _ => false,
     };
     if !allowed {
         if op.mutates() {
-            let tenant = &caller.identity.tenant;
+            let tenant = caller.identity.tenant();
             manage::audit_denied(
                 &*store,
                 caller.actor(),
@@ -351,7 +351,7 @@ async fn serve(app: &App, req: Request<Incoming>) -> Result<Resp, Failure> {
             let body: CreateKey = parse_json(&body, false)?;
             let tenant = body
                 .tenant
-                .unwrap_or_else(|| caller.identity.tenant.to_string());
+                .unwrap_or_else(|| caller.identity.tenant().to_string());
             caller.may_write(&tenant)?;
             let expires_at =
                 manage::parse_expiry(body.expires_in.as_deref(), body.expires_at.as_deref(), now)?;
@@ -394,7 +394,7 @@ async fn serve(app: &App, req: Request<Incoming>) -> Result<Resp, Failure> {
             let body: CreateAccount = parse_json(&body, false)?;
             let tenant = body
                 .tenant
-                .unwrap_or_else(|| caller.identity.tenant.to_string());
+                .unwrap_or_else(|| caller.identity.tenant().to_string());
             caller.may_write(&tenant)?;
             let expires_at = account_expiry(
                 body.expires_in.as_deref(),

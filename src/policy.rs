@@ -42,12 +42,12 @@ pub fn authorize<U>(
     let grant = route
         .grants
         .iter()
-        .find(|g| *g.role == *identity.role)
+        .find(|g| *g.role == *identity.role())
         .ok_or(Rejection::InsufficientScope)?;
     if !grant.methods.contains(method) {
         return Err(Rejection::InsufficientScope);
     }
-    if route.binds_tenant() && tenant != Some(identity.tenant.as_bytes()) {
+    if route.binds_tenant() && tenant != Some(identity.tenant().as_bytes()) {
         return Err(Rejection::InsufficientScope);
     }
     Ok(())

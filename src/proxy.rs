@@ -23,7 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{IdentitySettings, UpstreamSettings};
 use crate::rejection::Rejection;
-use crate::verify::Identity;
+use crate::verify::{Identity, Part};
 
 /// `x-request-id`: kept from the client when sane, else generated; sent upstream and back.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -121,12 +121,14 @@ pub fn rewrite_request_headers(
     strip_identity(headers, &ids.prefix);
 
     if let Some(identity) = identity {
-        let v = &identity.headers;
-        headers.insert(ids.key_id.clone(), v.key_id.clone());
-        headers.insert(ids.tenant.clone(), v.tenant.clone());
-        headers.insert(ids.role.clone(), v.role.clone());
-        headers.insert(ids.subject.clone(), v.subject.clone());
-        headers.insert(ids.subject_kind.clone(), v.subject_kind.clone());
+        headers.insert(ids.key_id.clone(), identity.header(Part::KeyId));
+        headers.insert(ids.tenant.clone(), identity.header(Part::Tenant));
+        headers.insert(ids.role.clone(), identity.header(Part::Role));
+        headers.insert(ids.subject.clone(), identity.header(Part::Subject));
+        headers.insert(
+            ids.subject_kind.clone(),
+            HeaderValue::from_static(identity.kind.as_str()),
+        );
     }
 
     append_forwarded_for(headers, fwd.client_ip);

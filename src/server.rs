@@ -127,8 +127,8 @@ pub async fn handle(
         matched = Some(&route.upstream);
         let identity = if route.auth {
             let identity = auth::check(&app.verifier, req.headers(), now_unix()).await?;
-            span.record("key_id", &*identity.key_id);
-            span.record("tenant", &*identity.tenant);
+            span.record("key_id", identity.key_id());
+            span.record("tenant", identity.tenant());
             let tenant = route.tenant(&path, req.headers());
             policy::authorize(route, &identity, req.method(), tenant)?;
             Some(identity)
