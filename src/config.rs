@@ -181,6 +181,9 @@ pub struct ServerConfig {
     pub header_read_timeout: String,
     /// Largest request head (request line plus headers) accepted, in bytes.
     pub max_header_bytes: usize,
+    /// Proxy worker threads, each with its own event loop and upstream connections; 0 for
+    /// one per CPU.
+    pub workers: usize,
 }
 
 impl Default for ServerConfig {
@@ -191,6 +194,7 @@ impl Default for ServerConfig {
             shutdown_grace: "30s".into(),
             header_read_timeout: "10s".into(),
             max_header_bytes: 16 * 1024,
+            workers: 0,
         }
     }
 }
@@ -418,6 +422,10 @@ impl Config {
                 1024,
                 1 << 20,
             )?,
+            workers: match bounded("server.workers", s.workers, 0, 1024)? {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n => n,
+            },
             upstream,
             routes,
             store: self.store_settings()?,
@@ -805,6 +813,8 @@ pub struct Settings {
     pub header_read_timeout: Duration,
     /// Largest request head in bytes.
     pub max_header_bytes: usize,
+    /// Proxy worker threads (resolved: at least 1).
+    pub workers: usize,
     /// The default upstream (`upstream.url`), if set.
     pub upstream: Option<UpstreamSettings>,
     /// The route table (the default upstream is its last, catch-all route).

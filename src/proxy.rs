@@ -186,26 +186,44 @@ pub fn set_path(uri: &mut Uri, path: &str) -> Result<(), Rejection> {
     Ok(())
 }
 
-/// The pooled client to one upstream, shared by every request.
+thread_local! {
+    /// The proxy worker this thread runs (0 off the workers).
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the calling thread as proxy worker `index`, so it uses that worker's upstream pools.
+pub fn set_worker(index: usize) {
+    WORKER.with(|w| w.set(index));
+}
+
+/// The pooled clients to one upstream, one per proxy worker, shared by every request.
+///
+/// Invariant: a worker only uses its own pool. A pooled connection's task runs on the event
+/// loop of the worker that opened it, so a request never hands its bytes to another thread.
 pub struct Upstream {
-    client: Client<HttpConnector, Incoming>,
+    clients: Box<[Client<HttpConnector, Incoming>]>,
     settings: UpstreamSettings,
 }
 
 impl Upstream {
-    /// Builds the connection pool (no connection is made until the first request).
-    pub fn new(settings: UpstreamSettings) -> Self {
+    /// Builds a connection pool for each of `workers` workers (no connection is made until the
+    /// first request).
+    pub fn new(settings: UpstreamSettings, workers: usize) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(settings.connect_timeout));
         connector.set_nodelay(true);
         connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(settings.pool_idle_timeout)
-            .pool_max_idle_per_host(settings.pool_max_idle)
-            .build(connector);
-        Upstream { client, settings }
+        let clients = (0..workers.max(1))
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .pool_timer(TokioTimer::new())
+                    .pool_idle_timeout(settings.pool_idle_timeout)
+                    .pool_max_idle_per_host(settings.pool_max_idle)
+                    .build(connector.clone())
+            })
+            .collect();
+        Upstream { clients, settings }
     }
 
     /// The upstream's settings.
@@ -259,7 +277,8 @@ impl Upstream {
             .target(req.uri().path_and_query())
             .map_err(|_| Rejection::UpstreamUnavailable)?;
         *req.version_mut() = Version::HTTP_11;
-        match tokio::time::timeout(self.settings.timeout, self.client.request(req)).await {
+        let client = &self.clients[WORKER.with(|w| w.get()) % self.clients.len()];
+        match tokio::time::timeout(self.settings.timeout, client.request(req)).await {
             Ok(Ok(mut resp)) => {
                 strip_hop_by_hop(resp.headers_mut());
                 Ok(resp)

@@ -26,7 +26,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use prometheus::IntGauge;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
 
 use crate::config::{IdentitySettings, Settings};
@@ -214,7 +214,8 @@ pub enum ServerError {
 /// A bound, not yet running keygate: both listeners are open, so their addresses are known.
 pub struct Server {
     app: Arc<App>,
-    proxy: TcpListener,
+    /// The proxy listener, once per worker (the same socket).
+    proxy: Vec<std::net::TcpListener>,
     admin: TcpListener,
     settings: Settings,
 }
@@ -236,8 +237,21 @@ impl Server {
                 .await
                 .map_err(|source| ServerError::Bind { addr, source })
         };
-        let proxy = bind(settings.listen).await?;
         let admin = bind(settings.admin_listen).await?;
+        // Every proxy worker accepts on the same socket, from its own event loop.
+        let proxy = bind(settings.listen).await?;
+        let shared = |r: std::io::Result<std::net::TcpListener>| {
+            r.map_err(|source| ServerError::Bind {
+                addr: settings.listen,
+                source,
+            })
+        };
+        let first = shared(proxy.into_std())?;
+        let mut proxy = Vec::with_capacity(settings.workers);
+        for _ in 1..settings.workers {
+            proxy.push(shared(first.try_clone())?);
+        }
+        proxy.push(first);
         let metrics = Arc::new(Metrics::new());
         let verifier = Arc::new(
             Verifier::new(store.clone(), &settings.cache, metrics.clone())
@@ -252,7 +266,7 @@ impl Server {
             let id = format!("{}{}", up.authority, up.base_path);
             let upstream = clients
                 .entry(id)
-                .or_insert_with(|| Arc::new(Upstream::new(up)))
+                .or_insert_with(|| Arc::new(Upstream::new(up, settings.workers)))
                 .clone();
             let name = names.next().expect("one name per route");
             RouteTarget {
@@ -281,7 +295,7 @@ impl Server {
 
     /// The proxy listener's address.
     pub fn proxy_addr(&self) -> SocketAddr {
-        self.proxy
+        self.proxy[0]
             .local_addr()
             .expect("bound listener has an address")
     }
@@ -300,6 +314,11 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then drains in-flight requests for up to the
     /// configured grace period.
+    ///
+    /// The proxy runs on `server.workers` threads, each with its own single-threaded event
+    /// loop accepting on the shared listening socket, so a request, its upstream connection and
+    /// its response stay on one thread (no hand-off, no cross-thread wake-up). The admin
+    /// listener and the background tasks run on the caller's runtime.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         let Server {
             app,
@@ -307,44 +326,33 @@ impl Server {
             admin,
             settings,
         } = self;
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(settings.header_read_timeout)
-            .max_buf_size(settings.max_header_bytes);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_header_list_size(settings.max_header_bytes as u32)
-            .max_concurrent_streams(256)
-            .keep_alive_interval(Duration::from_secs(30));
-
-        let graceful = GracefulShutdown::new();
+        let builder = http_builder(&settings);
         let (stop_tx, stop_rx) = watch::channel(false);
         tracing::info!(
-            listen = %proxy.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            listen = %proxy[0].local_addr().map(|a| a.to_string()).unwrap_or_default(),
             admin = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            workers = proxy.len(),
             "keygate serving"
         );
 
-        let proxy_app = app.clone();
-        let proxy_loop = accept_loop(
-            proxy,
-            builder.clone(),
-            &graceful,
-            stop_rx.clone(),
-            app.metrics.proxy_connections.clone(),
-            move |peer| {
-                let app = proxy_app.clone();
-                // Formatted once per connection, shared by its requests.
-                let client_ip = proxy::ip_value(peer.ip());
-                service_fn(move |req| {
-                    let (app, client_ip) = (app.clone(), client_ip.clone());
-                    async move { Ok::<_, Infallible>(handle(&app, req, &client_ip).await) }
-                })
-            },
-        );
+        let mut workers = Vec::with_capacity(proxy.len());
+        for (index, listener) in proxy.into_iter().enumerate() {
+            let (done_tx, done_rx) = oneshot::channel::<()>();
+            let (app, builder, stop) = (app.clone(), builder.clone(), stop_rx.clone());
+            let grace = settings.shutdown_grace;
+            let spawned = std::thread::Builder::new()
+                .name(format!("keygate-worker-{index}"))
+                .spawn(move || {
+                    proxy_worker(index, listener, app, builder, stop, grace);
+                    let _ = done_tx.send(());
+                });
+            match spawned {
+                Ok(_) => workers.push(done_rx),
+                Err(err) => tracing::error!(error = %err, index, "cannot start a proxy worker"),
+            }
+        }
+
+        let graceful = GracefulShutdown::new();
         let admin_app = app.clone();
         let admin_loop = accept_loop(
             admin,
@@ -366,15 +374,99 @@ impl Server {
             app.state.draining.store(true, Ordering::SeqCst);
             let _ = stop_tx.send(true);
         };
-        tokio::join!(proxy_loop, admin_loop, signal);
+        tokio::join!(admin_loop, signal);
 
-        let open = graceful.count();
-        match tokio::time::timeout(settings.shutdown_grace, graceful.shutdown()).await {
-            Ok(()) => tracing::info!(connections = open, "drained; exiting"),
-            Err(_) => tracing::warn!(
-                grace = ?settings.shutdown_grace,
-                "shutdown grace elapsed with requests still running; exiting"
-            ),
+        // Each worker drains its own connections within the grace period; so does the admin
+        // listener. `stop_tx` lives until then, so no worker mistakes a dropped sender for a
+        // stop before it was asked to.
+        let (drained, _) = tokio::join!(
+            drain(graceful, settings.shutdown_grace),
+            futures_util::future::join_all(workers)
+        );
+        if drained {
+            tracing::info!("drained; exiting");
+        }
+        drop(stop_tx);
+    }
+}
+
+/// The HTTP/1.1 and HTTP/2 server settings shared by both listeners.
+fn http_builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(settings.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(settings.max_header_bytes as u32)
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Duration::from_secs(30));
+    builder
+}
+
+/// One proxy worker: its own single-threaded runtime, accepting on the shared socket until
+/// `stop`, then draining its connections for up to `grace`.
+fn proxy_worker(
+    index: usize,
+    listener: std::net::TcpListener,
+    app: Arc<App>,
+    builder: auto::Builder<TokioExecutor>,
+    stop: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    proxy::set_worker(index);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            tracing::error!(error = %err, index, "cannot start a proxy worker's runtime");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match listener
+            .set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(listener))
+        {
+            Ok(l) => l,
+            Err(err) => {
+                tracing::error!(error = %err, index, "cannot listen in a proxy worker");
+                return;
+            }
+        };
+        let graceful = GracefulShutdown::new();
+        let open = app.metrics.proxy_connections.clone();
+        accept_loop(listener, builder, &graceful, stop, open, move |peer| {
+            let app = app.clone();
+            // Formatted once per connection, shared by its requests.
+            let client_ip = proxy::ip_value(peer.ip());
+            service_fn(move |req| {
+                let (app, client_ip) = (app.clone(), client_ip.clone());
+                async move { Ok::<_, Infallible>(handle(&app, req, &client_ip).await) }
+            })
+        })
+        .await;
+        drain(graceful, grace).await;
+    });
+}
+
+/// Lets the watched connections finish for up to `grace`; whether they all did.
+async fn drain(graceful: GracefulShutdown, grace: Duration) -> bool {
+    let open = graceful.count();
+    match tokio::time::timeout(grace, graceful.shutdown()).await {
+        Ok(()) => true,
+        Err(_) => {
+            tracing::warn!(
+                ?grace,
+                connections = open,
+                "shutdown grace elapsed with requests still running"
+            );
+            false
         }
     }
 }
