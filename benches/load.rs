@@ -91,12 +91,19 @@ fn serve_upstream(addr: SocketAddr) {
     });
 }
 
-/// A child process killed on drop.
+/// A child process stopped on drop: SIGTERM, so that nginx's master stops its workers too
+/// (SIGKILL would leave them running).
 struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        let stopped = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !stopped {
+            let _ = self.0.kill();
+        }
         let _ = self.0.wait();
     }
 }
@@ -173,23 +180,37 @@ http {{
     (Proc(child), addr)
 }
 
-/// wrk's Lua: a random key from the file given as its argument per request (none: no
-/// `Authorization`), each thread seeded apart, and one machine-readable result line.
-const WRK_SCRIPT: &str = r#"
-local keys = {}
-init = function(args)
-  math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)") or "0", 16) % 100000)
-  if args[1] then for line in io.lines(args[1]) do keys[#keys + 1] = line end end
-end
-request = function()
-  if #keys == 0 then return wrk.format("GET", "/") end
-  return wrk.format("GET", "/", { ["Authorization"] = "Bearer " .. keys[math.random(#keys)] })
-end
+/// wrk's result line, shared by both scripts.
+const WRK_DONE: &str = r#"
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format("KGRESULT %d %d %d %d %d %d %d\n", summary.requests, summary.duration,
     e.connect + e.read + e.write + e.timeout, e.status,
     latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
+end
+"#;
+
+/// wrk's Lua for one fixed request: `Authorization` with the first key of the file given as
+/// its argument, formatted once (no Lua per request). Every target of the main table gets
+/// exactly this request, so the load generator spends the same on each.
+const WRK_STATIC: &str = r#"
+init = function(args)
+  if args[1] then
+    for line in io.lines(args[1]) do wrk.headers["Authorization"] = "Bearer " .. line; break end
+  end
+end
+"#;
+
+/// wrk's Lua for the miss path and the floods: a random key of the file per request, each
+/// thread seeded apart.
+const WRK_RANDOM: &str = r#"
+local keys = {}
+init = function(args)
+  math.randomseed(os.time() + tonumber(tostring({}):match("0x(%x+)") or "0", 16) % 100000)
+  for line in io.lines(args[1]) do keys[#keys + 1] = line end
+end
+request = function()
+  return wrk.format("GET", "/", { ["Authorization"] = "Bearer " .. keys[math.random(#keys)] })
 end
 "#;
 
@@ -204,17 +225,16 @@ struct Run {
     non_2xx: u64,
 }
 
-fn wrk(script: &Path, addr: SocketAddr, keys: Option<&Path>, seconds: u64, conns: u64) -> Run {
+fn wrk(script: &Path, addr: SocketAddr, keys: &Path, seconds: u64, conns: u64) -> Run {
     let mut cmd = Command::new("wrk");
     cmd.args(["-t", &workers().to_string()])
         .args(["-c", &conns.to_string()])
         .args(["-d", &format!("{seconds}s")])
         .arg("-s")
         .arg(script)
-        .arg(format!("http://{addr}/"));
-    if let Some(k) = keys {
-        cmd.arg("--").arg(k);
-    }
+        .arg(format!("http://{addr}/"))
+        .arg("--")
+        .arg(keys);
     let out = cmd.output().expect("wrk");
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
@@ -289,8 +309,9 @@ async fn run() {
     let conns = env_num("LOAD_CONNECTIONS", 64);
     let miss_keys = env_num("LOAD_MISS_KEYS", 50_000) as usize;
     let dir = temp_dir("load");
-    let script = dir.join("keygate.lua");
-    std::fs::write(&script, WRK_SCRIPT).unwrap();
+    let (fixed, random) = (dir.join("fixed.lua"), dir.join("random.lua"));
+    std::fs::write(&fixed, format!("{WRK_STATIC}{WRK_DONE}")).unwrap();
+    std::fs::write(&random, format!("{WRK_RANDOM}{WRK_DONE}")).unwrap();
 
     let upstream = loopback(free_port());
     let _upstream = Proc(
@@ -327,21 +348,22 @@ async fn run() {
         wait_for_port(addr, what).await;
     }
 
-    type Target<'a> = (&'a str, SocketAddr, Option<&'a Path>);
+    // (name, address, wrk script, keys file): the same request to the first three.
+    type Target<'a> = (&'a str, SocketAddr, &'a Path, &'a Path);
     let targets: [Target; 4] = [
-        ("upstream alone", upstream, None),
-        ("nginx proxy_pass", nginx, None),
-        ("keygate, cached key", keygate, Some(&cached_file)),
-        ("keygate, miss path", keygate_miss, Some(&miss_file)),
+        ("upstream alone", upstream, &fixed, &cached_file),
+        ("nginx proxy_pass", nginx, &fixed, &cached_file),
+        ("keygate, cached key", keygate, &fixed, &cached_file),
+        ("keygate, miss path", keygate_miss, &random, &miss_file),
     ];
     // Warm-up: connections, pools and the cached key.
-    for (_, addr, keys) in &targets {
-        wrk(&script, *addr, *keys, 2, conns);
+    for (_, addr, script, keys) in &targets {
+        wrk(script, *addr, keys, 2, conns);
     }
     let mut results: Vec<Vec<Run>> = vec![Vec::new(); targets.len()];
     for round in 0..rounds {
-        for (i, (name, addr, keys)) in targets.iter().enumerate() {
-            let r = wrk(&script, *addr, *keys, seconds, conns);
+        for (i, (name, addr, script, keys)) in targets.iter().enumerate() {
+            let r = wrk(script, *addr, keys, seconds, conns);
             println!(
                 "round {}: {name:<22} {:>9.0} req/s  p99 {:>6.0} µs  errors {} non-2xx {}",
                 round + 1,
@@ -365,7 +387,7 @@ async fn run() {
     println!(
         "| target | req/s | p50 | p99 | p99.9 | non-2xx or errors |\n| --- | --- | --- | --- | --- | --- |"
     );
-    for (i, (name, _, _)) in targets.iter().enumerate() {
+    for (i, (name, _, _, _)) in targets.iter().enumerate() {
         let runs = &results[i];
         println!(
             "| {name} | {:.0} | {:.0} µs | {:.0} µs | {:.0} µs | {} |",
@@ -397,7 +419,7 @@ async fn run() {
         rps(3) / rps(2)
     );
 
-    flood(&script, &dir, &redis, upstream, &ns, seconds, conns).await;
+    flood(&random, &dir, &redis, upstream, &ns, seconds, conns).await;
     drop(store);
     cached_million().await;
 }
@@ -452,7 +474,7 @@ async fn flood(
         ),
     ] {
         redis.reset_stats();
-        let r = wrk(script, kg, Some(file), seconds, conns);
+        let r = wrk(script, kg, file, seconds, conns);
         let requests = (r.rps * seconds as f64) as u64;
         println!("| {name} | {requests} | {} | ≤ {bound} |", lookups(redis));
     }
