@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue};
@@ -23,34 +22,16 @@ use keygate::policy::authorize;
 use keygate::proxy::{rewrite_request_headers, Forwarded};
 use keygate::route::normalize;
 use keygate::server::Server;
-use keygate::store::{KeyRecord, Store, StoreError};
+use keygate::store::{KeyRecord, Store};
 use keygate::verify::{Identity, Verifier};
 
 mod support;
 
 /// A one-record store; only the first lookup reaches it, the rest are cache hits.
-struct OneKey(KeyRecord);
-
-#[async_trait]
-impl Store for OneKey {
-    async fn lookup(&self, d: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
-        Ok((self.0.digest == *d).then(|| self.0.clone()))
-    }
-    async fn insert(&self, _: &KeyRecord) -> Result<(), StoreError> {
-        Ok(())
-    }
-    async fn get(&self, _: &str) -> Result<Option<KeyRecord>, StoreError> {
-        Ok(None)
-    }
-    async fn list(&self, _: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
-        Ok(Vec::new())
-    }
-    async fn revoke(&self, _: &str, _: u64) -> Result<Option<KeyRecord>, StoreError> {
-        Ok(None)
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
+fn one_key(record: KeyRecord) -> Arc<dyn Store> {
+    Arc::new(support::FnStore(move |d: &KeyDigest| {
+        (record.digest == *d).then(|| record.clone())
+    }))
 }
 
 fn record(digest: KeyDigest) -> KeyRecord {
@@ -94,7 +75,7 @@ fn hot_path(c: &mut Criterion) {
         .build()
         .unwrap();
     let verifier = Verifier::new(
-        Arc::new(OneKey(record(key.digest))),
+        one_key(record(key.digest)),
         &CacheSettings {
             capacity: 10_000,
             ttl: Duration::from_secs(3600),
@@ -212,7 +193,7 @@ fn whole_request(c: &mut Criterion) {
         config.log.access = false;
         let server = Server::bind_with_store(
             config.serve_settings().unwrap(),
-            Arc::new(OneKey(record(key.digest))),
+            one_key(record(key.digest)),
         )
         .await
         .unwrap();

@@ -28,14 +28,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
-
 use common::{free_port, namespace, redis_store, temp_dir, RedisServer};
 use keygate::config::CacheSettings;
 use keygate::key::{generate, KeyDigest, KeyKind};
 use keygate::manage::{self, NewKey};
 use keygate::metrics::Metrics;
-use keygate::store::{now_unix, KeyRecord, Store, StoreError};
+use keygate::store::{now_unix, KeyRecord};
 use keygate::verify::Verifier;
 
 /// Worker threads (and nginx workers): the machine's cores.
@@ -480,41 +478,21 @@ async fn flood(
     }
 }
 
-/// A store that knows every key: the cache fills without holding records anywhere else.
-struct EveryKey;
-
-#[async_trait]
-impl Store for EveryKey {
-    async fn lookup(&self, d: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
-        Ok(Some(KeyRecord {
-            id: format!("key_{}", &d.to_hex()[..16]),
-            digest: *d,
-            name: "load".into(),
-            tenant: "tenant-0001".into(),
-            role: "member".into(),
-            subject: format!("user-{}", &d.to_hex()[..8]),
-            kind: KeyKind::User,
-            created_at: 1,
-            expires_at: None,
-            revoked_at: None,
-            last_used_at: None,
-        }))
-    }
-    async fn insert(&self, _: &KeyRecord) -> Result<(), StoreError> {
-        Ok(())
-    }
-    async fn get(&self, _: &str) -> Result<Option<KeyRecord>, StoreError> {
-        Ok(None)
-    }
-    async fn list(&self, _: Option<&str>) -> Result<Vec<KeyRecord>, StoreError> {
-        Ok(Vec::new())
-    }
-    async fn revoke(&self, _: &str, _: u64) -> Result<Option<KeyRecord>, StoreError> {
-        Ok(None)
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
+/// A record for every digest: the cache fills without the store holding anything.
+fn every_key(d: &KeyDigest) -> Option<KeyRecord> {
+    Some(KeyRecord {
+        id: format!("key_{}", &d.to_hex()[..16]),
+        digest: *d,
+        name: "load".into(),
+        tenant: "tenant-0001".into(),
+        role: "member".into(),
+        subject: format!("user-{}", &d.to_hex()[..8]),
+        kind: KeyKind::User,
+        created_at: 1,
+        expires_at: None,
+        revoked_at: None,
+        last_used_at: None,
+    })
 }
 
 fn rss_kib(field: &str) -> u64 {
@@ -531,7 +509,7 @@ async fn cached_million() {
     const N: u64 = 1_000_000;
     let before = rss_kib("VmRSS:");
     let verifier = Verifier::new(
-        Arc::new(EveryKey),
+        Arc::new(support::FnStore(every_key)),
         &CacheSettings {
             capacity: N + N / 10,
             ttl: Duration::from_secs(3600),

@@ -15,10 +15,6 @@ use keygate::store::redis::RedisStore;
 use keygate::store::{now_unix, InvalidationSink, KeyRecord, Store, StoreError};
 use tokio::sync::oneshot;
 
-/// How long an instance may take to apply a message it was sent (generous for a loaded CI
-/// machine; the benchmark measures the real figure).
-const PROPAGATION: Duration = Duration::from_secs(3);
-
 fn config(redis_url: &str, ns: &str, upstream: &str) -> Config {
     let mut c = test_config(redis_url, ns, upstream);
     c.store.health_check_interval = "200ms".into();
@@ -27,25 +23,6 @@ fn config(redis_url: &str, ns: &str, upstream: &str) -> Config {
     c.cache.ttl = "1h".into();
     c.cache.negative_ttl = "1h".into();
     c
-}
-
-async fn status_of(http: &Http, kg: &Keygate, key: &str) -> (u16, String) {
-    let reply = http.get_with_key(&kg.url("/"), key).await;
-    let code = if reply.status == 200 {
-        String::new()
-    } else {
-        reply.error_code()
-    };
-    (reply.status.as_u16(), code)
-}
-
-async fn wait_for_status(http: &Http, kg: &Keygate, key: &str, want: u16, what: &str) {
-    let (http, url, key) = (http.clone(), kg.url("/"), key.to_owned());
-    eventually(PROPAGATION, what, || {
-        let (http, url, key) = (http.clone(), url.clone(), key.clone());
-        async move { http.get_with_key(&url, &key).await.status == want }
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,34 +10,12 @@ use keygate::config::Config;
 use keygate::manage::{self, RotateExpiry};
 use keygate::store::now_unix;
 
-/// How long an instance may take to apply an invalidation on a loaded CI machine.
-const PROPAGATION: Duration = Duration::from_secs(3);
-
 fn config(redis_url: &str, ns: &str, upstream: &str) -> Config {
     let mut c = test_config(redis_url, ns, upstream);
     // Long cache lives, so that only invalidations can explain a changed verdict.
     c.cache.ttl = "1h".into();
     c.cache.negative_ttl = "1h".into();
     c
-}
-
-async fn status(http: &Http, kg: &Keygate, key: &str) -> (u16, String) {
-    let reply = http.get_with_key(&kg.url("/"), key).await;
-    let code = if reply.status == 200 {
-        String::new()
-    } else {
-        reply.error_code()
-    };
-    (reply.status.as_u16(), code)
-}
-
-async fn wait_status(http: &Http, kg: &Keygate, key: &str, want: u16, what: &str) {
-    let (http, url, key) = (http.clone(), kg.url("/"), key.to_owned());
-    eventually(PROPAGATION, what, || {
-        let (http, url, key) = (http.clone(), url.clone(), key.clone());
-        async move { http.get_with_key(&url, &key).await.status == want }
-    })
-    .await;
 }
 
 struct Env {
@@ -104,7 +82,7 @@ async fn a_service_account_key_works_and_names_are_unique_per_tenant() {
     assert_eq!(created["key_shown_once"], true);
     assert_eq!(s(&created, "key_id"), s(&created, "key_id"));
 
-    assert_eq!(status(&env.http, &env.kg, &key).await.0, 200);
+    assert_eq!(status_of(&env.http, &env.kg, &key).await.0, 200);
     let seen = env._upstream.requests();
     let h = &seen.last().unwrap().headers;
     assert_eq!(h["x-keygate-subject-kind"], "service_account");
@@ -173,7 +151,7 @@ async fn rotation_rejects_the_old_key_at_once_on_a_running_proxy() {
     let env = Env::start("sa-rotate").await;
     let created = env.create("acme", "worker", "member");
     let (id, old) = (s(&created, "id"), s(&created, "key"));
-    assert_eq!(status(&env.http, &env.kg, &old).await.0, 200);
+    assert_eq!(status_of(&env.http, &env.kg, &old).await.0, 200);
 
     let rotated = env.json(&["service-accounts", "rotate", &id, "--expires-in", "30d"]);
     let new = s(&rotated, "key");
@@ -181,12 +159,12 @@ async fn rotation_rejects_the_old_key_at_once_on_a_running_proxy() {
     assert_ne!(s(&rotated, "key_id"), s(&created, "key_id"));
     assert!(rotated["expires_at"].is_string(), "{rotated}");
 
-    wait_status(&env.http, &env.kg, &old, 401, "the old key is rejected").await;
+    wait_for_status(&env.http, &env.kg, &old, 401, "the old key is rejected").await;
     assert_eq!(
-        status(&env.http, &env.kg, &old).await,
+        status_of(&env.http, &env.kg, &old).await,
         (401, "key_revoked".into())
     );
-    assert_eq!(status(&env.http, &env.kg, &new).await.0, 200);
+    assert_eq!(status_of(&env.http, &env.kg, &new).await.0, 200);
 
     let shown = env.json(&["service-accounts", "show", &id]);
     assert_eq!(s(&shown, "key_id"), s(&rotated, "key_id"));
@@ -199,7 +177,7 @@ async fn rotation_with_grace_keeps_both_keys_until_the_grace_ends() {
     let store = redis_store(&env.redis, &env.ns);
     let created = env.create("acme", "agent", "member");
     let old = s(&created, "key");
-    assert_eq!(status(&env.http, &env.kg, &old).await.0, 200);
+    assert_eq!(status_of(&env.http, &env.kg, &old).await.0, 200);
 
     let rotated = manage::rotate_service_account(
         &*store,
@@ -213,8 +191,8 @@ async fn rotation_with_grace_keeps_both_keys_until_the_grace_ends() {
     .unwrap();
     let new = rotated.key.secret.expose().to_owned();
     // Within the grace period both keys work.
-    assert_eq!(status(&env.http, &env.kg, &old).await.0, 200);
-    assert_eq!(status(&env.http, &env.kg, &new).await.0, 200);
+    assert_eq!(status_of(&env.http, &env.kg, &old).await.0, 200);
+    assert_eq!(status_of(&env.http, &env.kg, &new).await.0, 200);
 
     let (http, url) = (env.http.clone(), env.kg.url("/"));
     eventually(Duration::from_secs(6), "the grace period ends", || {
@@ -223,10 +201,10 @@ async fn rotation_with_grace_keeps_both_keys_until_the_grace_ends() {
     })
     .await;
     assert_eq!(
-        status(&env.http, &env.kg, &old).await,
+        status_of(&env.http, &env.kg, &old).await,
         (401, "key_expired".into())
     );
-    assert_eq!(status(&env.http, &env.kg, &new).await.0, 200);
+    assert_eq!(status_of(&env.http, &env.kg, &new).await.0, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -239,13 +217,13 @@ async fn removal_rejects_every_key_of_the_account() {
     let rotated = env.json(&["service-accounts", "rotate", &id, "--grace", "1h"]);
     let second = s(&rotated, "key");
     for k in [&first, &second] {
-        assert_eq!(status(&env.http, &env.kg, k).await.0, 200);
+        assert_eq!(status_of(&env.http, &env.kg, k).await.0, 200);
     }
 
     let removed = env.json(&["service-accounts", "remove", &id]);
     assert_eq!(s(&removed, "id"), id);
     for k in [&first, &second] {
-        wait_status(
+        wait_for_status(
             &env.http,
             &env.kg,
             k,
@@ -254,7 +232,7 @@ async fn removal_rejects_every_key_of_the_account() {
         )
         .await;
         assert_eq!(
-            status(&env.http, &env.kg, k).await,
+            status_of(&env.http, &env.kg, k).await,
             (401, "key_revoked".into())
         );
     }

@@ -593,6 +593,31 @@ impl Http {
     }
 }
 
+/// How long an instance may take to apply an invalidation it was sent (generous for a loaded
+/// CI machine; `cargo bench --bench revocation` measures the real figure).
+pub const PROPAGATION: Duration = Duration::from_secs(3);
+
+/// A GET of `/` with `key`: its status and, unless 200, its error code.
+pub async fn status_of(http: &Http, kg: &Keygate, key: &str) -> (u16, String) {
+    let reply = http.get_with_key(&kg.url("/"), key).await;
+    let code = if reply.status == 200 {
+        String::new()
+    } else {
+        reply.error_code()
+    };
+    (reply.status.as_u16(), code)
+}
+
+/// Polls a GET of `/` with `key` until it answers `want`, within [`PROPAGATION`].
+pub async fn wait_for_status(http: &Http, kg: &Keygate, key: &str, want: u16, what: &str) {
+    let (http, url, key) = (http.clone(), kg.url("/"), key.to_owned());
+    eventually(PROPAGATION, what, || {
+        let (http, url, key) = (http.clone(), url.clone(), key.clone());
+        async move { http.get_with_key(&url, &key).await.status == want }
+    })
+    .await;
+}
+
 /// A namespace no other test uses.
 pub fn namespace(tag: &str) -> String {
     format!(
