@@ -1,10 +1,12 @@
 //! Listeners, the request path, and shutdown.
 //!
 //! [`handle`] is the whole request path on one screen: request id, path normalisation, route,
-//! credential and verdict, policy, header rewrite, forward, error mapping, access log. The
-//! accept loops around it keep going through accept errors (EMFILE must not kill the process)
-//! and run each connection in its own task with hyper's header read timeout and size limits. Shutdown is a sequence: readiness goes
-//! false, the listeners close, in-flight requests get up to `shutdown_grace` to finish.
+//! credential and verdict, policy, header rewrite, forward, error mapping, access log. It runs
+//! on the proxy workers: one thread each, with its own single-threaded event loop and upstream
+//! pools, all accepting on the same socket. The accept loops keep going through accept errors
+//! (EMFILE must not kill the process) and run each connection in its own task with hyper's
+//! header read timeout and size limits. Shutdown is a sequence: readiness goes false, the
+//! listeners close, in-flight requests get up to `shutdown_grace` to finish.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
