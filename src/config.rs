@@ -982,6 +982,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn workers_default_to_one_per_cpu_and_are_bounded() {
+        let mut c = Config::default();
+        c.upstream.url = Some("http://127.0.0.1:3000".into());
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(c.serve_settings().unwrap().workers, cpus);
+        c.server.workers = 3;
+        assert_eq!(c.serve_settings().unwrap().workers, 3);
+        c.server.workers = 5000;
+        let err = c.serve_settings().unwrap_err().to_string();
+        assert!(err.starts_with("server.workers"), "{err}");
+    }
+
+    #[test]
     fn the_startup_dump_masks_the_redis_password() {
         let mut c = Config::default();
         c.store.redis_url = "redis://app:s3cret@redis.internal:6379/2".into();
