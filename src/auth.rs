@@ -87,6 +87,36 @@ mod tests {
         h
     }
 
+    proptest::proptest! {
+        /// Any header bytes a client can send: a classified refusal or a real key, never a
+        /// panic; and a key is accepted only if it is the one generated.
+        #[test]
+        fn any_authorization_bytes_are_classified(raw in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            if let Ok(v) = HeaderValue::from_bytes(&raw) {
+                let mut h = HeaderMap::new();
+                h.insert(AUTHORIZATION, v);
+                proptest::prop_assert!(bearer_token(&h).is_err());
+            }
+        }
+
+        #[test]
+        fn a_key_with_junk_around_it_is_refused(pre in "[ -~]{1,8}", post in "[!-~]{1,8}") {
+            let k = generate(KeyKind::User);
+            for value in [
+                format!("Bearer {pre}{}", k.secret.expose()),
+                format!("Bearer {}{post}", k.secret.expose()),
+            ] {
+                let mut h = HeaderMap::new();
+                h.insert(AUTHORIZATION, HeaderValue::from_str(&value).unwrap());
+                // Leading or trailing blanks are trimmed; anything else breaks the key.
+                if let Ok(t) = bearer_token(&h) {
+                    proptest::prop_assert_eq!(t.digest(), k.digest);
+                    proptest::prop_assert!(pre.trim().is_empty());
+                }
+            }
+        }
+    }
+
     #[test]
     fn bearer_scheme_is_case_insensitive() {
         let k = generate(KeyKind::User);
