@@ -492,14 +492,9 @@ fn print_account_key(created: &CreatedAccount, verb: &str, output: Output) {
                 a.tenant,
                 a.role,
                 created.key.record.id,
-                a.expires_at
-                    .map(format_time)
-                    .unwrap_or_else(|| "never".into())
+                time_or(a.expires_at, "never")
             );
-            println!();
-            println!("    {key}");
-            println!();
-            println!("This key is shown once: store it now. It cannot be shown again.");
+            print_secret(key);
         }
     }
 }
@@ -514,9 +509,7 @@ fn print_accounts(accounts: &[ServiceAccount]) {
                 a.tenant.clone(),
                 a.role.clone(),
                 a.key_id.clone(),
-                a.expires_at
-                    .map(format_time)
-                    .unwrap_or_else(|| "never".into()),
+                time_or(a.expires_at, "never"),
             ]
         })
         .collect();
@@ -539,14 +532,9 @@ fn print_created(created: &CreatedKey, output: Output) {
                 r.name,
                 r.tenant,
                 r.role,
-                r.expires_at
-                    .map(format_time)
-                    .unwrap_or_else(|| "never".into())
+                time_or(r.expires_at, "never")
             );
-            println!();
-            println!("    {key}");
-            println!();
-            println!("This key is shown once: store it now. It cannot be shown again.");
+            print_secret(key);
         }
     }
 }
@@ -563,22 +551,9 @@ fn print_record(r: &KeyRecord, output: Output) -> anyhow::Result<()> {
                 ("subject", r.subject.clone()),
                 ("kind", r.kind.as_str().into()),
                 ("created", format_time(r.created_at)),
-                (
-                    "expires",
-                    r.expires_at
-                        .map(format_time)
-                        .unwrap_or_else(|| "never".into()),
-                ),
-                (
-                    "revoked",
-                    r.revoked_at.map(format_time).unwrap_or_else(|| "no".into()),
-                ),
-                (
-                    "last used",
-                    r.last_used_at
-                        .map(format_time)
-                        .unwrap_or_else(|| "never".into()),
-                ),
+                ("expires", time_or(r.expires_at, "never")),
+                ("revoked", time_or(r.revoked_at, "no")),
+                ("last used", time_or(r.last_used_at, "never")),
             ];
             for (k, v) in rows {
                 println!("{k:<9} {v}");
@@ -606,17 +581,26 @@ fn print_table(records: &[KeyRecord]) {
                 r.name.clone(),
                 r.tenant.clone(),
                 r.role.clone(),
-                r.expires_at
-                    .map(format_time)
-                    .unwrap_or_else(|| "never".into()),
-                r.revoked_at.map(format_time).unwrap_or_else(|| "-".into()),
-                r.last_used_at
-                    .map(format_time)
-                    .unwrap_or_else(|| "never".into()),
+                time_or(r.expires_at, "never"),
+                time_or(r.revoked_at, "-"),
+                time_or(r.last_used_at, "never"),
             ]
         })
         .collect();
     print_rows(&header, &rows);
+}
+
+/// A time for people, or `none` when unset.
+fn time_or(t: Option<u64>, none: &str) -> String {
+    t.map(format_time).unwrap_or_else(|| none.into())
+}
+
+/// Prints a new key, with the warning that it is shown only now.
+fn print_secret(key: &str) {
+    println!();
+    println!("    {key}");
+    println!();
+    println!("This key is shown once: store it now. It cannot be shown again.");
 }
 
 fn print_rows(header: &[&str], rows: &[Vec<String>]) {

@@ -234,14 +234,14 @@ pub async fn revoke_key(
     now: u64,
     actor: &str,
 ) -> Result<KeyRecord, ManageError> {
-    let result = match check_id("id", id) {
-        Ok(()) => store
+    let result = async {
+        check_id("id", id)?;
+        store
             .revoke(id, now)
-            .await
-            .map_err(ManageError::from)
-            .and_then(|r| r.ok_or_else(|| not_found("key", id))),
-        Err(e) => Err(e),
-    };
+            .await?
+            .ok_or_else(|| not_found("key", id))
+    }
+    .await;
     let tenant = result.as_ref().map(|r| r.tenant.as_str()).unwrap_or("-");
     audit(store, actor, "keys.revoke", id, tenant, &result, now).await;
     result
@@ -477,14 +477,14 @@ pub async fn remove_service_account(
     now: u64,
     actor: &str,
 ) -> Result<ServiceAccount, ManageError> {
-    let result = match check_id("id", id) {
-        Ok(()) => store
+    let result = async {
+        check_id("id", id)?;
+        store
             .remove_account(id, now)
-            .await
-            .map_err(ManageError::from)
-            .and_then(|a| a.ok_or_else(|| not_found("service account", id))),
-        Err(e) => Err(e),
-    };
+            .await?
+            .ok_or_else(|| not_found("service account", id))
+    }
+    .await;
     let tenant = result.as_ref().map(|a| a.tenant.as_str()).unwrap_or("-");
     audit(
         store,

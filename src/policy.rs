@@ -56,23 +56,15 @@ pub fn authorize<U>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::key::{KeyDigest, KeyKind};
+    use crate::key::KeyDigest;
     use crate::route::{Grant, TenantFrom};
     use crate::store::KeyRecord;
 
     fn identity(role: &str, tenant: &str) -> Identity {
         Identity::from_record(&KeyRecord {
-            id: "key_1".into(),
-            digest: KeyDigest([0; 32]),
-            name: "n".into(),
             tenant: tenant.into(),
             role: role.into(),
-            subject: "alice".into(),
-            kind: KeyKind::User,
-            created_at: 1,
-            expires_at: None,
-            revoked_at: None,
-            last_used_at: None,
+            ..KeyRecord::example(KeyDigest([0; 32]))
         })
         .unwrap()
     }

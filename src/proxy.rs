@@ -314,24 +314,10 @@ pub fn new_request_id() -> HeaderValue {
 mod tests {
     use super::*;
     use crate::config::{Config, UpstreamConfig};
-    use crate::key::KeyKind;
     use crate::store::KeyRecord;
 
     fn identity() -> Identity {
-        Identity::from_record(&KeyRecord {
-            id: "key_1".into(),
-            digest: crate::key::KeyDigest([0; 32]),
-            name: "n".into(),
-            tenant: "acme".into(),
-            role: "admin".into(),
-            subject: "alice".into(),
-            kind: KeyKind::User,
-            created_at: 1,
-            expires_at: None,
-            revoked_at: None,
-            last_used_at: None,
-        })
-        .unwrap()
+        Identity::from_record(&KeyRecord::example(crate::key::KeyDigest([0; 32]))).unwrap()
     }
 
     fn upstream() -> UpstreamSettings {

@@ -558,17 +558,8 @@ mod tests {
 
     fn record(digest: KeyDigest, expires_at: Option<u64>) -> KeyRecord {
         KeyRecord {
-            id: "key_1".into(),
-            digest,
-            name: "n".into(),
-            tenant: "acme".into(),
-            role: "admin".into(),
-            subject: "alice".into(),
-            kind: KeyKind::User,
-            created_at: 1,
             expires_at,
-            revoked_at: None,
-            last_used_at: None,
+            ..KeyRecord::example(digest)
         }
     }
 

@@ -8,7 +8,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use keygate::config::Config;
 use keygate::key::{generate, GeneratedKey, KeyKind};
 
 const WITHIN: Duration = Duration::from_secs(5);
@@ -64,11 +63,7 @@ async fn file_rig() -> FileRig {
     let keys_file = dir.join("keys.toml");
     std::fs::write(&keys_file, "# keys\n").unwrap();
     let upstream = Upstream::start().await;
-    let mut config = Config::default();
-    config.server.listen = "127.0.0.1:0".into();
-    config.server.admin_listen = "127.0.0.1:0".into();
-    config.upstream.url = Some(upstream.url());
-    config.store.keys_file = Some(keys_file.to_str().unwrap().into());
+    let config = file_test_config(&keys_file, &upstream.url());
     let keygate = Keygate::start(config).await;
     FileRig {
         _upstream: upstream,
@@ -216,17 +211,8 @@ async fn concurrent_cli_writers_keep_every_key() {
 
 #[tokio::test]
 async fn serve_refuses_a_missing_keys_file() {
-    let mut config = Config::default();
-    config.server.listen = "127.0.0.1:0".into();
-    config.server.admin_listen = "127.0.0.1:0".into();
-    config.upstream.url = Some("http://127.0.0.1:1".into());
-    config.store.keys_file = Some(
-        temp_dir("missing")
-            .join("nope.toml")
-            .to_str()
-            .unwrap()
-            .into(),
-    );
+    let missing = temp_dir("missing").join("nope.toml");
+    let config = file_test_config(&missing, "http://127.0.0.1:1");
     let settings = config.serve_settings().unwrap();
     let err = keygate::server::Server::bind(settings).await.err().unwrap();
     assert!(err.to_string().contains("does not exist"), "{err}");

@@ -6,7 +6,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use keygate::config::Config;
 use keygate::store::Store;
 
 async fn last_used(store: &dyn Store, id: &str) -> Option<u64> {
@@ -47,11 +46,7 @@ async fn last_use_is_recorded_beside_the_keys_file_without_rewriting_it() {
     let keys_file = dir.join("keys.toml");
     std::fs::write(&keys_file, "# keys\n").unwrap();
     let upstream = Upstream::start().await;
-    let mut config = Config::default();
-    config.server.listen = "127.0.0.1:0".into();
-    config.server.admin_listen = "127.0.0.1:0".into();
-    config.upstream.url = Some(upstream.url());
-    config.store.keys_file = Some(keys_file.to_str().unwrap().into());
+    let mut config = file_test_config(&keys_file, &upstream.url());
     config.store.last_used_interval = "1s".into();
     let writer = keygate::store::file::FileStore::open(&keys_file, true).unwrap();
     let key = create_key(&writer, "acme", "admin").await;

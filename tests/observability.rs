@@ -249,16 +249,7 @@ impl ServeProcess {
 
 /// Runs a key-management command at the most verbose log level; returns (stdout, stderr).
 fn cli(args: &[&str], redis_url: &str, ns: &str) -> (String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args(args)
-        .args([
-            "--redis-url",
-            redis_url,
-            "--namespace",
-            ns,
-            "--output",
-            "json",
-        ])
+    let out = keygate_command(redis_url, ns, args)
         .env("RUST_LOG", "trace")
         .output()
         .unwrap();

@@ -52,6 +52,26 @@ pub struct KeyRecord {
     pub last_used_at: Option<u64>,
 }
 
+#[cfg(test)]
+impl KeyRecord {
+    /// A live user key of `alice` in tenant `acme` with role `admin`, for unit tests.
+    pub(crate) fn example(digest: KeyDigest) -> Self {
+        KeyRecord {
+            id: "key_1".into(),
+            digest,
+            name: "n".into(),
+            tenant: "acme".into(),
+            role: "admin".into(),
+            subject: "alice".into(),
+            kind: KeyKind::User,
+            created_at: 1,
+            expires_at: None,
+            revoked_at: None,
+            last_used_at: None,
+        }
+    }
+}
+
 impl KeyRecord {
     /// Whether the key has expired at `now` (Unix seconds).
     pub fn is_expired(&self, now: u64) -> bool {

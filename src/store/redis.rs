@@ -303,18 +303,22 @@ impl RedisStore {
         }
     }
 
-    async fn fetch(&self, digest: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
-        let key = self.record_key(digest);
+    /// Every field of a hash; `None` when the key does not exist.
+    async fn hash(&self, key: String) -> Result<Option<HashMap<String, String>>, StoreError> {
         let fields: HashMap<String, String> = self
             .idempotent(|mut c| {
                 let key = key.clone();
                 async move { c.hgetall(key).await }
             })
             .await?;
-        if fields.is_empty() {
-            return Ok(None);
+        Ok((!fields.is_empty()).then_some(fields))
+    }
+
+    async fn fetch(&self, digest: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
+        match self.hash(self.record_key(digest)).await? {
+            Some(fields) => decode(*digest, fields).map(Some),
+            None => Ok(None),
         }
-        decode(*digest, fields).map(Some)
     }
 }
 
@@ -438,17 +442,10 @@ impl Store for RedisStore {
     }
 
     async fn get_account(&self, id: &str) -> Result<Option<ServiceAccount>, StoreError> {
-        let key = self.account_key(id);
-        let fields: HashMap<String, String> = self
-            .idempotent(|mut c| {
-                let key = key.clone();
-                async move { c.hgetall(key).await }
-            })
-            .await?;
-        if fields.is_empty() {
-            return Ok(None);
+        match self.hash(self.account_key(id)).await? {
+            Some(fields) => decode_account(fields).map(Some),
+            None => Ok(None),
         }
-        decode_account(fields).map(Some)
     }
 
     async fn list_accounts(&self, tenant: Option<&str>) -> Result<Vec<ServiceAccount>, StoreError> {

@@ -405,6 +405,16 @@ pub fn test_config(redis_url: &str, namespace: &str, upstream: &str) -> Config {
     c
 }
 
+/// A config for a test on the embedded file store: loopback listeners on port 0.
+pub fn file_test_config(keys_file: &std::path::Path, upstream: &str) -> Config {
+    let mut c = Config::default();
+    c.server.listen = "127.0.0.1:0".into();
+    c.server.admin_listen = "127.0.0.1:0".into();
+    c.upstream.url = Some(upstream.into());
+    c.store.keys_file = Some(keys_file.to_str().unwrap().into());
+    c
+}
+
 impl Keygate {
     pub async fn start(config: Config) -> Self {
         let settings = config.serve_settings().expect("valid test config");
@@ -737,20 +747,18 @@ impl Scrape {
 // ---------------------------------------------------------------------------------------------
 // Key management through the real binary, and what Redis holds
 
+/// The `keygate` binary with `args`, against a Redis namespace, with `--output json`.
+pub fn keygate_command(redis_url: &str, ns: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
+    cmd.args(args)
+        .args(["--redis-url", redis_url, "--namespace", ns])
+        .args(["--output", "json"]);
+    cmd
+}
+
 /// Runs the `keygate` binary against a Redis namespace with `--output json`.
 pub fn keygate_cli(redis_url: &str, ns: &str, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args(args)
-        .args([
-            "--redis-url",
-            redis_url,
-            "--namespace",
-            ns,
-            "--output",
-            "json",
-        ])
-        .output()
-        .unwrap()
+    keygate_command(redis_url, ns, args).output().unwrap()
 }
 
 /// Runs the binary, expects success, and parses its JSON output.
