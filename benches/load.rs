@@ -6,7 +6,9 @@
 //! harness says so when they are missing). Settings by environment: `LOAD_SECONDS` (per run,
 //! default 10), `LOAD_ROUNDS` (default 3), `LOAD_CONNECTIONS` (default 64), `LOAD_MISS_KEYS`
 //! (keys of the miss-path population, default 50,000, with a 1,000-entry cache),
-//! `LOAD_ONLY=memory` (only the 1,000,000-verdict memory figure).
+//! `LOAD_ONLY=memory` (only the 1,000,000-verdict memory figure), `LOAD_ONLY=table` (only the
+//! table, without the floods and the memory figure), `LOAD_ONLY=hold` (start everything, print
+//! the addresses and process ids, and wait: for profilers).
 //!
 //! It starts: a fast upstream (this same binary, re-run with `--serve-upstream`), a
 //! `redis-server`, keygate with one cached key, keygate in front of a key population far larger
@@ -216,6 +218,10 @@ end
 #[derive(Clone, Copy, Debug, Default)]
 struct Run {
     rps: f64,
+    requests: f64,
+    /// CPU time per 1,000 requests of the target's processes, and of the upstream, in ms.
+    cpu_ms: f64,
+    upstream_cpu_ms: f64,
     p50_us: f64,
     p99_us: f64,
     p999_us: f64,
@@ -245,6 +251,9 @@ fn wrk(script: &Path, addr: SocketAddr, keys: &Path, seconds: u64, conns: u64) -
         .collect();
     Run {
         rps: n[0] / (n[1] / 1e6),
+        requests: n[0],
+        cpu_ms: 0.0,
+        upstream_cpu_ms: 0.0,
         errors: n[2] as u64,
         non_2xx: n[3] as u64,
         p50_us: n[4],
@@ -290,6 +299,35 @@ async fn create_keys(store: Arc<keygate::store::redis::RedisStore>, n: usize) ->
         all.extend(keys.unwrap());
     }
     all
+}
+
+/// CPU time (user and system, in clock ticks of 10 ms) of a process, its threads and its
+/// children (nginx's workers), from `/proc`.
+fn cpu_ticks(pid: u32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten();
+    tasks
+        .flatten()
+        .map(|task| {
+            let path = task.path();
+            let own = std::fs::read_to_string(path.join("stat")).map_or(0, |stat| {
+                // Fields after the parenthesised name: utime and stime are the 12th and 13th.
+                let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+                let f: Vec<u64> = rest
+                    .split_whitespace()
+                    .map(|v| v.parse().unwrap_or(0))
+                    .collect();
+                f.get(11).unwrap_or(&0) + f.get(12).unwrap_or(&0)
+            });
+            let children = std::fs::read_to_string(path.join("children")).unwrap_or_default();
+            own + children
+                .split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .map(cpu_ticks)
+                .sum::<u64>()
+        })
+        .sum()
 }
 
 fn median(runs: &[Run], f: impl Fn(&Run) -> f64) -> f64 {
@@ -346,27 +384,69 @@ async fn run() {
         wait_for_port(addr, what).await;
     }
 
-    // (name, address, wrk script, keys file): the same request to the first three.
-    type Target<'a> = (&'a str, SocketAddr, &'a Path, &'a Path);
+    // (name, address, wrk script, keys file, process): the same request to the first three.
+    type Target<'a> = (&'a str, SocketAddr, &'a Path, &'a Path, u32);
+    let upstream_pid = _upstream.0.id();
     let targets: [Target; 4] = [
-        ("upstream alone", upstream, &fixed, &cached_file),
-        ("nginx proxy_pass", nginx, &fixed, &cached_file),
-        ("keygate, cached key", keygate, &fixed, &cached_file),
-        ("keygate, miss path", keygate_miss, &random, &miss_file),
+        (
+            "upstream alone",
+            upstream,
+            &fixed,
+            &cached_file,
+            upstream_pid,
+        ),
+        (
+            "nginx proxy_pass",
+            nginx,
+            &fixed,
+            &cached_file,
+            _nginx.0.id(),
+        ),
+        (
+            "keygate, cached key",
+            keygate,
+            &fixed,
+            &cached_file,
+            _kg.0.id(),
+        ),
+        (
+            "keygate, miss path",
+            keygate_miss,
+            &random,
+            &miss_file,
+            _kg_miss.0.id(),
+        ),
     ];
+    if std::env::var("LOAD_ONLY").as_deref() == Ok("hold") {
+        // For profilers: the setup stays up until the harness is stopped.
+        for (name, addr, _, keys, pid) in &targets {
+            println!(
+                "{name}: http://{addr}/ (pid {pid}, keys {})",
+                keys.display()
+            );
+        }
+        std::future::pending::<()>().await;
+    }
     // Warm-up: connections, pools and the cached key.
-    for (_, addr, script, keys) in &targets {
+    for (_, addr, script, keys, _) in &targets {
         wrk(script, *addr, keys, 2, conns);
     }
     let mut results: Vec<Vec<Run>> = vec![Vec::new(); targets.len()];
     for round in 0..rounds {
-        for (i, (name, addr, script, keys)) in targets.iter().enumerate() {
-            let r = wrk(script, *addr, keys, seconds, conns);
+        for (i, (name, addr, script, keys, pid)) in targets.iter().enumerate() {
+            let (cpu, upstream_cpu) = (cpu_ticks(*pid), cpu_ticks(upstream_pid));
+            let mut r = wrk(script, *addr, keys, seconds, conns);
+            // Clock ticks of 10 ms, per 1,000 requests.
+            let per_1k = |ticks: u64| ticks as f64 * 10.0 * 1000.0 / r.requests.max(1.0);
+            r.cpu_ms = per_1k(cpu_ticks(*pid) - cpu);
+            r.upstream_cpu_ms = per_1k(cpu_ticks(upstream_pid) - upstream_cpu);
             println!(
-                "round {}: {name:<22} {:>9.0} req/s  p99 {:>6.0} µs  errors {} non-2xx {}",
+                "round {}: {name:<22} {:>9.0} req/s  p99 {:>6.0} µs  cpu {:>5.2} ms/1k req (upstream {:>5.2})  errors {} non-2xx {}",
                 round + 1,
                 r.rps,
                 r.p99_us,
+                r.cpu_ms,
+                r.upstream_cpu_ms,
                 r.errors,
                 r.non_2xx
             );
@@ -383,16 +463,18 @@ async fn run() {
         rounds
     );
     println!(
-        "| target | req/s | p50 | p99 | p99.9 | non-2xx or errors |\n| --- | --- | --- | --- | --- | --- |"
+        "| target | req/s | p50 | p99 | p99.9 | CPU per 1k requests | upstream CPU per 1k | non-2xx or errors |\n| --- | --- | --- | --- | --- | --- | --- | --- |"
     );
-    for (i, (name, _, _, _)) in targets.iter().enumerate() {
+    for (i, (name, _, _, _, _)) in targets.iter().enumerate() {
         let runs = &results[i];
         println!(
-            "| {name} | {:.0} | {:.0} µs | {:.0} µs | {:.0} µs | {} |",
+            "| {name} | {:.0} | {:.0} µs | {:.0} µs | {:.0} µs | {:.2} ms | {:.2} ms | {} |",
             median(runs, |r| r.rps),
             median(runs, |r| r.p50_us),
             median(runs, |r| r.p99_us),
             median(runs, |r| r.p999_us),
+            median(runs, |r| r.cpu_ms),
+            median(runs, |r| r.upstream_cpu_ms),
             runs.iter().map(|r| r.errors + r.non_2xx).sum::<u64>()
         );
     }
@@ -409,6 +491,10 @@ async fn run() {
         p99(2) / p99(1)
     );
     println!(
+        "| keygate cached / nginx, proxy CPU per request | {:.2} | |",
+        median(&results[2], |r| r.cpu_ms) / median(&results[1], |r| r.cpu_ms)
+    );
+    println!(
         "| keygate cached / upstream alone, throughput | {:.2} | |",
         rps(2) / rps(0)
     );
@@ -417,6 +503,9 @@ async fn run() {
         rps(3) / rps(2)
     );
 
+    if std::env::var("LOAD_ONLY").as_deref() == Ok("table") {
+        return;
+    }
     flood(&random, &dir, &redis, upstream, &ns, seconds, conns).await;
     drop(store);
     cached_million().await;

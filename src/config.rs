@@ -209,9 +209,9 @@ pub struct UpstreamConfig {
     pub connect_timeout: String,
     /// Time the upstream has to send response headers.
     pub timeout: String,
-    /// How long an idle pooled connection is kept.
+    /// How long a pooled connection may sit idle and still be reused.
     pub pool_idle_timeout: String,
-    /// Idle pooled connections kept per upstream host.
+    /// Pooled connections kept per upstream and proxy worker (0: a connection per request).
     pub pool_max_idle: usize,
     /// Send the client's `Host` upstream instead of the upstream's authority.
     pub preserve_host: bool,
@@ -857,9 +857,9 @@ pub struct UpstreamSettings {
     pub connect_timeout: Duration,
     /// Time to response headers.
     pub timeout: Duration,
-    /// Idle pooled connection lifetime.
+    /// How long a pooled connection may sit idle and still be reused.
     pub pool_idle_timeout: Duration,
-    /// Idle pooled connections per host.
+    /// Pooled connections per upstream and proxy worker.
     pub pool_max_idle: usize,
     /// Forward the client's `Host`.
     pub preserve_host: bool,

@@ -1,5 +1,5 @@
 //! Forwarding: rewrite an authenticated request for the upstream and send it over the shared
-//! connection pool, streaming bodies both ways.
+//! worker's connection pool, streaming bodies both ways.
 //!
 //! Header rules, in this order (the order is what makes them safe):
 //! 1. hop-by-hop headers go, with every header the client named in `Connection`;
@@ -11,15 +11,15 @@
 //! remove or replace an identity header keygate adds.
 
 use std::net::IpAddr;
-use std::time::Duration;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderName, AUTHORIZATION, CONNECTION, HOST};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{IdentitySettings, UpstreamSettings};
 use crate::rejection::Rejection;
@@ -187,21 +187,75 @@ pub fn set_path(uri: &mut Uri, path: &str) -> Result<(), Rejection> {
 }
 
 thread_local! {
-    /// The proxy worker this thread runs (0 off the workers).
-    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// The proxy worker this thread runs; `OFF_WORKER` on any other thread.
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(OFF_WORKER) };
 }
+
+const OFF_WORKER: usize = usize::MAX;
 
 /// Marks the calling thread as proxy worker `index`, so it uses that worker's upstream pools.
 pub fn set_worker(index: usize) {
     WORKER.with(|w| w.set(index));
 }
 
-/// The pooled clients to one upstream, one per proxy worker, shared by every request.
+/// An HTTP/1.1 connection to the upstream, with when it last answered.
+struct Pooled {
+    sender: SendRequest<Incoming>,
+    since: Instant,
+}
+
+/// One worker's connections to one upstream.
+///
+/// A connection is checked back in as soon as its response head arrives, while the body may
+/// still be streaming; checkout takes the most recently used connection that is ready for a
+/// new request (hyper's `is_ready`: the previous exchange is over), drops the closed ones
+/// and the ones idle past the idle timeout, and leaves busy ones where they are.
+#[derive(Default)]
+struct Pool {
+    // Invariant: only the owning worker's thread takes this lock (see `Upstream::pool`), it
+    // is never held across an await, so it is never contended.
+    conns: Mutex<Vec<Pooled>>,
+}
+
+impl Pool {
+    fn checkout(&self, idle_timeout: Duration) -> Option<SendRequest<Incoming>> {
+        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        let stale = |c: &Pooled| c.sender.is_ready() && now - c.since > idle_timeout;
+        conns.retain(|c| !(c.sender.is_closed() || stale(c)));
+        let ready = conns.iter().rposition(|c| c.sender.is_ready())?;
+        Some(conns.swap_remove(ready).sender)
+    }
+
+    fn checkin(&self, sender: SendRequest<Incoming>, max: usize) {
+        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        if conns.len() < max {
+            conns.push(Pooled {
+                sender,
+                since: Instant::now(),
+            });
+        }
+        // Else the sender is dropped: the connection closes once its exchange is over.
+    }
+}
+
+/// Why an upstream exchange failed.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("cannot connect: {0}")]
+    Connect(Box<dyn std::error::Error + Send + Sync>),
+    #[error(transparent)]
+    Http(#[from] hyper::Error),
+}
+
+/// The connections to one upstream: a pool per proxy worker, shared by every request.
 ///
 /// Invariant: a worker only uses its own pool. A pooled connection's task runs on the event
 /// loop of the worker that opened it, so a request never hands its bytes to another thread.
+/// Requests from other threads (the admin runtime, tests) share one extra pool.
 pub struct Upstream {
-    clients: Box<[Client<HttpConnector, Incoming>]>,
+    pools: Box<[Pool]>,
+    connector: HttpConnector,
     settings: UpstreamSettings,
 }
 
@@ -213,17 +267,11 @@ impl Upstream {
         connector.set_connect_timeout(Some(settings.connect_timeout));
         connector.set_nodelay(true);
         connector.set_keepalive(Some(Duration::from_secs(60)));
-        let clients = (0..workers.max(1))
-            .map(|_| {
-                Client::builder(TokioExecutor::new())
-                    .timer(TokioTimer::new())
-                    .pool_timer(TokioTimer::new())
-                    .pool_idle_timeout(settings.pool_idle_timeout)
-                    .pool_max_idle_per_host(settings.pool_max_idle)
-                    .build(connector.clone())
-            })
-            .collect();
-        Upstream { clients, settings }
+        Upstream {
+            pools: (0..=workers.max(1)).map(|_| Pool::default()).collect(),
+            connector,
+            settings,
+        }
     }
 
     /// The upstream's settings.
@@ -231,26 +279,22 @@ impl Upstream {
         &self.settings
     }
 
-    /// Builds the upstream URI for a request path.
+    /// The calling worker's pool.
+    fn pool(&self) -> &Pool {
+        let last = self.pools.len() - 1;
+        &self.pools[WORKER.with(|w| w.get()).min(last)]
+    }
+
+    /// The request target in origin form (`/base/path?query`), as HTTP/1.1 sends it.
     fn target(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
-        if let (true, Some(pq)) = (self.settings.base_path.is_empty(), pq) {
+        match (self.settings.base_path.is_empty(), pq) {
             // Reuse the parsed path and query (a reference count, no copy, no re-parse).
-            let mut parts = http::uri::Parts::default();
-            parts.scheme = Some(self.settings.scheme.clone());
-            parts.authority = Some(self.settings.authority.clone());
-            parts.path_and_query = Some(pq.clone());
-            return Ok(Uri::from_parts(parts)?);
-        }
-        let pq = pq.map(PathAndQuery::as_str).unwrap_or("/");
-        let builder = Uri::builder()
-            .scheme(self.settings.scheme.clone())
-            .authority(self.settings.authority.clone());
-        if self.settings.base_path.is_empty() {
-            builder.path_and_query(pq).build()
-        } else {
-            builder
-                .path_and_query(format!("{}{pq}", self.settings.base_path))
-                .build()
+            (true, Some(pq)) => Ok(Uri::from(pq.clone())),
+            (true, None) => Ok(Uri::from_static("/")),
+            (false, pq) => {
+                let pq = pq.map(PathAndQuery::as_str).unwrap_or("/");
+                Ok(Uri::try_from(format!("{}{pq}", self.settings.base_path))?)
+            }
         }
     }
 
@@ -270,6 +314,49 @@ impl Upstream {
         }
     }
 
+    /// Opens a new connection; its task runs on the calling worker's event loop.
+    async fn connect(&self) -> Result<SendRequest<Incoming>, SendError> {
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(self.settings.scheme.clone());
+        uri.authority = Some(self.settings.authority.clone());
+        uri.path_and_query = Some(PathAndQuery::from_static("/"));
+        let uri = Uri::from_parts(uri).map_err(|e| SendError::Connect(e.into()))?;
+        let io = tower_service::Service::call(&mut self.connector.clone(), uri)
+            .await
+            .map_err(|e| SendError::Connect(e.into()))?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                tracing::debug!(error = %err, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// One exchange: on a pooled connection if one is ready, else on a new one. A request
+    /// that a pooled connection closed before writing (the upstream ended an idle keep-alive
+    /// connection as it was sent) is retried on another: it never reached the upstream.
+    async fn exchange(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, SendError> {
+        let pool = self.pool();
+        loop {
+            let (mut sender, reused) = match pool.checkout(self.settings.pool_idle_timeout) {
+                Some(sender) => (sender, true),
+                None => (self.connect().await?, false),
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    pool.checkin(sender, self.settings.pool_max_idle);
+                    return Ok(resp);
+                }
+                Err(mut err) => match err.take_message() {
+                    // Each retry consumes a pooled connection, so this ends.
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(err.into_error().into()),
+                },
+            }
+        }
+    }
+
     /// Sends a rewritten request upstream; answers with the upstream's response head (the body
     /// streams on) or the refusal that maps the failure.
     pub async fn send(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, Rejection> {
@@ -277,14 +364,14 @@ impl Upstream {
             .target(req.uri().path_and_query())
             .map_err(|_| Rejection::UpstreamUnavailable)?;
         *req.version_mut() = Version::HTTP_11;
-        let client = &self.clients[WORKER.with(|w| w.get()) % self.clients.len()];
-        match tokio::time::timeout(self.settings.timeout, client.request(req)).await {
+        match tokio::time::timeout(self.settings.timeout, self.exchange(req)).await {
             Ok(Ok(mut resp)) => {
                 strip_hop_by_hop(resp.headers_mut());
                 Ok(resp)
             }
             Ok(Err(err)) => {
-                tracing::warn!(error = %err, connect = err.is_connect(), "upstream request failed");
+                let connect = matches!(err, SendError::Connect(_));
+                tracing::warn!(error = %err, connect, "upstream request failed");
                 Err(Rejection::UpstreamUnavailable)
             }
             Err(_) => {

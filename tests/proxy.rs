@@ -387,3 +387,78 @@ async fn admin_probes_answer() {
     let missing = r.http.get(&r.keygate.admin_url("/nope"), &[]).await;
     assert_eq!(missing.status, 404);
 }
+
+/// A bare HTTP/1.1 upstream that counts its connections and answers `200 ok` to each request
+/// head; with `close_after_answer` it closes every connection right after its first answer,
+/// without saying so (no `Connection: close`), as an upstream ending idle keep-alive
+/// connections does.
+async fn counting_upstream(
+    close_after_answer: bool,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let conns = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // Bodiless requests: each ends with an empty line.
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(answer).await.is_err() || close_after_answer {
+                            return;
+                        }
+                    }
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (url, conns)
+}
+
+/// Keygate with Redis in front of `upstream`, and a key it accepts (the Redis server must be
+/// kept alive).
+async fn in_front_of(upstream: &str) -> (RedisServer, Keygate, String) {
+    let redis = RedisServer::start();
+    let ns = namespace("pool");
+    let store = redis_store(&redis, &ns);
+    let keygate = Keygate::start(test_config(&redis.url(), &ns, upstream)).await;
+    let key = create_key(&*store, "acme", "member").await;
+    (redis, keygate, key.secret.expose().to_string())
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused() {
+    let (url, conns) = counting_upstream(false).await;
+    let (_redis, keygate, key) = in_front_of(&url).await;
+    let http = Http::new();
+    for _ in 0..20 {
+        let reply = http.get_with_key(&keygate.url("/"), &key).await;
+        assert_eq!(reply.status, 200);
+    }
+    // One client connection is served by one worker, whose pool keeps one upstream connection.
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_upstream_closing_pooled_connections_costs_no_request() {
+    let (url, conns) = counting_upstream(true).await;
+    let (_redis, keygate, key) = in_front_of(&url).await;
+    let http = Http::new();
+    for i in 0..200 {
+        let reply = http.get_with_key(&keygate.url("/"), &key).await;
+        assert_eq!(reply.status, 200, "request {i}: {:?}", reply.body);
+    }
+    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 200);
+}
