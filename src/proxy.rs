@@ -11,7 +11,8 @@
 //! remove or replace an identity header keygate adds.
 
 use std::net::IpAddr;
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderName, AUTHORIZATION, CONNECTION, HOST};
@@ -208,27 +209,40 @@ struct Pooled {
 ///
 /// A connection is checked back in as soon as its response head arrives, while the body may
 /// still be streaming; checkout takes the most recently used connection that is ready for a
-/// new request (hyper's `is_ready`: the previous exchange is over), drops the closed ones
-/// and the ones idle past the idle timeout, and leaves busy ones where they are.
+/// new request (hyper's `is_ready`: the previous exchange is over) and leaves busy ones where
+/// they are. Closed connections, and ones idle past the idle timeout, are dropped at checkout
+/// and by a sweeper task, so an idle pool lets its connections go without any traffic.
 #[derive(Default)]
 struct Pool {
     // Invariant: only the owning worker's thread takes this lock (see `Upstream::pool`), it
     // is never held across an await, so it is never contended.
     conns: Mutex<Vec<Pooled>>,
+    /// Whether the sweeper runs (it starts with the pool's first connection).
+    sweeping: AtomicBool,
 }
 
 impl Pool {
-    fn checkout(&self, idle_timeout: Duration) -> Option<SendRequest<Incoming>> {
-        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Pooled>> {
+        self.conns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Drops closed connections and ready ones idle past `idle_timeout` (dropping the sender
+    /// closes an idle connection).
+    fn drop_stale(conns: &mut Vec<Pooled>, idle_timeout: Duration) {
         let now = Instant::now();
         let stale = |c: &Pooled| c.sender.is_ready() && now - c.since > idle_timeout;
         conns.retain(|c| !(c.sender.is_closed() || stale(c)));
+    }
+
+    fn checkout(&self, idle_timeout: Duration) -> Option<SendRequest<Incoming>> {
+        let mut conns = self.lock();
+        Self::drop_stale(&mut conns, idle_timeout);
         let ready = conns.iter().rposition(|c| c.sender.is_ready())?;
         Some(conns.swap_remove(ready).sender)
     }
 
     fn checkin(&self, sender: SendRequest<Incoming>, max: usize) {
-        let mut conns = self.conns.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut conns = self.lock();
         if conns.len() < max {
             conns.push(Pooled {
                 sender,
@@ -236,6 +250,25 @@ impl Pool {
             });
         }
         // Else the sender is dropped: the connection closes once its exchange is over.
+    }
+
+    /// Starts the sweeper on the calling worker's event loop, once. It ends when the pool
+    /// is dropped.
+    fn start_sweeper(self: &Arc<Self>, idle_timeout: Duration) {
+        if self.sweeping.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let pool = Arc::downgrade(self);
+        let every = (idle_timeout / 2).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(pool) = pool.upgrade() else { return };
+                Self::drop_stale(&mut pool.lock(), idle_timeout);
+            }
+        });
     }
 }
 
@@ -254,7 +287,7 @@ enum SendError {
 /// loop of the worker that opened it, so a request never hands its bytes to another thread.
 /// Requests from other threads (the admin runtime, tests) share one extra pool.
 pub struct Upstream {
-    pools: Box<[Pool]>,
+    pools: Box<[Arc<Pool>]>,
     connector: HttpConnector,
     settings: UpstreamSettings,
 }
@@ -268,7 +301,7 @@ impl Upstream {
         connector.set_nodelay(true);
         connector.set_keepalive(Some(Duration::from_secs(60)));
         Upstream {
-            pools: (0..=workers.max(1)).map(|_| Pool::default()).collect(),
+            pools: (0..=workers.max(1)).map(|_| Arc::default()).collect(),
             connector,
             settings,
         }
@@ -280,7 +313,7 @@ impl Upstream {
     }
 
     /// The calling worker's pool.
-    fn pool(&self) -> &Pool {
+    fn pool(&self) -> &Arc<Pool> {
         let last = self.pools.len() - 1;
         &self.pools[WORKER.with(|w| w.get()).min(last)]
     }
@@ -314,8 +347,8 @@ impl Upstream {
         }
     }
 
-    /// Opens a new connection; its task runs on the calling worker's event loop.
-    async fn connect(&self) -> Result<SendRequest<Incoming>, SendError> {
+    /// Opens a new connection for `pool`; its task runs on the calling worker's event loop.
+    async fn connect(&self, pool: &Arc<Pool>) -> Result<SendRequest<Incoming>, SendError> {
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(self.settings.scheme.clone());
         uri.authority = Some(self.settings.authority.clone());
@@ -330,6 +363,7 @@ impl Upstream {
                 tracing::debug!(error = %err, "upstream connection ended with an error");
             }
         });
+        pool.start_sweeper(self.settings.pool_idle_timeout);
         Ok(sender)
     }
 
@@ -341,7 +375,7 @@ impl Upstream {
         loop {
             let (mut sender, reused) = match pool.checkout(self.settings.pool_idle_timeout) {
                 Some(sender) => (sender, true),
-                None => (self.connect().await?, false),
+                None => (self.connect(pool).await?, false),
             };
             match sender.try_send_request(req).await {
                 Ok(resp) => {

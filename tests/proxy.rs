@@ -388,22 +388,31 @@ async fn admin_probes_answer() {
     assert_eq!(missing.status, 404);
 }
 
+/// What [`counting_upstream`] saw: connections opened, and a count of connections keygate
+/// closed.
+struct Counts {
+    opened: std::sync::atomic::AtomicUsize,
+    closed_by_keygate: tokio::sync::watch::Sender<usize>,
+}
+
 /// A bare HTTP/1.1 upstream that counts its connections and answers `200 ok` to each request
 /// head; with `close_after_answer` it closes every connection right after its first answer,
 /// without saying so (no `Connection: close`), as an upstream ending idle keep-alive
 /// connections does.
-async fn counting_upstream(
-    close_after_answer: bool,
-) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+async fn counting_upstream(close_after_answer: bool) -> (String, std::sync::Arc<Counts>) {
+    use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let conns = std::sync::Arc::new(AtomicUsize::new(0));
-    let counted = conns.clone();
+    let counts = std::sync::Arc::new(Counts {
+        opened: Default::default(),
+        closed_by_keygate: tokio::sync::watch::Sender::new(0),
+    });
+    let counted = counts.clone();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
-            counted.fetch_add(1, Ordering::SeqCst);
+            counted.opened.fetch_add(1, Ordering::SeqCst);
+            let counted = counted.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
@@ -417,48 +426,72 @@ async fn counting_upstream(
                         }
                     }
                     match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
+                        Ok(0) | Err(_) => {
+                            counted.closed_by_keygate.send_modify(|n| *n += 1);
+                            return;
+                        }
                         Ok(n) => buf.extend_from_slice(&chunk[..n]),
                     }
                 }
             });
         }
     });
-    (url, conns)
+    (url, counts)
 }
 
 /// Keygate with Redis in front of `upstream`, and a key it accepts (the Redis server must be
 /// kept alive).
-async fn in_front_of(upstream: &str) -> (RedisServer, Keygate, String) {
+async fn in_front_of(
+    upstream: &str,
+    tweak: impl FnOnce(&mut keygate::config::Config),
+) -> (RedisServer, Keygate, String) {
     let redis = RedisServer::start();
     let ns = namespace("pool");
     let store = redis_store(&redis, &ns);
-    let keygate = Keygate::start(test_config(&redis.url(), &ns, upstream)).await;
+    let mut config = test_config(&redis.url(), &ns, upstream);
+    tweak(&mut config);
+    let keygate = Keygate::start(config).await;
     let key = create_key(&*store, "acme", "member").await;
     (redis, keygate, key.secret.expose().to_string())
 }
 
 #[tokio::test]
 async fn upstream_connections_are_reused() {
-    let (url, conns) = counting_upstream(false).await;
-    let (_redis, keygate, key) = in_front_of(&url).await;
+    let (url, counts) = counting_upstream(false).await;
+    let (_redis, keygate, key) = in_front_of(&url, |_| {}).await;
     let http = Http::new();
     for _ in 0..20 {
         let reply = http.get_with_key(&keygate.url("/"), &key).await;
         assert_eq!(reply.status, 200);
     }
     // One client connection is served by one worker, whose pool keeps one upstream connection.
-    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(counts.opened.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
 async fn an_upstream_closing_pooled_connections_costs_no_request() {
-    let (url, conns) = counting_upstream(true).await;
-    let (_redis, keygate, key) = in_front_of(&url).await;
+    let (url, counts) = counting_upstream(true).await;
+    let (_redis, keygate, key) = in_front_of(&url, |_| {}).await;
     let http = Http::new();
     for i in 0..200 {
         let reply = http.get_with_key(&keygate.url("/"), &key).await;
         assert_eq!(reply.status, 200, "request {i}: {:?}", reply.body);
     }
-    assert_eq!(conns.load(std::sync::atomic::Ordering::SeqCst), 200);
+    assert_eq!(counts.opened.load(std::sync::atomic::Ordering::SeqCst), 200);
+}
+
+#[tokio::test]
+async fn idle_upstream_connections_are_closed_without_traffic() {
+    let (url, counts) = counting_upstream(false).await;
+    let (_redis, keygate, key) =
+        in_front_of(&url, |c| c.upstream.pool_idle_timeout = "300ms".into()).await;
+    let reply = Http::new().get_with_key(&keygate.url("/"), &key).await;
+    assert_eq!(reply.status, 200);
+    // No request follows: only the pool's sweeper can close the connection.
+    let mut closed = counts.closed_by_keygate.subscribe();
+    tokio::time::timeout(Duration::from_secs(10), closed.wait_for(|n| *n == 1))
+        .await
+        .expect("keygate closed its idle upstream connection")
+        .unwrap();
+    assert_eq!(counts.opened.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
