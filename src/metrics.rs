@@ -75,6 +75,15 @@ impl RouteMetrics {
     }
 }
 
+/// One upstream's connection-pool series.
+#[derive(Clone)]
+pub struct PoolMetrics {
+    /// Connections opened.
+    pub opened: IntCounter,
+    /// Requests resent because their pooled connection closed before they were written.
+    pub retried: IntCounter,
+}
+
 /// The process's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -82,6 +91,8 @@ pub struct Metrics {
     processing: HistogramVec,
     upstream: HistogramVec,
     upstream_errors: IntCounterVec,
+    upstream_connections: IntCounterVec,
+    upstream_retries: IntCounterVec,
     /// Verdicts answered from the cache.
     pub cache_hits: IntCounter,
     /// Cache hits whose verdict was "no such key".
@@ -168,6 +179,22 @@ impl Metrics {
             &["route", "kind"],
         )
         .expect("valid metric");
+        let upstream_connections = IntCounterVec::new(
+            Opts::new(
+                "keygate_upstream_connections_opened_total",
+                "Connections opened to an upstream, by upstream (a steady rise under steady load means connections are not being reused).",
+            ),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        let upstream_retries = IntCounterVec::new(
+            Opts::new(
+                "keygate_upstream_retries_total",
+                "Requests resent on another connection because the pooled one they were given closed before they were written, by upstream.",
+            ),
+            &["upstream"],
+        )
+        .expect("valid metric");
         let evictions = IntCounterVec::new(
             Opts::new(
                 "keygate_cache_evictions_total",
@@ -201,6 +228,8 @@ impl Metrics {
             processing: processing.clone(),
             upstream: upstream.clone(),
             upstream_errors: upstream_errors.clone(),
+            upstream_connections: upstream_connections.clone(),
+            upstream_retries: upstream_retries.clone(),
             cache_hits: counter(
                 "keygate_cache_hits_total",
                 "Verdicts answered from the in-process cache.",
@@ -268,6 +297,8 @@ impl Metrics {
         register(Box::new(processing));
         register(Box::new(upstream));
         register(Box::new(upstream_errors));
+        register(Box::new(upstream_connections));
+        register(Box::new(upstream_retries));
         register(Box::new(evictions));
         register(Box::new(connections));
         register(Box::new(m.store_latency.clone()));
@@ -315,6 +346,15 @@ impl Metrics {
                 .upstream_errors
                 .with_label_values(&[name, "unavailable"]),
             upstream_timeout: self.upstream_errors.with_label_values(&[name, "timeout"]),
+        }
+    }
+
+    /// Resolves an upstream's connection-pool series (at startup), labelled with its
+    /// authority.
+    pub fn pool(&self, upstream: &str) -> PoolMetrics {
+        PoolMetrics {
+            opened: self.upstream_connections.with_label_values(&[upstream]),
+            retried: self.upstream_retries.with_label_values(&[upstream]),
         }
     }
 

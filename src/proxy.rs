@@ -23,6 +23,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use crate::config::{IdentitySettings, UpstreamSettings};
+use crate::metrics::PoolMetrics;
 use crate::rejection::Rejection;
 use crate::verify::{Identity, Part};
 
@@ -289,13 +290,14 @@ enum SendError {
 pub struct Upstream {
     pools: Box<[Arc<Pool>]>,
     connector: HttpConnector,
+    metrics: PoolMetrics,
     settings: UpstreamSettings,
 }
 
 impl Upstream {
     /// Builds a connection pool for each of `workers` workers (no connection is made until the
     /// first request).
-    pub fn new(settings: UpstreamSettings, workers: usize) -> Self {
+    pub fn new(settings: UpstreamSettings, workers: usize, metrics: PoolMetrics) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(settings.connect_timeout));
         connector.set_nodelay(true);
@@ -303,6 +305,7 @@ impl Upstream {
         Upstream {
             pools: (0..=workers.max(1)).map(|_| Arc::default()).collect(),
             connector,
+            metrics,
             settings,
         }
     }
@@ -364,6 +367,7 @@ impl Upstream {
             }
         });
         pool.start_sweeper(self.settings.pool_idle_timeout);
+        self.metrics.opened.inc();
         Ok(sender)
     }
 
@@ -384,7 +388,10 @@ impl Upstream {
                 }
                 Err(mut err) => match err.take_message() {
                     // Each retry consumes a pooled connection, so this ends.
-                    Some(unsent) if reused => req = unsent,
+                    Some(unsent) if reused => {
+                        self.metrics.retried.inc();
+                        req = unsent;
+                    }
                     _ => return Err(err.into_error().into()),
                 },
             }

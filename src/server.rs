@@ -268,7 +268,10 @@ impl Server {
             let id = format!("{}{}", up.authority, up.base_path);
             let upstream = clients
                 .entry(id)
-                .or_insert_with(|| Arc::new(Upstream::new(up, settings.workers)))
+                .or_insert_with(|| {
+                    let pool = metrics.pool(up.authority.as_str());
+                    Arc::new(Upstream::new(up, settings.workers, pool))
+                })
                 .clone();
             let name = names.next().expect("one name per route");
             RouteTarget {

@@ -466,6 +466,14 @@ async fn upstream_connections_are_reused() {
     }
     // One client connection is served by one worker, whose pool keeps one upstream connection.
     assert_eq!(counts.opened.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(opened_metric(&keygate, &url).await, 1.0);
+}
+
+/// `keygate_upstream_connections_opened_total` for the upstream at `url`.
+async fn opened_metric(keygate: &Keygate, url: &str) -> f64 {
+    let authority = url.trim_start_matches("http://");
+    let series = format!("keygate_upstream_connections_opened_total{{upstream=\"{authority}\"}}");
+    keygate.scrape().await.get(&series)
 }
 
 #[tokio::test]
@@ -478,6 +486,7 @@ async fn an_upstream_closing_pooled_connections_costs_no_request() {
         assert_eq!(reply.status, 200, "request {i}: {:?}", reply.body);
     }
     assert_eq!(counts.opened.load(std::sync::atomic::Ordering::SeqCst), 200);
+    assert_eq!(opened_metric(&keygate, &url).await, 200.0);
 }
 
 #[tokio::test]
