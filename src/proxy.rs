@@ -52,25 +52,37 @@ fn hop_by_hop() -> [&'static HeaderName; 9] {
 
 /// Removes hop-by-hop headers, including every header named in `Connection`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most requests carry none: one pass over the few names present is cheaper than nine
-    // removals by hash.
+    // One pass over the few names present finds which hop-by-hop headers to remove: cheaper
+    // than nine removals by hash, and most requests carry none.
     let hop = hop_by_hop();
-    if !headers.keys().any(|n| hop.contains(&n)) {
-        return;
-    }
-    if headers.contains_key(CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(CONNECTION)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .filter_map(|t| HeaderName::from_bytes(trim(t)).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
+    let mut present = [false; 9];
+    for name in headers.keys() {
+        if let Some(i) = hop.iter().position(|h| *h == name) {
+            present[i] = true;
         }
     }
-    for name in hop {
-        headers.remove(name);
+    if !present.contains(&true) {
+        return;
+    }
+    // `hop[0]` is `Connection`. The names it lists are removed by reference: a token that
+    // names no header present (`keep-alive`, `close`) costs a lookup, never an allocation.
+    if present[0] {
+        let mut values = headers.get_all(CONNECTION).iter();
+        let first = values.next().cloned();
+        // Empty, so not allocated, unless `Connection` appears more than once.
+        let more: Vec<HeaderValue> = values.cloned().collect();
+        for value in first.iter().chain(&more) {
+            for token in value.as_bytes().split(|&b| b == b',') {
+                if let Ok(name) = std::str::from_utf8(trim(token)) {
+                    headers.remove(name);
+                }
+            }
+        }
+    }
+    for (name, present) in hop.into_iter().zip(present) {
+        if present {
+            headers.remove(name);
+        }
     }
 }
 
@@ -512,6 +524,21 @@ mod tests {
         for gone in ["connection", "x-custom", "keep-alive", "te"] {
             assert!(h.get(gone).is_none(), "{gone} forwarded");
         }
+    }
+
+    #[test]
+    fn connection_tokens_match_any_case_and_junk_is_ignored() {
+        let h = rewrite(&[
+            ("connection", "X-Custom, , keep-alive,not a name"),
+            ("connection", "X-Other"),
+            ("x-custom", "1"),
+            ("x-other", "2"),
+            ("x-kept", "3"),
+        ]);
+        for gone in ["connection", "x-custom", "x-other"] {
+            assert!(h.get(gone).is_none(), "{gone} forwarded");
+        }
+        assert_eq!(h["x-kept"], "3");
     }
 
     #[test]
