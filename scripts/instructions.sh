@@ -5,6 +5,7 @@
 #
 #   scripts/instructions.sh            # needs valgrind, wrk and nginx
 #   RUN_SECONDS=20 CONNECTIONS=16 scripts/instructions.sh
+#   PROXY=nginx scripts/instructions.sh   # the same count for nginx as a plain proxy_pass
 #
 # It builds keygate with the `profiling` profile, starts nginx as a keep-alive upstream that
 # answers `200 ok`, runs keygate under callgrind (one proxy worker, the embedded file store,
@@ -79,22 +80,44 @@ EOF
 
 proxy=$(free_port)
 admin=$(free_port)
-RUST_LOG=warn KEYGATE__LOG__ACCESS=false KEYGATE__SERVER__WORKERS=1 \
-  valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out.%p" \
-  "$keygate" serve --keys-file "$dir/keys.toml" --listen "127.0.0.1:$proxy" \
-  --admin-listen "127.0.0.1:$admin" --upstream "http://127.0.0.1:$upstream" \
-  >"$dir/keygate.log" 2>&1 &
-pids+=($!)
+callgrind=(valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out.%p")
+if [ "${PROXY:-keygate}" = nginx ]; then
+  # One nginx process (no master), keepalive to the upstream, like the load harness's.
+  cat >"$dir/proxy.conf" <<EOF
+daemon off;
+master_process off;
+worker_processes 1;
+pid $dir/proxy.pid;
+error_log $dir/proxy-error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  upstream app { server 127.0.0.1:$upstream; keepalive 64; }
+  server {
+    listen 127.0.0.1:$proxy;
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+EOF
+  "${callgrind[@]}" nginx -p "$dir" -c "$dir/proxy.conf" >"$dir/proxy.log" 2>&1 &
+else
+  RUST_LOG=warn KEYGATE__LOG__ACCESS=false KEYGATE__SERVER__WORKERS=1 \
+    "${callgrind[@]}" "$keygate" serve --keys-file "$dir/keys.toml" \
+    --listen "127.0.0.1:$proxy" --admin-listen "127.0.0.1:$admin" \
+    --upstream "http://127.0.0.1:$upstream" >"$dir/proxy.log" 2>&1 &
+fi
+target=$!
+pids+=("$target")
 wait_for "$upstream"
 wait_for "$proxy"
 
 wrk -t1 -c"$connections" -d3s -s "$dir/wrk.lua" "http://127.0.0.1:$proxy/things" >/dev/null
-callgrind_control -z "$keygate" >/dev/null 2>&1
+callgrind_control -z "$target" >/dev/null 2>&1
 requests=$(wrk -t1 -c"$connections" -d"${run_seconds}s" -s "$dir/wrk.lua" \
   "http://127.0.0.1:$proxy/things" | sed -n 's/^REQUESTS //p')
-callgrind_control -d "$keygate" >/dev/null 2>&1
+callgrind_control -d "$target" >/dev/null 2>&1
 profile=$(ls -t "$dir"/callgrind.out.*.* | head -1)
 instructions=$(callgrind_annotate "$profile" 2>/dev/null |
   sed -n 's/^ *\([0-9,]*\) .*PROGRAM TOTALS.*/\1/p' | tr -d ,)
-echo "requests: $requests; instructions: $instructions; per request: $((instructions / requests))"
+echo "${PROXY:-keygate}: requests: $requests; instructions: $instructions; per request: $((instructions / requests))"
 echo "profile: $profile (callgrind_annotate --inclusive=yes $profile)"
