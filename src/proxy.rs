@@ -227,8 +227,9 @@ struct Pooled {
 /// and by a sweeper task, so an idle pool lets its connections go without any traffic.
 #[derive(Default)]
 struct Pool {
-    // Invariant: only the owning worker's thread takes this lock (see `Upstream::pool`), it
-    // is never held across an await, so it is never contended.
+    // Invariant: only the owning worker's thread (and its sweeper, on the same thread) takes
+    // this lock, never across an await, so it is never contended. The extra pool for threads
+    // off the workers is the exception (see `Upstream::pool`); it serves no proxy traffic.
     conns: Mutex<Vec<Pooled>>,
     /// Whether the sweeper runs (it starts with the pool's first connection).
     sweeping: AtomicBool,
@@ -247,11 +248,21 @@ impl Pool {
         conns.retain(|c| !(c.sender.is_closed() || stale(c)));
     }
 
+    /// The most recently used ready connection. Closed and stale ones met on the way are
+    /// dropped; the rest wait for the sweeper, so a checkout does not scan the whole pool.
     fn checkout(&self, idle_timeout: Duration) -> Option<SendRequest<Incoming>> {
         let mut conns = self.lock();
-        Self::drop_stale(&mut conns, idle_timeout);
-        let ready = conns.iter().rposition(|c| c.sender.is_ready())?;
-        Some(conns.swap_remove(ready).sender)
+        let now = Instant::now();
+        while let Some(i) = conns
+            .iter()
+            .rposition(|c| c.sender.is_ready() || c.sender.is_closed())
+        {
+            let c = conns.swap_remove(i);
+            if c.sender.is_ready() && now - c.since <= idle_timeout {
+                return Some(c.sender);
+            }
+        }
+        None
     }
 
     fn checkin(&self, sender: SendRequest<Incoming>, max: usize) {
