@@ -211,7 +211,8 @@ pub struct UpstreamConfig {
     pub timeout: String,
     /// How long a pooled connection may sit idle and still be reused.
     pub pool_idle_timeout: String,
-    /// Pooled connections kept per upstream and proxy worker (0: a connection per request).
+    /// Idle pooled connections kept per upstream and proxy worker; connections in use are not
+    /// counted (0: a connection per request).
     pub pool_max_idle: usize,
     /// Send the client's `Host` upstream instead of the upstream's authority.
     pub preserve_host: bool,
@@ -859,7 +860,7 @@ pub struct UpstreamSettings {
     pub timeout: Duration,
     /// How long a pooled connection may sit idle and still be reused.
     pub pool_idle_timeout: Duration,
-    /// Pooled connections per upstream and proxy worker.
+    /// Idle pooled connections kept per upstream and proxy worker.
     pub pool_max_idle: usize,
     /// Forward the client's `Host`.
     pub preserve_host: bool,

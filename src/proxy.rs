@@ -265,15 +265,30 @@ impl Pool {
         None
     }
 
-    fn checkin(&self, sender: SendRequest<Incoming>, max: usize) {
+    /// Takes a connection back as its response head arrives. `max_idle` bounds the idle
+    /// connections kept, not the busy ones: a connection still streaming a response (a
+    /// download, server-sent events) stays, so long responses never crowd out the idle
+    /// connections that short requests reuse. With `max_idle` 0 nothing is kept.
+    fn checkin(&self, sender: SendRequest<Incoming>, max_idle: usize) {
+        if max_idle == 0 {
+            // Dropped: the connection closes once its exchange is over.
+            return;
+        }
         let mut conns = self.lock();
-        if conns.len() < max {
-            conns.push(Pooled {
-                sender,
-                since: Instant::now(),
+        conns.push(Pooled {
+            sender,
+            since: Instant::now(),
+        });
+        // Over the bound (rare, so the scan is too): close idle connections, oldest first.
+        if conns.len() > max_idle {
+            let idle = conns.iter().filter(|c| c.sender.is_ready()).count();
+            let mut excess = idle.saturating_sub(max_idle);
+            conns.retain(|c| {
+                let close = excess > 0 && c.sender.is_ready();
+                excess -= usize::from(close);
+                !close
             });
         }
-        // Else the sender is dropped: the connection closes once its exchange is over.
     }
 
     /// Starts the sweeper on the calling worker's event loop, once. It ends when the pool

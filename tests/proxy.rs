@@ -504,3 +504,35 @@ async fn idle_upstream_connections_are_closed_without_traffic() {
         .unwrap();
     assert_eq!(counts.opened.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn long_responses_do_not_crowd_idle_connections_out_of_the_pool() {
+    let upstream = Upstream::start().await;
+    let (_redis, keygate, key) = in_front_of(&upstream.url(), |c| {
+        c.server.workers = 1;
+        c.upstream.pool_max_idle = 1;
+    })
+    .await;
+    let http = Http::new();
+    let auth = format!("Bearer {key}");
+    let headers = [("authorization", auth.as_str())];
+    // Two downloads whose bodies are not read: their connections stay busy, streaming.
+    let mut downloads = Vec::new();
+    for _ in 0..2 {
+        let url = keygate.url("/download?bytes=67108864");
+        let empty = http_body_util::Full::new(bytes::Bytes::new());
+        let resp = http
+            .send("GET", &url, &headers, http_body_util::BodyExt::boxed(empty))
+            .await;
+        assert_eq!(resp.status(), 200);
+        downloads.push(resp);
+    }
+    // Short requests meanwhile share one idle connection: the busy ones do not count
+    // against `pool_max_idle`.
+    for _ in 0..5 {
+        let reply = http.get_with_key(&keygate.url("/"), &key).await;
+        assert_eq!(reply.status, 200);
+    }
+    assert_eq!(opened_metric(&keygate, &upstream.url()).await, 3.0);
+    drop(downloads);
+}
