@@ -80,7 +80,7 @@ impl RouteMetrics {
 pub struct PoolMetrics {
     /// Connections opened.
     pub opened: IntCounter,
-    /// Requests resent because their pooled connection closed before they were written.
+    /// Requests resent because their pooled connection closed under them.
     pub retried: IntCounter,
 }
 
@@ -190,7 +190,7 @@ impl Metrics {
         let upstream_retries = IntCounterVec::new(
             Opts::new(
                 "keygate_upstream_retries_total",
-                "Requests resent on another connection because the pooled one they were given closed before they were written, by upstream.",
+                "Requests resent on another connection because the pooled one they were given closed under them (before they were written, or, for idempotent requests without a body, before the answer), by upstream.",
             ),
             &["upstream"],
         )

@@ -15,10 +15,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::header::{self, HeaderName, AUTHORIZATION, CONNECTION, HOST};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
-use hyper::body::Incoming;
+use http_body_util::{Either, Empty};
+use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::connect::HttpConnector;
 
@@ -214,7 +216,7 @@ pub fn set_worker(index: usize) {
 
 /// An HTTP/1.1 connection to the upstream, with when it last answered.
 struct Pooled {
-    sender: SendRequest<Incoming>,
+    sender: SendRequest<UpstreamBody>,
     since: Instant,
 }
 
@@ -250,7 +252,7 @@ impl Pool {
 
     /// The most recently used ready connection. Closed and stale ones met on the way are
     /// dropped; the rest wait for the sweeper, so a checkout does not scan the whole pool.
-    fn checkout(&self, idle_timeout: Duration) -> Option<SendRequest<Incoming>> {
+    fn checkout(&self, idle_timeout: Duration) -> Option<SendRequest<UpstreamBody>> {
         let mut conns = self.lock();
         let now = Instant::now();
         while let Some(i) = conns
@@ -269,7 +271,7 @@ impl Pool {
     /// connections kept, not the busy ones: a connection still streaming a response (a
     /// download, server-sent events) stays, so long responses never crowd out the idle
     /// connections that short requests reuse. With `max_idle` 0 nothing is kept.
-    fn checkin(&self, sender: SendRequest<Incoming>, max_idle: usize) {
+    fn checkin(&self, sender: SendRequest<UpstreamBody>, max_idle: usize) {
         if max_idle == 0 {
             // Dropped: the connection closes once its exchange is over.
             return;
@@ -318,6 +320,47 @@ enum SendError {
     Connect(Box<dyn std::error::Error + Send + Sync>),
     #[error(transparent)]
     Http(#[from] hyper::Error),
+}
+
+/// A request body sent upstream: the client's, or none when a request is sent again.
+type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+
+/// What it takes to send a request again: its head. Only for a request that is idempotent
+/// (RFC 9110 §9.2.2: `GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT`, `DELETE`) and has no body, so
+/// that sending it twice is what the client asked for once.
+struct Replay {
+    method: http::Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    fn of(req: &Request<UpstreamBody>) -> Option<Self> {
+        use http::Method;
+        let idempotent = matches!(
+            *req.method(),
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
+        (idempotent && req.body().is_end_stream()).then(|| Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            headers: req.headers().clone(),
+        })
+    }
+
+    fn request(self) -> Request<UpstreamBody> {
+        let mut req = Request::new(Either::Right(Empty::new()));
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = Version::HTTP_11;
+        *req.headers_mut() = self.headers;
+        req
+    }
 }
 
 /// The connections to one upstream: a pool per proxy worker, shared by every request.
@@ -389,7 +432,7 @@ impl Upstream {
     }
 
     /// Opens a new connection for `pool`; its task runs on the calling worker's event loop.
-    async fn connect(&self, pool: &Arc<Pool>) -> Result<SendRequest<Incoming>, SendError> {
+    async fn connect(&self, pool: &Arc<Pool>) -> Result<SendRequest<UpstreamBody>, SendError> {
         let mut uri = http::uri::Parts::default();
         uri.scheme = Some(self.settings.scheme.clone());
         uri.authority = Some(self.settings.authority.clone());
@@ -409,29 +452,36 @@ impl Upstream {
         Ok(sender)
     }
 
-    /// One exchange: on a pooled connection if one is ready, else on a new one. A request
-    /// that a pooled connection closed before writing (the upstream ended an idle keep-alive
-    /// connection as it was sent) is retried on another: it never reached the upstream.
-    async fn exchange(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, SendError> {
+    /// One exchange: on a pooled connection if one is ready, else on a new one.
+    ///
+    /// A pooled connection can fail under a request because the upstream closed it (ending an
+    /// idle keep-alive connection) as the request went out. Such a request is sent again on
+    /// another connection when that is safe: always if it was never written, and after it was
+    /// written only if it is [replayable](Replay). Each retry consumes a pooled connection and
+    /// a new connection is never retried, so this ends.
+    async fn exchange(&self, req: Request<Incoming>) -> Result<Response<Incoming>, SendError> {
         let pool = self.pool();
+        let mut req = req.map(Either::Left);
         loop {
             let (mut sender, reused) = match pool.checkout(self.settings.pool_idle_timeout) {
                 Some(sender) => (sender, true),
                 None => (self.connect(pool).await?, false),
             };
+            // Copied only where it may be needed: a fresh connection is not retried.
+            let replay = if reused { Replay::of(&req) } else { None };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     pool.checkin(sender, self.settings.pool_max_idle);
                     return Ok(resp);
                 }
-                Err(mut err) => match err.take_message() {
-                    // Each retry consumes a pooled connection, so this ends.
-                    Some(unsent) if reused => {
-                        self.metrics.retried.inc();
-                        req = unsent;
-                    }
-                    _ => return Err(err.into_error().into()),
-                },
+                Err(mut err) => {
+                    req = match (err.take_message(), replay) {
+                        (Some(unsent), _) if reused => unsent,
+                        (None, Some(replay)) => replay.request(),
+                        _ => return Err(err.into_error().into()),
+                    };
+                    self.metrics.retried.inc();
+                }
             }
         }
     }

@@ -395,11 +395,20 @@ struct Counts {
     closed_by_keygate: tokio::sync::watch::Sender<usize>,
 }
 
+/// When [`counting_upstream`] closes a connection, without saying so (no `Connection: close`).
+#[derive(Clone, Copy, PartialEq)]
+enum Closes {
+    /// Never: keep-alive.
+    Never,
+    /// Right after its first answer, as an upstream ending idle keep-alive connections does.
+    AfterAnswer,
+    /// On its second request, read but not answered: the request is lost in the close.
+    OnSecondRequest,
+}
+
 /// A bare HTTP/1.1 upstream that counts its connections and answers `200 ok` to each request
-/// head; with `close_after_answer` it closes every connection right after its first answer,
-/// without saying so (no `Connection: close`), as an upstream ending idle keep-alive
-/// connections does.
-async fn counting_upstream(close_after_answer: bool) -> (String, std::sync::Arc<Counts>) {
+/// head, closing connections as `closes` says.
+async fn counting_upstream(closes: Closes) -> (String, std::sync::Arc<Counts>) {
     use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -416,12 +425,18 @@ async fn counting_upstream(close_after_answer: bool) -> (String, std::sync::Arc<
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 let mut chunk = [0u8; 4096];
+                let mut answered = 0;
                 loop {
                     // Bodiless requests: each ends with an empty line.
                     while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                         buf.drain(..end + 4);
+                        if closes == Closes::OnSecondRequest && answered == 1 {
+                            return;
+                        }
                         let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                        if stream.write_all(answer).await.is_err() || close_after_answer {
+                        answered += 1;
+                        if stream.write_all(answer).await.is_err() || closes == Closes::AfterAnswer
+                        {
                             return;
                         }
                     }
@@ -457,7 +472,7 @@ async fn in_front_of(
 
 #[tokio::test]
 async fn upstream_connections_are_reused() {
-    let (url, counts) = counting_upstream(false).await;
+    let (url, counts) = counting_upstream(Closes::Never).await;
     let (_redis, keygate, key) = in_front_of(&url, |_| {}).await;
     let http = Http::new();
     for _ in 0..20 {
@@ -478,7 +493,7 @@ async fn opened_metric(keygate: &Keygate, url: &str) -> f64 {
 
 #[tokio::test]
 async fn an_upstream_closing_pooled_connections_costs_no_request() {
-    let (url, counts) = counting_upstream(true).await;
+    let (url, counts) = counting_upstream(Closes::AfterAnswer).await;
     let (_redis, keygate, key) = in_front_of(&url, |_| {}).await;
     let http = Http::new();
     for i in 0..200 {
@@ -491,7 +506,7 @@ async fn an_upstream_closing_pooled_connections_costs_no_request() {
 
 #[tokio::test]
 async fn idle_upstream_connections_are_closed_without_traffic() {
-    let (url, counts) = counting_upstream(false).await;
+    let (url, counts) = counting_upstream(Closes::Never).await;
     let (_redis, keygate, key) =
         in_front_of(&url, |c| c.upstream.pool_idle_timeout = "300ms".into()).await;
     let reply = Http::new().get_with_key(&keygate.url("/"), &key).await;
@@ -535,4 +550,26 @@ async fn long_responses_do_not_crowd_idle_connections_out_of_the_pool() {
     }
     assert_eq!(opened_metric(&keygate, &upstream.url()).await, 3.0);
     drop(downloads);
+}
+
+#[tokio::test]
+async fn a_replayable_request_lost_in_a_closing_connection_is_sent_again() {
+    let (url, counts) = counting_upstream(Closes::OnSecondRequest).await;
+    let (_redis, keygate, key) = in_front_of(&url, |c| c.server.workers = 1).await;
+    let http = Http::new();
+    let auth = format!("Bearer {key}");
+    let headers = [("authorization", auth.as_str())];
+    // The first GET opens a connection; the second reaches it, is read, and the connection
+    // closes without an answer: a GET without a body is sent again on a new connection.
+    for i in 0..2 {
+        let reply = http.request("GET", &keygate.url("/"), &headers).await;
+        assert_eq!(reply.status, 200, "GET {i}: {:?}", reply.body);
+    }
+    // A POST may have had effects upstream: it is not sent twice.
+    let reply = http.request("POST", &keygate.url("/"), &headers).await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(counts.opened.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let authority = url.trim_start_matches("http://");
+    let retries = format!("keygate_upstream_retries_total{{upstream=\"{authority}\"}}");
+    assert_eq!(keygate.scrape().await.get(&retries), 1.0);
 }
