@@ -371,6 +371,8 @@ impl Replay {
 pub struct Upstream {
     pools: Box<[Arc<Pool>]>,
     connector: HttpConnector,
+    /// What the connector dials: the upstream's scheme and authority.
+    dial: Uri,
     metrics: PoolMetrics,
     settings: UpstreamSettings,
 }
@@ -383,9 +385,14 @@ impl Upstream {
         connector.set_connect_timeout(Some(settings.connect_timeout));
         connector.set_nodelay(true);
         connector.set_keepalive(Some(Duration::from_secs(60)));
+        let mut dial = http::uri::Parts::default();
+        dial.scheme = Some(settings.scheme.clone());
+        dial.authority = Some(settings.authority.clone());
+        dial.path_and_query = Some(PathAndQuery::from_static("/"));
         Upstream {
             pools: (0..=workers.max(1)).map(|_| Arc::default()).collect(),
             connector,
+            dial: Uri::from_parts(dial).expect("a scheme and an authority make a URI"),
             metrics,
             settings,
         }
@@ -433,12 +440,7 @@ impl Upstream {
 
     /// Opens a new connection for `pool`; its task runs on the calling worker's event loop.
     async fn connect(&self, pool: &Arc<Pool>) -> Result<SendRequest<UpstreamBody>, SendError> {
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(self.settings.scheme.clone());
-        uri.authority = Some(self.settings.authority.clone());
-        uri.path_and_query = Some(PathAndQuery::from_static("/"));
-        let uri = Uri::from_parts(uri).map_err(|e| SendError::Connect(e.into()))?;
-        let io = tower_service::Service::call(&mut self.connector.clone(), uri)
+        let io = tower_service::Service::call(&mut self.connector.clone(), self.dial.clone())
             .await
             .map_err(|e| SendError::Connect(e.into()))?;
         let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;

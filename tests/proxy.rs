@@ -484,11 +484,15 @@ async fn upstream_connections_are_reused() {
     assert_eq!(opened_metric(&keygate, &url).await, 1.0);
 }
 
-/// `keygate_upstream_connections_opened_total` for the upstream at `url`.
-async fn opened_metric(keygate: &Keygate, url: &str) -> f64 {
+/// A pool metric (`keygate_upstream_…_total`) of the upstream at `url`.
+async fn pool_metric(keygate: &Keygate, metric: &str, url: &str) -> f64 {
     let authority = url.trim_start_matches("http://");
-    let series = format!("keygate_upstream_connections_opened_total{{upstream=\"{authority}\"}}");
+    let series = format!("keygate_upstream_{metric}_total{{upstream=\"{authority}\"}}");
     keygate.scrape().await.get(&series)
+}
+
+async fn opened_metric(keygate: &Keygate, url: &str) -> f64 {
+    pool_metric(keygate, "connections_opened", url).await
 }
 
 #[tokio::test]
@@ -569,7 +573,5 @@ async fn a_replayable_request_lost_in_a_closing_connection_is_sent_again() {
     let reply = http.request("POST", &keygate.url("/"), &headers).await;
     assert_eq!(reply.status, 502);
     assert_eq!(counts.opened.load(std::sync::atomic::Ordering::SeqCst), 2);
-    let authority = url.trim_start_matches("http://");
-    let retries = format!("keygate_upstream_retries_total{{upstream=\"{authority}\"}}");
-    assert_eq!(keygate.scrape().await.get(&retries), 1.0);
+    assert_eq!(pool_metric(&keygate, "retries", &url).await, 1.0);
 }
