@@ -295,7 +295,8 @@ async fn create_keys(store: Arc<keygate::store::redis::RedisStore>, n: usize) ->
                     subject: None,
                     expires_at: None,
                 };
-                let created = manage::create_key(&*store, new, now_unix(), "bench")
+                let roles = keygate::policy::Roles::default();
+                let created = manage::create_key(&*store, &roles, new, now_unix(), "bench")
                     .await
                     .unwrap();
                 keys.push(created.secret.expose().to_owned());

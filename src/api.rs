@@ -3,6 +3,11 @@
 //! (`src/openapi.json`; a test checks that every documented operation answers with a
 //! documented status).
 //!
+//! The document is exact: a request it admits is one the server accepts (unless a record is
+//! missing, a name taken, or a time passed), and one it refuses is refused. The roles a key may
+//! be given are those of the configuration, so the served document lists them as its `Role`
+//! enum.
+//!
 //! Every call but the document needs `Authorization: Bearer <key>`, verified by the same
 //! verifier as the proxy. Role `admin` may do anything, `admin-readonly` may list and show,
 //! any other role gets `403 insufficient_scope`. A key manages only its own tenant's records,
@@ -24,6 +29,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::manage::{self, ManageError, NewKey, NewServiceAccount, RotateExpiry};
+use crate::policy::{self, Roles};
 use crate::rejection::Rejection;
 use crate::server::App;
 use crate::store::{self, now_unix, Store, StoreError};
@@ -36,11 +42,6 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 pub const MAX_BODY: usize = 64 * 1024;
 /// Largest oversized body read and discarded before answering 413.
 const MAX_DRAIN: u64 = 1024 * 1024;
-
-/// The role that may change records.
-pub const ADMIN_ROLE: &str = "admin";
-/// The role that may only list and show.
-pub const READONLY_ROLE: &str = "admin-readonly";
 
 /// Largest page of a list.
 const MAX_LIMIT: usize = 1000;
@@ -290,7 +291,8 @@ async fn serve(app: &App, req: Request<Incoming>) -> Result<Resp, Failure> {
     let uri = req.uri().clone();
     let (op, id) = route(req.method(), uri.path())?;
     if op == Op::OpenApi {
-        let mut resp = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
+        // Asked for rarely (tools, people): built per request rather than kept.
+        let mut resp = Response::new(Full::new(document(&app.roles)));
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         return Ok(resp);
@@ -305,8 +307,8 @@ async fn serve(app: &App, req: Request<Incoming>) -> Result<Resp, Failure> {
         identity,
     };
     let allowed = match caller.identity.role() {
-        ADMIN_ROLE => true,
-        READONLY_ROLE => !op.mutates(),
+        policy::ADMIN => true,
+        policy::ADMIN_READONLY => !op.mutates(),
         _ => false,
     };
     if !allowed {
@@ -324,9 +326,10 @@ async fn serve(app: &App, req: Request<Incoming>) -> Result<Resp, Failure> {
         }
         return Err(Failure::Rejected(Rejection::InsufficientScope));
     }
-    if let Some(id) = id {
-        store::check_ident("id", id)
-            .map_err(|_| ApiError::bad("id: 1 to 64 characters of letters, digits and -_."))?;
+    match (op, id) {
+        (Op::ShowKey | Op::RevokeKey, Some(id)) => manage::check_key_id(id)?,
+        (_, Some(id)) => manage::check_account_id(id)?,
+        (_, None) => {}
     }
     let query = Query::parse(uri.query(), op)?;
     let body = if op.mutates() {
@@ -357,6 +360,7 @@ async fn serve(app: &App, req: Request<Incoming>) -> Result<Resp, Failure> {
                 manage::parse_expiry(body.expires_in.as_deref(), body.expires_at.as_deref(), now)?;
             let created = manage::create_key(
                 store,
+                &app.roles,
                 NewKey {
                     tenant,
                     role: body.role,
@@ -376,8 +380,9 @@ async fn serve(app: &App, req: Request<Incoming>) -> Result<Resp, Failure> {
         Op::RevokeKey => {
             let _: Empty = parse_json(&body, true)?;
             visible_key(store, &caller, id).await?;
-            let record = manage::revoke_key(store, id, now, caller.actor()).await?;
-            Ok(respond(StatusCode::OK, &json!(record)))
+            // Revoking a revoked key answers its record, unchanged.
+            let revoked = manage::revoke_key(store, id, now, caller.actor()).await?;
+            Ok(respond(StatusCode::OK, &json!(revoked.record)))
         }
         Op::ListAccounts => {
             let tenant = caller.list_tenant(query.tenant)?;
@@ -405,6 +410,7 @@ async fn serve(app: &App, req: Request<Incoming>) -> Result<Resp, Failure> {
             .unwrap_or(None);
             let created = manage::create_service_account(
                 store,
+                &app.roles,
                 NewServiceAccount {
                     tenant,
                     name: body.name,
@@ -429,11 +435,7 @@ async fn serve(app: &App, req: Request<Incoming>) -> Result<Resp, Failure> {
                 Some(None) => RotateExpiry::Never,
                 Some(Some(at)) => RotateExpiry::At(at),
             };
-            let grace = body
-                .grace
-                .as_deref()
-                .map(manage::parse_duration)
-                .transpose()?;
+            let grace = body.grace.as_deref().map(manage::parse_grace).transpose()?;
             visible_account(store, &caller, id).await?;
             let rotated =
                 manage::rotate_service_account(store, id, expiry, grace, now, caller.actor())
@@ -508,7 +510,7 @@ fn account_expiry(
     let at = manage::parse_expiry(expires_in, expires_at, now)?;
     match (never_expire, at) {
         (Some(true), Some(_)) => Err(ApiError::bad(
-            "never_expire: give never_expire or an expiry, not both",
+            "never_expire: give only one of never_expire, expires_in and expires_at",
         )),
         (Some(true), None) => Ok(Some(None)),
         (_, Some(at)) => Ok(Some(Some(at))),
@@ -516,11 +518,10 @@ fn account_expiry(
     }
 }
 
-/// One page of a list, from an opaque cursor (the offset of the page's first item).
+/// One page of a list, from an opaque cursor (the offset of the page's first item). A cursor
+/// past the end (the list shrank) is an empty last page.
 fn page<T: serde::Serialize>(items: &[T], limit: usize, cursor: usize) -> Result<Resp, Failure> {
-    if cursor > items.len() {
-        return Err(ApiError::bad("cursor: not a cursor of this list").into());
-    }
+    let cursor = cursor.min(items.len());
     let end = cursor.saturating_add(limit).min(items.len());
     let next = (end < items.len()).then(|| end.to_string());
     Ok(respond(
@@ -544,34 +545,46 @@ impl Query {
             cursor: 0,
         };
         let lists = matches!(op, Op::ListKeys | Op::ListAccounts);
+        // Only digits, as the document's patterns say (no sign, no spaces).
+        let number = |v: &str, max_digits: usize| {
+            (!v.is_empty() && v.len() <= max_digits && v.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| v.parse::<usize>().ok())
+                .flatten()
+        };
         for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             match k {
                 "limit" if lists || op == Op::ListAudit => {
-                    out.limit = v
-                        .parse()
-                        .ok()
+                    out.limit = number(v, 4)
                         .filter(|n| (1..=MAX_LIMIT).contains(n))
                         .ok_or_else(|| {
                             ApiError::bad(format!("limit: a number from 1 to {MAX_LIMIT}"))
                         })?;
                 }
                 "cursor" if lists => {
-                    out.cursor = v
-                        .parse()
-                        .map_err(|_| ApiError::bad("cursor: not a cursor of this list"))?;
+                    out.cursor = number(v, 9).ok_or_else(|| {
+                        ApiError::bad("cursor: the next_cursor of the previous page")
+                    })?;
                 }
                 "tenant" if lists => {
-                    store::check_ident("tenant", v).map_err(|_| {
-                        ApiError::bad("tenant: 1 to 64 characters of letters, digits and -_.")
-                    })?;
+                    manage::check_ident("tenant", v)?;
                     out.tenant = Some(v.to_owned());
                 }
+                // The name is not repeated: it could be anything, a pasted key included.
+                _ if manage::looks_like_key(k) => {
+                    return Err(ApiError::bad(
+                        "query: that is an API key, not a query parameter; it is neither repeated nor recorded",
+                    ))
+                }
                 _ => {
+                    let known = match op {
+                        Op::ListKeys | Op::ListAccounts => "tenant, limit and cursor",
+                        Op::ListAudit => "limit",
+                        _ => "no query parameters",
+                    };
                     return Err(ApiError::bad(format!(
-                        "unknown query parameter {:?}",
-                        k.chars().take(32).collect::<String>()
-                    )))
+                        "unknown query parameter; this endpoint takes {known}"
+                    )));
                 }
             }
         }
@@ -634,7 +647,8 @@ fn parse_json<T: DeserializeOwned>(body: &[u8], empty_ok: bool) -> Result<T, Api
 }
 
 /// Removes quoted values from a parser message: it names fields and types, but never echoes
-/// what the client sent (which could be a pasted key).
+/// what the client sent (which could be a pasted key). Field names in backticks stay, unless
+/// one looks like a key (`{"kgu_…": 1}` is an unknown field named like a key).
 fn redact_strings(msg: &str) -> String {
     let mut out = String::with_capacity(msg.len());
     let mut quoted = false;
@@ -648,7 +662,29 @@ fn redact_strings(msg: &str) -> String {
             out.push(c);
         }
     }
-    out
+    let mut parts: Vec<&str> = out.split('`').collect();
+    for part in parts.iter_mut().skip(1).step_by(2) {
+        if manage::looks_like_key(part) {
+            *part = "…";
+        }
+    }
+    parts.join("`")
+}
+
+/// The OpenAPI document as served: the static one, with the configured roles as the enum of
+/// `Role` (any role of a new key) and `AccountRole` (the same but the organization admin's).
+fn document(roles: &Roles) -> Bytes {
+    let mut doc: Value = serde_json::from_str(OPENAPI).expect("the OpenAPI document is JSON");
+    let names = roles.names();
+    let account: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|r| !r.eq_ignore_ascii_case(policy::ADMIN))
+        .collect();
+    let schemas = &mut doc["components"]["schemas"];
+    schemas["Role"]["enum"] = json!(names);
+    schemas["AccountRole"]["enum"] = json!(account);
+    Bytes::from(doc.to_string())
 }
 
 /// A body that must be empty or `{}`.
@@ -745,7 +781,16 @@ mod tests {
             panic!()
         };
         assert_eq!(body(last)["next_cursor"], Value::Null);
-        assert!(page(&items, 2, 6).is_err());
+        let Ok(past) = page(&items, 2, 6) else {
+            panic!()
+        };
+        let v = body(past);
+        assert_eq!(
+            v["items"],
+            json!([]),
+            "a cursor past the end is an empty page"
+        );
+        assert_eq!(v["next_cursor"], Value::Null);
     }
 
     #[test]

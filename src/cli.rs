@@ -10,6 +10,7 @@ use serde_json::json;
 
 use crate::config::{Config, Override};
 use crate::manage::{self, CreatedAccount, CreatedKey, NewKey, NewServiceAccount, RotateExpiry};
+use crate::policy;
 use crate::server::Server;
 use crate::store::{self, format_time, now_unix, KeyRecord, ServiceAccount};
 use crate::telemetry;
@@ -30,11 +31,16 @@ pub struct Cli {
     /// Use the embedded file store at PATH instead of Redis (store.keys_file).
     #[arg(long, global = true, value_name = "PATH")]
     keys_file: Option<String>,
-    /// Output format of management commands.
-    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
-    output: Output,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--output`, a flag of the management commands only (`serve` and `demo` print no records).
+#[derive(Debug, Args)]
+struct OutputArg {
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
 }
 
 /// Output format.
@@ -53,17 +59,34 @@ enum Command {
     /// Try keygate: a file store, a fresh key and a built-in echo upstream, no Redis needed.
     Demo(DemoArgs),
     /// Manage user API keys.
-    #[command(subcommand)]
-    Keys(KeysCommand),
+    Keys(KeysArgs),
     /// Manage service accounts (non-user accounts of a tenant, for agents, CI and workers).
-    #[command(subcommand, name = "service-accounts", alias = "sa")]
-    ServiceAccounts(AccountsCommand),
+    #[command(name = "service-accounts", alias = "sa")]
+    ServiceAccounts(AccountsArgs),
     /// Show the audit trail of key-management changes (never a key).
     Audit {
         /// How many of the latest entries to show.
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        #[command(flatten)]
+        output: OutputArg,
     },
+}
+
+#[derive(Debug, Args)]
+struct KeysArgs {
+    #[command(flatten)]
+    output: OutputArg,
+    #[command(subcommand)]
+    command: KeysCommand,
+}
+
+#[derive(Debug, Args)]
+struct AccountsArgs {
+    #[command(flatten)]
+    output: OutputArg,
+    #[command(subcommand)]
+    command: AccountsCommand,
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,7 +99,8 @@ enum AccountsCommand {
         /// Name, unique within the tenant (regardless of case).
         #[arg(long)]
         name: String,
-        /// Role of the account's keys; any role but the organization admin role `admin`.
+        /// Role of the account's keys: a role of the configuration, but never the organization
+        /// admin role `admin`.
         #[arg(long)]
         role: String,
         /// Lifetime of the key, e.g. 90d (default: never expires).
@@ -149,7 +173,8 @@ enum KeysCommand {
         /// Tenant the key is bound to.
         #[arg(long)]
         tenant: String,
-        /// The key's role in the tenant.
+        /// The key's role in the tenant: a role of the configuration (built in: admin, member,
+        /// readonly; `[roles.*]` in the config file) or the admin API's admin-readonly.
         #[arg(long)]
         role: String,
         /// A name for bookkeeping.
@@ -220,10 +245,56 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => demo(config, args).await,
-        Command::Keys(cmd) => keys(&config, cmd, cli.output).await,
-        Command::ServiceAccounts(cmd) => accounts(&config, cmd, cli.output).await,
-        Command::Audit { limit } => audit(&config, limit, cli.output).await,
+        Command::Keys(k) => keys(&config, k.command, k.output.output).await,
+        Command::ServiceAccounts(a) => accounts(&config, a.command, a.output.output).await,
+        Command::Audit { limit, output } => audit(&config, limit, output.output).await,
     }
+}
+
+/// An error for the terminal: each cause once (an error that already shows its cause in its
+/// own message is not followed by it again), and nothing shaped like a key.
+pub fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    redact_keys(&out)
+}
+
+/// Replaces every run that starts with a key prefix (`kgu_`, `kgs_`, in any case) by the prefix
+/// and `[redacted]`: a safety net under every message the binary prints on error, clap's
+/// included (`keygate kgu_…` would otherwise be repeated as an unknown command).
+pub fn redact_keys(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = find_prefix(rest) {
+        out.push_str(&rest[..at + 4]);
+        out.push_str("[redacted]");
+        let tail = &rest[at + 4..];
+        let end = tail
+            .find(|c: char| !c.is_ascii_alphanumeric())
+            .unwrap_or(tail.len());
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn find_prefix(s: &str) -> Option<usize> {
+    let b = s.as_bytes();
+    (0..b.len().saturating_sub(3)).find(|&i| {
+        b[i].eq_ignore_ascii_case(&b'k')
+            && b[i + 1].eq_ignore_ascii_case(&b'g')
+            && (b[i + 2].eq_ignore_ascii_case(&b'u') || b[i + 2].eq_ignore_ascii_case(&b's'))
+            && b[i + 3] == b'_'
+    })
 }
 
 /// Default keys file of `keygate demo`.
@@ -246,9 +317,10 @@ async fn demo(mut config: Config, args: DemoArgs) -> anyhow::Result<()> {
     let store = store::open(&settings.store, true)?;
     let created = manage::create_key(
         &*store,
+        &config.known_roles()?,
         NewKey {
             tenant: "demo".into(),
-            role: "admin".into(),
+            role: policy::ADMIN.into(),
             name: "keygate demo".into(),
             subject: Some("demo-user".into()),
             expires_at: None,
@@ -318,6 +390,7 @@ async fn keys(config: &Config, cmd: KeysCommand, output: Output) -> anyhow::Resu
                 manage::parse_expiry(expires_in.as_deref(), expires_at.as_deref(), now)?;
             let created = manage::create_key(
                 store,
+                &config.known_roles()?,
                 NewKey {
                     tenant,
                     role,
@@ -343,11 +416,20 @@ async fn keys(config: &Config, cmd: KeysCommand, output: Output) -> anyhow::Resu
             print_record(&record, output)?;
         }
         KeysCommand::Revoke { id } => {
-            let record = manage::revoke_key(store, &id, now, manage::CLI_ACTOR).await?;
+            let revoked = manage::revoke_key(store, &id, now, manage::CLI_ACTOR).await?;
+            let record = &revoked.record;
             if output == Output::Table {
-                println!("Revoked key {}.", record.id);
+                if revoked.already {
+                    println!(
+                        "Key {} was already revoked, at {}; nothing changed.",
+                        record.id,
+                        time_or(record.revoked_at, "an unknown time")
+                    );
+                } else {
+                    println!("Revoked key {}.", record.id);
+                }
             }
-            print_record(&record, output)?;
+            print_record(record, output)?;
         }
     }
     Ok(())
@@ -373,7 +455,8 @@ async fn accounts(config: &Config, cmd: AccountsCommand, output: Output) -> anyh
                 role,
                 expires_at,
             };
-            let created = manage::create_service_account(store, new, now, actor).await?;
+            let roles = config.known_roles()?;
+            let created = manage::create_service_account(store, &roles, new, now, actor).await?;
             print_account_key(&created, "Created", output);
         }
         AccountsCommand::List { tenant } => {
@@ -414,7 +497,7 @@ async fn accounts(config: &Config, cmd: AccountsCommand, output: Output) -> anyh
             };
             let grace = grace
                 .as_deref()
-                .map(manage::parse_duration)
+                .map(manage::parse_grace)
                 .transpose()
                 .context("--grace")?;
             let rotated =
@@ -621,5 +704,29 @@ fn print_rows(header: &[&str], rows: &[Vec<String>]) {
     line(header);
     for row in rows {
         line(&row.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_show_each_cause_once_and_no_key() {
+        let io = std::io::Error::new(std::io::ErrorKind::AddrInUse, "Address already in use");
+        let e = anyhow::Error::new(io).context("cannot listen: Address already in use");
+        assert_eq!(report(&e), "cannot listen: Address already in use");
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(report(&e), "outer: inner");
+        let key = crate::key::generate(crate::key::KeyKind::User);
+        let text = format!(
+            "unrecognized subcommand '{}' and KGS_abc",
+            key.secret.expose()
+        );
+        assert_eq!(
+            redact_keys(&text),
+            "unrecognized subcommand 'kgu_[redacted]' and KGS_[redacted]"
+        );
+        assert_eq!(redact_keys("kg_ kgu"), "kg_ kgu");
     }
 }

@@ -5,8 +5,14 @@
 //! values and deserialised with `deny_unknown_fields`, so a misspelt field is an error that names
 //! it. [`Config::serve_settings`] then checks every value and builds [`Settings`]: parsed
 //! addresses, durations, URIs and header names, so nothing on the request path parses config.
+//!
+//! Every error names its field and, when the operator set it, where the value came from (the
+//! file, the environment variable, or the flag): [`Config::load`] records each setting's
+//! [`Origin`] as it merges the sources, and validation looks the field up there.
+//! [`Config::serve_settings`] reports every invalid setting at once, not only the first.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -25,11 +31,12 @@ pub const ENV_PREFIX: &str = "KEYGATE__";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The config file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {}", path.display())]
     Read {
         /// The file.
         path: PathBuf,
-        /// Why.
+        /// Why (printed as the cause, after this error's own message).
+        #[source]
         source: std::io::Error,
     },
     /// The config file is not valid TOML.
@@ -41,7 +48,7 @@ pub enum ConfigError {
         message: String,
     },
     /// An environment variable does not name a setting.
-    #[error("environment variable {var}: {message}")]
+    #[error("{var} (environment): {message}")]
     Env {
         /// The variable.
         var: String,
@@ -49,19 +56,200 @@ pub enum ConfigError {
         message: String,
     },
     /// A setting has a wrong type or value.
-    #[error("{field}: {message}")]
+    #[error("{field}{}: {message}", OriginSuffix(origin.as_ref()))]
     Field {
         /// Dotted path of the setting, e.g. `upstream.url`.
         field: String,
+        /// Where its value came from; `None` for a default (or a value set in code).
+        origin: Option<Origin>,
         /// What is wrong with it.
         message: String,
     },
+    /// Several settings are wrong: each error on its own line.
+    #[error("{} problems in the configuration:\n  {}", .0.len(), ManyLines(.0))]
+    Many(Vec<ConfigError>),
+}
+
+impl ConfigError {
+    /// The errors this one stands for: itself, or each of [`ConfigError::Many`].
+    pub fn errors(&self) -> Vec<&ConfigError> {
+        match self {
+            ConfigError::Many(all) => all.iter().collect(),
+            one => vec![one],
+        }
+    }
+
+    /// Names where the value came from, looked up in `origins` if not known yet.
+    fn located(self, origins: &Origins) -> Self {
+        match self {
+            ConfigError::Field {
+                field,
+                origin: None,
+                message,
+            } => ConfigError::Field {
+                origin: origins.of(&field).cloned(),
+                field,
+                message,
+            },
+            ConfigError::Many(all) => {
+                ConfigError::Many(all.into_iter().map(|e| e.located(origins)).collect())
+            }
+            other => other,
+        }
+    }
+}
+
+struct OriginSuffix<'a>(Option<&'a Origin>);
+
+impl fmt::Display for OriginSuffix<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(origin) => write!(f, " ({origin})"),
+            None => Ok(()),
+        }
+    }
+}
+
+struct ManyLines<'a>(&'a [ConfigError]);
+
+impl fmt::Display for ManyLines<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n  ")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
 }
 
 fn field_err(field: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Field {
         field: field.to_owned(),
+        origin: None,
         message: message.into(),
+    }
+}
+
+/// Where a setting's value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The config file (`--config`).
+    File(PathBuf),
+    /// An environment variable, e.g. `KEYGATE__CACHE__TTL`.
+    Env(String),
+    /// A command-line flag, e.g. `--listen`.
+    Flag(String),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File(path) => write!(f, "config file {}", path.display()),
+            Origin::Env(var) => write!(f, "environment variable {var}"),
+            Origin::Flag(flag) => write!(f, "flag {flag}"),
+        }
+    }
+}
+
+/// Where each setting the operator gave came from, by dotted path (`cache.ttl`,
+/// `routes[0].upstream`), the source that won; built by [`Config::load`]. A setting that is not
+/// here has its default (or was set in code).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Origins(BTreeMap<String, Origin>);
+
+impl Origins {
+    /// Records where `path` came from (a later source replaces an earlier one).
+    pub fn set(&mut self, path: impl Into<String>, origin: Origin) {
+        self.0.insert(path.into(), origin);
+    }
+
+    /// Where the value of `field` came from: its own entry, else that of the setting it is part
+    /// of (`routes[0].roles[1]` is part of `routes[0].roles`), else that of a setting within it
+    /// (`roles.x` holds `roles.x.methods`).
+    pub fn of(&self, field: &str) -> Option<&Origin> {
+        let mut path = field;
+        loop {
+            if let Some(o) = self.0.get(path) {
+                return Some(o);
+            }
+            match path.rfind(['.', '[']) {
+                Some(at) if at > 0 => path = &path[..at],
+                _ => break,
+            }
+        }
+        self.0
+            .range(field.to_owned()..)
+            .next()
+            .filter(|(k, _)| {
+                k.strip_prefix(field)
+                    .is_some_and(|rest| rest.starts_with(['.', '[']))
+            })
+            .map(|(_, o)| o)
+    }
+
+    /// Records every setting in `value` (a table of the file) under `prefix`.
+    fn record_file(&mut self, prefix: &str, value: &toml::Value, file: &Path) {
+        match value {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let path = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    self.record_file(&path, v, file);
+                }
+            }
+            toml::Value::Array(items) if items.iter().all(toml::Value::is_table) => {
+                self.set(prefix, Origin::File(file.to_owned()));
+                for (i, v) in items.iter().enumerate() {
+                    self.record_file(&format!("{prefix}[{i}]"), v, file);
+                }
+            }
+            _ => self.set(prefix, Origin::File(file.to_owned())),
+        }
+    }
+}
+
+/// Collects every error of a validation instead of stopping at the first, each with where its
+/// value came from.
+struct Check<'a> {
+    origins: &'a Origins,
+    errors: Vec<ConfigError>,
+}
+
+impl<'a> Check<'a> {
+    fn new(origins: &'a Origins) -> Self {
+        Check {
+            origins,
+            errors: Vec::new(),
+        }
+    }
+
+    /// The value, or `None` with its error kept (once: `upstream.url` and the roles are
+    /// checked by two validations).
+    fn ok<T>(&mut self, r: Result<T, ConfigError>) -> Option<T> {
+        r.map_err(|e| {
+            let e = e.located(self.origins);
+            let text = e.to_string();
+            if !self.errors.iter().any(|seen| seen.to_string() == text) {
+                self.errors.push(e);
+            }
+        })
+        .ok()
+    }
+
+    /// Every error seen; `build` runs only when there were none, so each value it takes is
+    /// present.
+    fn finish<T>(self, build: impl FnOnce() -> Option<T>) -> Result<T, ConfigError> {
+        let mut errors = self.errors;
+        match errors.len() {
+            0 => build().ok_or_else(|| field_err("config", "incomplete validation")),
+            1 => Err(errors.remove(0)),
+            _ => Err(ConfigError::Many(errors)),
+        }
     }
 }
 
@@ -89,6 +277,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// The management API.
     pub admin: AdminConfig,
+    /// Where each setting came from (not a setting itself).
+    #[serde(skip)]
+    pub origins: Origins,
 }
 
 /// `[roles.<name>]`: what a role may do, as a list of methods or a named permission set.
@@ -344,6 +535,7 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let defaults = toml::Value::try_from(Config::default()).expect("defaults serialise");
         let mut merged = toml::Table::new();
+        let mut origins = Origins::default();
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.to_owned(),
@@ -353,6 +545,7 @@ impl Config {
                 path: path.to_owned(),
                 message: e.to_string(),
             })?;
+            origins.record_file("", &toml::Value::Table(merged.clone()), path);
         }
         let mut env: Vec<(String, String)> = env
             .into_iter()
@@ -376,23 +569,49 @@ impl Config {
                     message: format!("[{section}] can only be set in the config file"),
                 });
             }
+            let origin = Origin::Env(var.clone());
+            let path = format!("{section}.{field}");
             let typed = typed_value(&defaults, section, field, &value).map_err(|message| {
-                ConfigError::Env {
-                    var: var.clone(),
+                ConfigError::Field {
+                    field: path.clone(),
+                    origin: Some(origin.clone()),
                     message,
                 }
             })?;
             set(&mut merged, section, field, typed);
+            origins.set(path, origin);
         }
         for (section, field, value) in overrides {
-            let typed = typed_value(&defaults, section, field, value)
-                .map_err(|m| field_err(&format!("{section}.{field}"), m))?;
+            let origin = Origin::Flag(flag_name(section, field));
+            let path = format!("{section}.{field}");
+            let typed = typed_value(&defaults, section, field, value).map_err(|message| {
+                ConfigError::Field {
+                    field: path.clone(),
+                    origin: Some(origin.clone()),
+                    message,
+                }
+            })?;
             set(&mut merged, section, field, typed);
+            origins.set(path, origin);
         }
-        serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|e| {
-            let field = e.path().to_string();
-            field_err(&field, e.into_inner().to_string())
-        })
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(merged))
+            .map_err(|e| {
+                let field = e.path().to_string();
+                // The parser's first line; the rest repeats the section (`in `cache``).
+                let text = e.into_inner().to_string();
+                let first = text.lines().next().unwrap_or_default().trim().to_owned();
+                let message = type_message(&defaults, &field, first);
+                field_err(&field, message).located(&origins)
+            })?;
+        config.origins = origins;
+        Ok(config)
+    }
+
+    /// Every role a key may be given under this configuration: the routes' roles (built-in and
+    /// `[roles.*]`) and the admin API's.
+    pub fn known_roles(&self) -> Result<policy::Roles, ConfigError> {
+        let roles = self.roles().map_err(|e| e.located(&self.origins))?;
+        Ok(policy::Roles::new(roles.into_iter().map(|(name, _)| name)))
     }
 
     /// The configuration as one line of JSON with every secret (the Redis password) masked,
@@ -403,62 +622,96 @@ impl Config {
         serde_json::to_string(&c).unwrap_or_default()
     }
 
-    /// Validates everything the proxy needs and builds its runtime settings.
+    /// Validates everything the proxy needs and builds its runtime settings. Every invalid
+    /// setting is reported, each with its field and where its value came from.
     pub fn serve_settings(&self) -> Result<Settings, ConfigError> {
         let s = &self.server;
-        let routes = self.route_table()?;
+        let mut c = Check::new(&self.origins);
+        let routes = c.ok(self.route_table());
+        let roles = c.ok(self.known_roles());
         let upstream = match &self.upstream.url {
-            Some(url) => Some(UpstreamSettings::new(&self.upstream, url, "upstream.url")?),
-            None => None,
+            Some(url) => c
+                .ok(UpstreamSettings::new(&self.upstream, url, "upstream.url"))
+                .map(Some),
+            None => Some(None),
         };
-        let identity = IdentitySettings::new(&self.identity)?;
-        Ok(Settings {
-            listen: addr("server.listen", &s.listen)?,
-            admin_listen: addr("server.admin_listen", &s.admin_listen)?,
-            shutdown_grace: duration("server.shutdown_grace", &s.shutdown_grace)?,
-            header_read_timeout: nonzero("server.header_read_timeout", &s.header_read_timeout)?,
-            max_header_bytes: bounded(
-                "server.max_header_bytes",
-                s.max_header_bytes,
-                1024,
-                1 << 20,
-            )?,
-            workers: match bounded("server.workers", s.workers, 0, 1024)? {
+        let identity = c.ok(IdentitySettings::new(&self.identity));
+        let listen = c.ok(addr("server.listen", &s.listen));
+        let admin_listen = c.ok(addr("server.admin_listen", &s.admin_listen));
+        let shutdown_grace = c.ok(duration("server.shutdown_grace", &s.shutdown_grace));
+        let header_read_timeout = c.ok(nonzero(
+            "server.header_read_timeout",
+            &s.header_read_timeout,
+        ));
+        let max_header_bytes = c.ok(bounded(
+            "server.max_header_bytes",
+            s.max_header_bytes,
+            1024,
+            1 << 20,
+        ));
+        let workers = c
+            .ok(bounded("server.workers", s.workers, 0, 1024))
+            .map(|n| match n {
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 n => n,
-            },
-            upstream,
-            routes,
-            store: self.store_settings()?,
-            cache: CacheSettings {
-                capacity: bounded("cache.capacity", self.cache.capacity as usize, 1, 1 << 30)?
-                    as u64,
-                ttl: nonzero("cache.ttl", &self.cache.ttl)?,
-                negative_ttl: nonzero("cache.negative_ttl", &self.cache.negative_ttl)?,
-                trust_while_unsubscribed: duration(
-                    "cache.trust_while_unsubscribed",
-                    &self.cache.trust_while_unsubscribed,
-                )?,
-            },
-            identity,
-            log: self.log_settings()?,
-            last_used_interval: {
-                let d = nonzero("store.last_used_interval", &self.store.last_used_interval)?;
-                if d < Duration::from_secs(1) {
-                    return Err(field_err("store.last_used_interval", "must be at least 1s"));
-                }
-                d
-            },
-            operator_tenant: {
-                let t = &self.admin.operator_tenant;
-                crate::store::check_ident("admin.operator_tenant", t).map_err(|_| {
+            });
+        let store = c.ok(self.store_settings());
+        let capacity = c.ok(bounded(
+            "cache.capacity",
+            self.cache.capacity as usize,
+            1,
+            1 << 30,
+        ));
+        let ttl = c.ok(nonzero("cache.ttl", &self.cache.ttl));
+        let negative_ttl = c.ok(nonzero("cache.negative_ttl", &self.cache.negative_ttl));
+        let trust_while_unsubscribed = c.ok(duration(
+            "cache.trust_while_unsubscribed",
+            &self.cache.trust_while_unsubscribed,
+        ));
+        let log = c.ok(self.log_settings());
+        let last_used_interval =
+            c.ok(
+                nonzero("store.last_used_interval", &self.store.last_used_interval).and_then(|d| {
+                    if d < Duration::from_secs(1) {
+                        return Err(field_err("store.last_used_interval", "must be at least 1s"));
+                    }
+                    Ok(d)
+                }),
+            );
+        let operator_tenant = c.ok({
+            let t = &self.admin.operator_tenant;
+            crate::store::check_ident("admin.operator_tenant", t)
+                .map(|()| t.clone())
+                .map_err(|_| {
                     field_err(
                         "admin.operator_tenant",
                         "1 to 64 characters of letters, digits and -_.",
                     )
-                })?;
-                t.clone()
-            },
+                })
+        });
+        c.finish(|| {
+            Some(Settings {
+                listen: listen?,
+                admin_listen: admin_listen?,
+                shutdown_grace: shutdown_grace?,
+                header_read_timeout: header_read_timeout?,
+                max_header_bytes: max_header_bytes?,
+                workers: workers?,
+                upstream: upstream?,
+                routes: routes?,
+                roles: roles?,
+                store: store?,
+                cache: CacheSettings {
+                    capacity: capacity? as u64,
+                    ttl: ttl?,
+                    negative_ttl: negative_ttl?,
+                    trust_while_unsubscribed: trust_while_unsubscribed?,
+                },
+                identity: identity?,
+                log: log?,
+                last_used_interval: last_used_interval?,
+                operator_tenant: operator_tenant?,
+            })
         })
     }
 
@@ -713,6 +966,42 @@ fn set(table: &mut toml::Table, section: &str, field: &str, value: toml::Value) 
     }
 }
 
+/// The flag that sets `section.field` (`--listen`, `--upstream`, `--redis-url`, …).
+fn flag_name(section: &str, field: &str) -> String {
+    match (section, field) {
+        ("upstream", "url") => "--upstream".into(),
+        _ => format!("--{}", field.replace('_', "-")),
+    }
+}
+
+/// A deserialiser's message for `field`, with a wrong type explained by the kind of value the
+/// setting takes (`expected a duration such as "60s", found integer `60``), from its default.
+fn type_message(defaults: &toml::Value, field: &str, message: String) -> String {
+    let Some(found) = message
+        .strip_prefix("invalid type: ")
+        .and_then(|m| m.rsplit_once(", expected "))
+        .map(|(found, _)| found)
+    else {
+        return message;
+    };
+    let default = field
+        .split_once('.')
+        .and_then(|(section, name)| defaults.get(section)?.get(name));
+    let expected = match default {
+        Some(toml::Value::String(d)) if humantime::parse_duration(d).is_ok() => {
+            format!("a duration such as {d:?} (a number and a unit: 500ms, 30s, 5m, 1d)")
+        }
+        Some(toml::Value::String(d)) if d.parse::<SocketAddr>().is_ok() => {
+            format!("an address such as {d:?}")
+        }
+        Some(toml::Value::String(d)) => format!("a string such as {d:?}"),
+        Some(toml::Value::Integer(d)) => format!("a whole number such as {d}"),
+        Some(toml::Value::Boolean(_)) => "true or false".into(),
+        _ => return message,
+    };
+    format!("expected {expected}, found {found}")
+}
+
 /// Turns a textual setting (from the environment or a flag) into the type the default has, so
 /// `KEYGATE__CACHE__CAPACITY=10` is an integer and `KEYGATE__STORE__NAMESPACE=10` a string.
 fn typed_value(
@@ -820,6 +1109,8 @@ pub struct Settings {
     pub upstream: Option<UpstreamSettings>,
     /// The route table (the default upstream is its last, catch-all route).
     pub routes: RouteTable<UpstreamSettings>,
+    /// The roles a key may be given (for the admin API's checks and document).
+    pub roles: policy::Roles,
     /// The store.
     pub store: StoreSettings,
     /// The verdict cache.
@@ -1265,10 +1556,9 @@ mod tests {
             "[[routes]]\nupstream = \"http://x\"\nmethods = [\"GET\", \"PUT\"]\n[[routes]]\nupstream = \"http://x\"\nmethods = [\"PUT\"]",
         )
         .unwrap_err();
-        assert!(
-            err.to_string().starts_with("routes[1]: overlaps routes[0]"),
-            "{err}"
-        );
+        let err = err.to_string();
+        assert!(err.starts_with("routes[1] (config file "), "{err}");
+        assert!(err.contains("): overlaps routes[0]"), "{err}");
     }
 
     /// The example config, with its commented routes and roles switched on when `uncomment`.

@@ -5,7 +5,16 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = keygate::cli::Cli::parse();
+    let cli = match keygate::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help and version go to stdout as usual; a usage error is printed without anything
+        // shaped like a key that it might repeat.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            eprint!("{}", keygate::cli::redact_keys(&e.render().to_string()));
+            std::process::exit(e.exit_code());
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -19,7 +28,7 @@ fn main() -> ExitCode {
     match runtime.block_on(keygate::cli::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("keygate: {e:#}");
+            eprintln!("keygate: {}", keygate::cli::report(&e));
             ExitCode::FAILURE
         }
     }

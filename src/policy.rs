@@ -13,13 +13,103 @@ use crate::rejection::Rejection;
 use crate::route::{MethodSet, Route};
 use crate::verify::Identity;
 
+/// The organization admin role: every method on the routes, and every operation of the admin
+/// API. A service account can never have it.
+pub const ADMIN: &str = "admin";
+/// The built-in role that may use every method on the routes that admit it.
+pub const MEMBER: &str = "member";
+/// The built-in role that may only read (GET, HEAD, OPTIONS).
+pub const READONLY: &str = "readonly";
+/// The admin API's read-only role: it may list and show records there, and change nothing.
+pub const ADMIN_READONLY: &str = "admin-readonly";
+
 /// The built-in roles, available without configuration. `admin` and `member` may use every
 /// method; they differ on the routes that admit only `admin`. `readonly` may only read.
 pub const DEFAULT_ROLES: [(&str, MethodSet); 3] = [
-    ("admin", MethodSet::ALL),
-    ("member", MethodSet::ALL),
-    ("readonly", MethodSet::READ),
+    (ADMIN, MethodSet::ALL),
+    (MEMBER, MethodSet::ALL),
+    (READONLY, MethodSet::READ),
 ];
+
+/// The roles of the admin API, with what each may do there.
+pub const API_ROLES: [(&str, &str); 2] = [
+    (ADMIN, "manages records"),
+    (ADMIN_READONLY, "lists and shows records"),
+];
+
+/// The roles a key may be given: those the configuration defines for the routes (the built-in
+/// ones and `[roles.*]`) and the admin API's own. Creating a key with any other role is refused,
+/// so a typo cannot make a key that every route refuses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Roles {
+    /// The roles of the routes, in configuration order (built-in ones first).
+    routes: Vec<String>,
+}
+
+impl Default for Roles {
+    /// The built-in roles only.
+    fn default() -> Self {
+        Roles::new(DEFAULT_ROLES.iter().map(|(name, _)| (*name).to_owned()))
+    }
+}
+
+impl Roles {
+    /// The route roles of a configuration (built-in ones included, as configured).
+    pub fn new(routes: impl IntoIterator<Item = String>) -> Self {
+        Roles {
+            routes: routes.into_iter().collect(),
+        }
+    }
+
+    /// Whether a key may be given `role`.
+    pub fn contains(&self, role: &str) -> bool {
+        self.routes.iter().any(|r| r == role) || API_ROLES.iter().any(|(r, _)| *r == role)
+    }
+
+    /// Every known role, route roles first, each once.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.routes.iter().map(String::as_str).collect();
+        for (api, _) in API_ROLES {
+            if !names.contains(&api) {
+                names.push(api);
+            }
+        }
+        names
+    }
+
+    /// The known roles for an error message: each with where it applies, e.g. `admin (routes
+    /// and the admin API: manages records), member, readonly, admin-readonly (admin API only:
+    /// lists and shows records)`.
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = self
+            .names()
+            .into_iter()
+            .map(|name| {
+                let on_routes = self.routes.iter().any(|r| r == name);
+                match API_ROLES.iter().find(|(r, _)| *r == name) {
+                    Some((_, does)) if on_routes => {
+                        format!("{name} (routes and the admin API: {does})")
+                    }
+                    Some((_, does)) => format!("{name} (admin API only: {does})"),
+                    None => name.to_owned(),
+                }
+            })
+            .collect();
+        parts.join(", ")
+    }
+
+    /// Checks a role given for a new key; the message lists the known roles.
+    pub fn check(&self, role: &str) -> Result<(), String> {
+        if self.contains(role) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{role:?} is not a role of this configuration; known roles: {}",
+                self.describe()
+            ))
+        }
+    }
+}
 
 /// The named permission sets a configured role may use instead of listing methods.
 pub fn permission_set(name: &str) -> Option<MethodSet> {
@@ -149,6 +239,25 @@ mod tests {
             "a bound route refuses requests that name no tenant"
         );
         assert_eq!(authorize(&route(&["admin"]), &id, &get, None), Ok(()));
+    }
+
+    #[test]
+    fn known_roles_are_the_configured_ones_and_the_admin_apis() {
+        let roles = Roles::default();
+        for r in ["admin", "member", "readonly", "admin-readonly"] {
+            assert!(roles.check(r).is_ok(), "{r}");
+        }
+        let err = roles.check("adimn").unwrap_err();
+        assert!(err.starts_with("\"adimn\" is not a role"), "{err}");
+        assert!(err.contains("admin-readonly (admin API only"), "{err}");
+        assert!(err.contains("admin (routes and the admin API"), "{err}");
+        let custom = Roles::new(["admin", "member", "readonly", "deployer"].map(String::from));
+        assert!(custom.check("deployer").is_ok());
+        assert!(Roles::default().check("deployer").is_err());
+        assert_eq!(
+            custom.names(),
+            ["admin", "member", "readonly", "deployer", "admin-readonly"]
+        );
     }
 
     #[test]

@@ -82,6 +82,8 @@ pub struct App {
     pub access_log: bool,
     /// The tenant whose admin keys manage every tenant through the API.
     pub operator_tenant: String,
+    /// The roles a key may be given through the API.
+    pub roles: crate::policy::Roles,
 }
 
 /// The `route` label and log field of requests that matched no route.
@@ -197,20 +199,59 @@ pub async fn handle(
     resp
 }
 
-/// A failure to start serving.
+/// A failure to start serving. Each message names the setting at fault; the OS error is
+/// its cause, printed once after it.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// A listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr} (the {} address: setting {}, flag {})", listener.what(), listener.setting(), listener.flag())]
     Bind {
+        /// Which listener.
+        listener: Listener,
         /// The address.
         addr: SocketAddr,
         /// Why.
+        #[source]
         source: std::io::Error,
     },
     /// The store could not be set up.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// keygate's listeners, for errors that name their setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// `server.listen`, the proxy.
+    Proxy,
+    /// `server.admin_listen`, probes, metrics and the admin API.
+    Admin,
+}
+
+impl Listener {
+    /// What it serves.
+    pub fn what(self) -> &'static str {
+        match self {
+            Listener::Proxy => "proxy",
+            Listener::Admin => "admin",
+        }
+    }
+
+    /// Its setting.
+    pub fn setting(self) -> &'static str {
+        match self {
+            Listener::Proxy => "server.listen",
+            Listener::Admin => "server.admin_listen",
+        }
+    }
+
+    /// The flag of `keygate serve` that sets it.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Listener::Proxy => "--listen",
+            Listener::Admin => "--admin-listen",
+        }
+    }
 }
 
 /// A bound, not yet running keygate: both listeners are open, so their addresses are known.
@@ -234,16 +275,21 @@ impl Server {
         settings: Settings,
         store: Arc<dyn Store>,
     ) -> Result<Self, ServerError> {
-        let bind = |addr: SocketAddr| async move {
+        let bind = |listener: Listener, addr: SocketAddr| async move {
             TcpListener::bind(addr)
                 .await
-                .map_err(|source| ServerError::Bind { addr, source })
+                .map_err(|source| ServerError::Bind {
+                    listener,
+                    addr,
+                    source,
+                })
         };
-        let admin = bind(settings.admin_listen).await?;
+        let admin = bind(Listener::Admin, settings.admin_listen).await?;
         // Every proxy worker accepts on the same socket, from its own event loop.
-        let proxy = bind(settings.listen).await?;
+        let proxy = bind(Listener::Proxy, settings.listen).await?;
         let shared = |r: std::io::Result<std::net::TcpListener>| {
             r.map_err(|source| ServerError::Bind {
+                listener: Listener::Proxy,
                 addr: settings.listen,
                 source,
             })
@@ -289,6 +335,7 @@ impl Server {
             identity: settings.identity.clone(),
             state: State::default(),
             operator_tenant: settings.operator_tenant.clone(),
+            roles: settings.roles.clone(),
         });
         Ok(Server {
             app,

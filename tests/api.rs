@@ -6,11 +6,12 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use keygate::config::RoleConfig;
 use serde_json::{json, Value};
 
 struct Rig {
     redis: RedisServer,
-    _upstream: Upstream,
+    upstream: Upstream,
     ns: String,
     kg: Keygate,
     http: Http,
@@ -27,11 +28,21 @@ impl Rig {
         let ns = namespace(tag);
         let mut config = test_config(&redis.url(), &ns, &upstream.url());
         config.cache.ttl = "1h".into();
+        // No last-used write during a test: "wrote nothing" compares every stored value.
+        config.store.last_used_interval = "1h".into();
+        // A role of the configuration beside the built-in ones.
+        config.roles.insert(
+            "deployer".into(),
+            RoleConfig {
+                methods: Some(vec!["GET".into(), "POST".into()]),
+                permissions: None,
+            },
+        );
         let kg = Keygate::start(config).await;
         kg.wait_ready().await;
         Rig {
             redis,
-            _upstream: upstream,
+            upstream,
             ns,
             kg,
             http: Http::new(),
@@ -133,12 +144,25 @@ impl Rig {
         }
     }
 
-    /// Redis keys other than the audit stream, to prove a refused request wrote nothing.
+    /// Every stored value but the audit stream, to prove a refused request wrote nothing.
     fn records(&self) -> Vec<String> {
-        let mut keys: Vec<String> = self.redis.cmd(&["KEYS", &format!("{}:*", self.ns)]);
-        keys.retain(|k| !k.ends_with(":audit"));
-        keys.sort();
-        keys
+        let audit = format!("{}:audit ", self.ns);
+        let mut lines: Vec<String> = dump_redis(&self.redis, &self.ns)
+            .lines()
+            .filter(|l| !l.starts_with(&audit))
+            .map(str::to_owned)
+            .collect();
+        lines.sort();
+        assert!(!lines.is_empty(), "the dump is read");
+        lines
+    }
+
+    /// The audit entries an operator key sees.
+    async fn audit(&mut self, key: &str) -> Vec<Value> {
+        let v = self
+            .ok("GET", "/v1/audit?limit=1000", key, json!(null))
+            .await;
+        v["items"].as_array().unwrap().clone()
     }
 }
 
@@ -440,7 +464,7 @@ async fn bad_input_on_every_endpoint_is_a_4xx_json_error_and_writes_nothing() {
             "POST",
             "/v1/service-accounts",
             &admin,
-            json!({"tenant": "acme", "name": "x", "role": "r"}),
+            json!({"tenant": "acme", "name": "x", "role": "member"}),
         )
         .await;
     let (sa, kid) = (str_of(&sa, "id"), str_of(&sa, "key_id"));
@@ -515,7 +539,9 @@ async fn bad_input_on_every_endpoint_is_a_4xx_json_error_and_writes_nothing() {
         "limit=abc",
         "limit=100000",
         "cursor=x",
-        "cursor=99",
+        "cursor=",
+        "cursor=-1",
+        "limit=+5",
         "tenant=a%20b",
         "foo=1",
     ] {
@@ -594,4 +620,278 @@ async fn every_documented_operation_answers_with_a_documented_status() {
         }
     }
     assert!(checked >= 40, "{checked}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_pasted_where_an_id_belongs_is_refused_without_repeating_it() {
+    let mut rig = Rig::start("api-pasted").await;
+    let admin = rig.cli_key("keygate", "admin");
+    let member = rig.cli_key("acme", "member");
+    let created = rig
+        .ok(
+            "POST",
+            "/v1/service-accounts",
+            &admin,
+            json!({"tenant": "acme", "name": "ci", "role": "member"}),
+        )
+        .await;
+    let account_key = str_of(&created, "key");
+    let before = rig.records();
+    let audit_before = rig.audit(&admin).await.len();
+    for pasted in [&member, &account_key, &admin] {
+        for (method, path) in [
+            ("GET", format!("/v1/keys/{pasted}")),
+            ("POST", format!("/v1/keys/{pasted}/revoke")),
+            ("GET", format!("/v1/service-accounts/{pasted}")),
+            ("POST", format!("/v1/service-accounts/{pasted}/rotate")),
+            ("DELETE", format!("/v1/service-accounts/{pasted}")),
+            ("GET", format!("/v1/keys?tenant={pasted}")),
+            ("GET", format!("/v1/keys?{pasted}=1")),
+        ] {
+            let r = rig.call(method, &path, Some(&admin), "").await;
+            assert_eq!(r.status, 400, "{method} {}: {}", &path[..12], r.text());
+            let message = r.json()["message"].as_str().unwrap().to_owned();
+            assert!(message.contains("that is an API key, not a"), "{message}");
+        }
+        // In a body, too.
+        for body in [
+            json!({"tenant": pasted, "role": "member", "name": "n"}),
+            json!({"role": pasted, "name": "n"}),
+            json!({"role": "member", "name": pasted}),
+            json!({"role": "member", "name": "n", "subject": pasted}),
+            json!({"role": "member", "name": "n", pasted.as_str(): 1}),
+        ] {
+            let r = rig
+                .call("POST", "/v1/keys", Some(&admin), &body.to_string())
+                .await;
+            assert_eq!(r.status, 400, "{}", r.text());
+        }
+    }
+    assert_eq!(rig.records(), before, "a refused request wrote something");
+    let audit = rig.audit(&admin).await;
+    assert!(audit.len() > audit_before, "the refusals are audited");
+    for e in &audit[audit_before..] {
+        assert_eq!(e["target"], "-", "the audit holds what was pasted: {e}");
+    }
+    // `assert_no_key_leaked` searches every answer, the audit and every stored value.
+    rig.assert_no_key_leaked();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_the_configuration_does_not_define_is_refused_with_the_known_ones() {
+    let mut rig = Rig::start("api-roles").await;
+    let admin = rig.cli_key("keygate", "admin");
+    let before = rig.records();
+    for (path, body) in [
+        ("/v1/keys", json!({"role": "adimn", "name": "n"})),
+        ("/v1/keys", json!({"role": "", "name": "n"})),
+        (
+            "/v1/service-accounts",
+            json!({"role": "adimn", "name": "n"}),
+        ),
+    ] {
+        let r = rig
+            .call("POST", path, Some(&admin), &body.to_string())
+            .await;
+        assert_eq!(r.status, 400, "{path} {body}: {}", r.text());
+        let message = r.json()["message"].as_str().unwrap().to_owned();
+        for known in ["member", "readonly", "deployer", "admin-readonly"] {
+            assert!(message.contains(known), "{known} not listed: {message}");
+        }
+        assert!(message.contains("admin API"), "{message}");
+    }
+    assert_eq!(rig.records(), before, "a refused request wrote something");
+    // A role of the configuration is a role.
+    for (path, body) in [
+        ("/v1/keys", json!({"role": "deployer", "name": "d"})),
+        (
+            "/v1/service-accounts",
+            json!({"role": "deployer", "name": "d"}),
+        ),
+        ("/v1/keys", json!({"role": "admin-readonly", "name": "r"})),
+    ] {
+        rig.ok("POST", path, &admin, body).await;
+    }
+    rig.assert_no_key_leaked();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_errors_name_body_fields_not_command_line_flags() {
+    let mut rig = Rig::start("api-messages").await;
+    let admin = rig.cli_key("keygate", "admin");
+    for (path, body) in [
+        (
+            "/v1/keys",
+            json!({"role": "member", "name": "n", "expires_in": "1d", "expires_at": "2030-01-01T00:00:00Z"}),
+        ),
+        (
+            "/v1/keys",
+            json!({"role": "member", "name": "n", "expires_in": "soon"}),
+        ),
+        (
+            "/v1/service-accounts",
+            json!({"role": "member", "name": "n", "never_expire": true, "expires_in": "1d"}),
+        ),
+    ] {
+        let r = rig
+            .call("POST", path, Some(&admin), &body.to_string())
+            .await;
+        assert_eq!(r.status, 400);
+        let message = r.json()["message"].as_str().unwrap().to_owned();
+        assert!(!message.contains("--"), "{message}");
+        assert!(message.contains("expires_in"), "{message}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_revoked_key_answers_the_unchanged_record() {
+    let mut rig = Rig::start("api-revoke-twice").await;
+    let admin = rig.cli_key("keygate", "admin");
+    let k = rig
+        .ok(
+            "POST",
+            "/v1/keys",
+            &admin,
+            json!({"role": "member", "name": "n"}),
+        )
+        .await;
+    let path = format!("/v1/keys/{}/revoke", str_of(&k, "id"));
+    let first = rig.ok("POST", &path, &admin, json!({})).await;
+    let stored = rig.records();
+    let again = rig.ok("POST", &path, &admin, json!({})).await;
+    assert_eq!(again, first, "the record is unchanged");
+    assert_eq!(rig.records(), stored);
+    let audit = rig.audit(&admin).await;
+    assert_eq!(audit.last().unwrap()["outcome"], "already_revoked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_admin_can_neither_see_nor_touch_another_tenants_records() {
+    let mut rig = Rig::start("api-isolation").await;
+    let operator = rig.cli_key("keygate", "admin");
+    let acme = rig.cli_key("acme", "admin");
+    let acme_reader = rig.cli_key("acme", "admin-readonly");
+    // Globex's records, made by the operator.
+    let gkey = rig
+        .ok(
+            "POST",
+            "/v1/keys",
+            &operator,
+            json!({"tenant": "globex", "role": "member", "name": "g"}),
+        )
+        .await;
+    let (gkey_id, gkey_secret) = (str_of(&gkey, "id"), str_of(&gkey, "key"));
+    let gsa = rig
+        .ok(
+            "POST",
+            "/v1/service-accounts",
+            &operator,
+            json!({"tenant": "globex", "name": "builder", "role": "member"}),
+        )
+        .await;
+    let (gsa_id, gsa_secret) = (str_of(&gsa, "id"), str_of(&gsa, "key"));
+    // And one of acme's own, so that its views are not empty.
+    let own = rig
+        .ok(
+            "POST",
+            "/v1/keys",
+            &acme,
+            json!({"role": "member", "name": "own"}),
+        )
+        .await;
+    let audit_before = rig.audit(&operator).await.len();
+    let before = rig.records();
+
+    for key in [&acme, &acme_reader] {
+        for (method, path, want) in [
+            ("GET", format!("/v1/keys/{gkey_id}"), 404),
+            ("POST", format!("/v1/keys/{gkey_id}/revoke"), 404),
+            ("GET", format!("/v1/service-accounts/{gsa_id}"), 404),
+            ("POST", format!("/v1/service-accounts/{gsa_id}/rotate"), 404),
+            ("DELETE", format!("/v1/service-accounts/{gsa_id}"), 404),
+            ("GET", "/v1/keys?tenant=globex".into(), 403),
+            ("GET", "/v1/service-accounts?tenant=globex".into(), 403),
+        ] {
+            let r = rig.call(method, &path, Some(key), "").await;
+            // A read-only admin is refused every write before anything is looked up.
+            let want = if key == &acme_reader && method != "GET" {
+                403
+            } else {
+                want
+            };
+            assert_eq!(r.status, want, "{method} {path}: {}", r.text());
+            let text = r.text();
+            for foreign in [&gkey_id, &gsa_id] {
+                if want == 403 {
+                    assert!(!text.contains(foreign.as_str()), "{path} names {foreign}");
+                }
+            }
+        }
+        // Lists and the audit trail show acme's records only.
+        for path in ["/v1/keys", "/v1/service-accounts", "/v1/audit?limit=1000"] {
+            let v = rig.ok("GET", path, key, json!(null)).await;
+            let items = v["items"].as_array().unwrap();
+            assert!(
+                items.iter().all(|i| i["tenant"] == "acme"),
+                "{path} shows another tenant: {v}"
+            );
+            // (The audit may name an id acme itself sent in a refused request.)
+            if !path.starts_with("/v1/audit") {
+                let text = v.to_string();
+                assert!(
+                    !text.contains(&gkey_id) && !text.contains(&gsa_id),
+                    "{path}: {v}"
+                );
+            }
+        }
+    }
+    let acme_audit = rig.ok("GET", "/v1/audit", &acme, json!(null)).await;
+    assert!(
+        acme_audit.to_string().contains(&str_of(&own, "id")),
+        "acme sees its own entries: {acme_audit}"
+    );
+
+    // Not one stored value changed, and globex's keys still work.
+    assert_eq!(rig.records(), before, "a refused request wrote something");
+    for secret in [&gkey_secret, &gsa_secret] {
+        assert_eq!(rig.proxy_status(secret).await, 200);
+    }
+    // The operator's audit shows the refused writes, each under acme's tenant, none as a
+    // change to globex.
+    let audit = rig.audit(&operator).await;
+    assert!(
+        audit[audit_before..]
+            .iter()
+            .all(|e| e["outcome"] != "success"),
+        "{audit:?}"
+    );
+
+    // The management API is not on the proxy listener: `/v1/…` there is an ordinary proxied
+    // path, authenticated by the proxy and answered by the upstream, and changes nothing.
+    let via_proxy = rig
+        .http
+        .request_body(
+            "POST",
+            &rig.kg.url("/v1/keys"),
+            &[
+                ("authorization", &format!("Bearer {operator}")),
+                ("content-type", "application/json"),
+            ],
+            json!({"tenant": "globex", "role": "admin", "name": "x"}).to_string(),
+        )
+        .await;
+    assert_eq!(via_proxy.status, 200);
+    assert_eq!(via_proxy.text(), "ok", "the upstream answered, not the API");
+    let anonymous = rig.http.get(&rig.kg.url("/v1/openapi.json"), &[]).await;
+    assert_eq!(
+        anonymous.status, 401,
+        "the proxy wants a key for every path"
+    );
+    let seen = rig.upstream.requests();
+    assert!(
+        seen.iter().any(|s| s.path == "/v1/keys"),
+        "the upstream got it"
+    );
+    assert_eq!(rig.records(), before, "the proxy's /v1/ wrote something");
+    rig.assert_no_key_leaked();
 }

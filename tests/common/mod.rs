@@ -194,10 +194,12 @@ pub fn redis_store(redis: &RedisServer, namespace: &str) -> Arc<RedisStore> {
     )
 }
 
-/// Creates a user key in `tenant` with `role`.
+/// Creates a user key in `tenant` with `role` (any role: a fixture may make a key of a role the
+/// keygate under test does not define, to see it refused).
 pub async fn create_key(store: &dyn Store, tenant: &str, role: &str) -> CreatedKey {
     manage::create_key(
         store,
+        &keygate::policy::Roles::new([role.to_owned()]),
         NewKey {
             tenant: tenant.into(),
             role: role.into(),
