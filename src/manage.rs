@@ -162,14 +162,17 @@ fn check_role(roles: &Roles, role: &str) -> Result<(), ManageError> {
 /// `90m`, `45s`), with no sign, no leading zero and at most `max_digits` digits. The admin API's
 /// document states the same grammar as a pattern, so both accept exactly the same strings.
 fn parse_span(v: &str, max_digits: usize) -> Option<Duration> {
-    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    // Bytes, not chars: the last one must be an ASCII unit, so what precedes it is a whole
+    // string even when the input is not ASCII.
+    let (unit, digits) = v.as_bytes().split_last()?;
     let unit = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
+        b's' => 1,
+        b'm' => 60,
+        b'h' => 3600,
+        b'd' => 86400,
         _ => return None,
     };
+    let digits = std::str::from_utf8(digits).ok()?;
     let shaped = !digits.is_empty()
         && digits.len() <= max_digits
         && digits.bytes().all(|b| b.is_ascii_digit())
@@ -735,8 +738,25 @@ mod tests {
             assert!(parse_lifetime(ok).is_ok(), "{ok}");
         }
         for bad in [
-            "0s", "", "d", "1", "01d", "1000000d", "-1d", "+1d", "1 d", "1ms", "1w", "1D", "1h30m",
-            " 1d", "1d ",
+            "0s",
+            "",
+            "d",
+            "1",
+            "01d",
+            "1000000d",
+            "-1d",
+            "+1d",
+            "1 d",
+            "1ms",
+            "1w",
+            "1D",
+            "1h30m",
+            " 1d",
+            "1d ",
+            "é",
+            "1é",
+            "\u{1f600}s",
+            "\u{df}\\\u{c3}",
         ] {
             assert!(parse_lifetime(bad).is_err(), "{bad:?}");
         }
