@@ -643,7 +643,16 @@ fn parse_json<T: DeserializeOwned>(body: &[u8], empty_ok: bool) -> Result<T, Api
     if !value.is_object() {
         return Err(ApiError::bad("request body: a JSON object is required"));
     }
-    serde_json::from_value(value).map_err(msg)
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let text = msg(e.into_inner()).message;
+        if path == "." || manage::looks_like_key(&path) {
+            ApiError::bad(text)
+        } else {
+            let detail = text.trim_start_matches("request body: ");
+            ApiError::bad(format!("request body: {path}: {detail}"))
+        }
+    })
 }
 
 /// Removes quoted values from a parser message: it names fields and types, but never echoes
@@ -692,15 +701,29 @@ fn document(roles: &Roles) -> Bytes {
 #[serde(deny_unknown_fields)]
 struct Empty {}
 
+/// An optional field that, when present, must have a value: `"tenant": null` is refused like
+/// any other wrong type (the document does not admit it), not read as "absent".
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
 /// `POST /v1/keys`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateKey {
+    #[serde(default, deserialize_with = "present")]
     tenant: Option<String>,
     role: String,
     name: String,
+    #[serde(default, deserialize_with = "present")]
     subject: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     expires_in: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     expires_at: Option<String>,
 }
 
@@ -708,11 +731,15 @@ struct CreateKey {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateAccount {
+    #[serde(default, deserialize_with = "present")]
     tenant: Option<String>,
     name: String,
     role: String,
+    #[serde(default, deserialize_with = "present")]
     expires_in: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     expires_at: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     never_expire: Option<bool>,
 }
 
@@ -720,9 +747,13 @@ struct CreateAccount {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Rotate {
+    #[serde(default, deserialize_with = "present")]
     expires_in: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     expires_at: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     never_expire: Option<bool>,
+    #[serde(default, deserialize_with = "present")]
     grace: Option<String>,
 }
 
@@ -759,6 +790,14 @@ mod tests {
         assert!(!e.message.contains("kgu_secret"), "{}", e.message);
         let e = parse_json::<CreateKey>(br#"{"x": 1}"#, false).unwrap_err();
         assert!(e.message.contains("unknown field"), "{}", e.message);
+        let e = parse_json::<CreateKey>(br#"{"kgu_abc": 1}"#, false).unwrap_err();
+        assert!(!e.message.contains("kgu_abc"), "{}", e.message);
+        let e =
+            parse_json::<CreateKey>(br#"{"role": "member", "name": "n", "tenant": null}"#, false)
+                .unwrap_err();
+        assert!(e.message.contains("tenant"), "{}", e.message);
+        let ok = parse_json::<CreateKey>(br#"{"role": "member", "name": "n"}"#, false).unwrap();
+        assert!(ok.tenant.is_none());
     }
 
     #[test]
