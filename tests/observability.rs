@@ -12,6 +12,7 @@ use std::time::Duration;
 use common::*;
 use keygate::key::{generate, KeyKind};
 use keygate::store::{now_unix, Store};
+use serde_json::json;
 
 /// The difference between two scrapes, series by series.
 fn moved(before: &Scrape, after: &Scrape, series: &str) -> f64 {
@@ -184,10 +185,12 @@ async fn an_unreachable_upstream_is_counted_and_makes_keygate_unready() {
     assert_eq!(http.get(&kg.admin_url("/healthz"), &[]).await.status, 200);
 }
 
-/// `keygate serve` as a child process with every log line going to a file.
+/// `keygate serve` as a child process with its stderr (every log line) and its stdout each
+/// going to a file.
 struct ServeProcess {
     child: Child,
     log: std::path::PathBuf,
+    out: std::path::PathBuf,
     proxy: String,
     admin: String,
 }
@@ -195,6 +198,7 @@ struct ServeProcess {
 impl ServeProcess {
     fn spawn(args: &[&str], dir: &std::path::Path) -> Self {
         let log = dir.join("keygate.log");
+        let out = dir.join("keygate.stdout");
         let child = Command::new(env!("CARGO_BIN_EXE_keygate"))
             .args([
                 "serve",
@@ -205,7 +209,7 @@ impl ServeProcess {
             ])
             .args(args)
             .env("RUST_LOG", "trace")
-            .stdout(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
@@ -229,33 +233,148 @@ impl ServeProcess {
         ServeProcess {
             child,
             log,
+            out,
             proxy,
             admin,
         }
     }
 
-    fn stop(mut self) -> String {
+    /// Stops keygate (SIGTERM, then waits up to 20 s); returns (stdout, stderr).
+    fn stop(mut self) -> (String, String) {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        assert!(self.child.wait().unwrap().success());
-        let mut text = String::new();
-        std::fs::File::open(&self.log)
-            .unwrap()
-            .read_to_string(&mut text)
-            .unwrap();
-        text
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("keygate did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success());
+        let read = |path: &std::path::Path| {
+            let mut text = String::new();
+            std::fs::File::open(path)
+                .unwrap()
+                .read_to_string(&mut text)
+                .unwrap();
+            text
+        };
+        (read(&self.out), read(&self.log))
     }
 }
 
-/// Runs a key-management command at the most verbose log level; returns (stdout, stderr).
-fn cli(args: &[&str], redis_url: &str, ns: &str) -> (String, String) {
-    let out = keygate_command(redis_url, ns, args)
-        .env("RUST_LOG", "trace")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "keygate {args:?}: {stderr}");
-    (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+/// Every stream the test saw, each under a label: the one place a key may appear is the stream
+/// that showed it once (the stdout of the command, or the API answer, that created it).
+#[derive(Default)]
+struct Streams {
+    texts: Vec<(String, String)>,
+    /// Each secret, with the label of the only stream allowed to hold it (none for the Redis
+    /// password).
+    secrets: Vec<(String, Option<String>)>,
+}
+
+impl Streams {
+    fn add(&mut self, label: impl Into<String>, text: impl Into<String>) -> String {
+        let label = label.into();
+        self.texts.push((label.clone(), text.into()));
+        label
+    }
+
+    /// Runs a management command at the most verbose log level, keeping its stdout and stderr;
+    /// returns its JSON output.
+    fn cli(&mut self, args: &[&str], redis_url: &str, ns: &str) -> serde_json::Value {
+        let out = keygate_command(redis_url, ns, args)
+            .env("RUST_LOG", "trace")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let n = self.texts.len();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "keygate {args:?}: {stderr}");
+        let label = self.add(
+            format!("stdout of #{n} keygate {}", args[..2].join(" ")),
+            stdout.clone(),
+        );
+        self.add(
+            format!("stderr of #{n} keygate {}", args[..2].join(" ")),
+            stderr,
+        );
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        if let Some(key) = v.get("key").and_then(|k| k.as_str()) {
+            self.secrets.push((key.to_owned(), Some(label)));
+        }
+        v
+    }
+
+    /// Calls the admin API, keeping the answer (head and body).
+    async fn api(
+        &mut self,
+        http: &Http,
+        admin: &str,
+        key: &str,
+        method: &str,
+        path: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
+        let auth = format!("Bearer {key}");
+        let body = if body.is_null() {
+            String::new()
+        } else {
+            body.to_string()
+        };
+        let reply = http
+            .request_body(
+                method,
+                &format!("http://{admin}{path}"),
+                &[
+                    ("authorization", &auth),
+                    ("content-type", "application/json"),
+                ],
+                body,
+            )
+            .await;
+        assert!(
+            reply.status.is_success(),
+            "{method} {path}: {}",
+            reply.text()
+        );
+        let n = self.texts.len();
+        let label = self.add(
+            format!("API answer #{n} to {method} {path}"),
+            format!("{:?}\n{}", reply.headers, reply.text()),
+        );
+        let v = reply.json();
+        if let Some(key) = v.get("key").and_then(|k| k.as_str()) {
+            self.secrets.push((key.to_owned(), Some(label)));
+        }
+        v
+    }
+
+    /// No secret in any stream but the one that showed it; not even most of one.
+    fn assert_no_secret_leaked(&self) {
+        for (secret, shown_in) in &self.secrets {
+            let head = &secret[..secret.len() * 2 / 3];
+            let mut shown = 0;
+            for (label, text) in &self.texts {
+                if Some(label) == shown_in.as_ref() {
+                    shown += text.matches(secret.as_str()).count();
+                    continue;
+                }
+                assert!(
+                    !text.contains(head),
+                    "a secret (or most of one) appears in {label}"
+                );
+            }
+            if shown_in.is_some() {
+                assert_eq!(shown, 1, "a key is shown exactly once where it was created");
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,49 +397,100 @@ async fn no_secret_reaches_logs_or_metrics_even_at_trace_level() {
         ],
         &dir,
     );
+    let mut seen = Streams::default();
+    seen.secrets.push((PASSWORD.into(), None));
+    let http = Http::new();
 
-    let mut secrets: Vec<String> = vec![PASSWORD.into()];
-    let mut cli_logs = String::new();
-    // Runs a management command; returns its JSON output's `key` and `id`.
-    let mut manage = |args: &[&str]| {
-        let (out, err) = cli(args, &url, &ns);
-        cli_logs.push_str(&err);
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        (
-            v["key"].as_str().unwrap().to_owned(),
-            v["id"].as_str().unwrap().to_owned(),
-        )
-    };
+    // Keys made by the CLI: user keys, and a service account that is rotated.
     let user_key = [
         "keys", "create", "--tenant", "acme", "--role", "admin", "--name", "k",
     ];
-    let (used, _) = manage(&user_key);
-    let (revoked, revoked_id) = manage(&user_key);
-    let (never_used, _) = manage(&user_key);
-    // A service account, rotated: both its first and its second key are secrets.
-    let (first, account) = manage(&[
-        "service-accounts",
-        "create",
-        "--tenant",
-        "acme",
-        "--name",
-        "ci",
-        "--role",
-        "member",
-    ]);
-    let (rotated, _) = manage(&["service-accounts", "rotate", &account]);
-    secrets.extend([
-        used.clone(),
-        revoked.clone(),
-        never_used,
-        first.clone(),
-        rotated.clone(),
-    ]);
+    let used = seen.cli(&user_key, &url, &ns);
+    let revoked = seen.cli(&user_key, &url, &ns);
+    seen.cli(&user_key, &url, &ns);
+    let account = seen.cli(
+        &[
+            "service-accounts",
+            "create",
+            "--tenant",
+            "acme",
+            "--name",
+            "ci",
+            "--role",
+            "member",
+        ],
+        &url,
+        &ns,
+    );
+    let account_id = account["id"].as_str().unwrap();
+    let rotated = seen.cli(&["service-accounts", "rotate", account_id], &url, &ns);
 
+    // Keys made through the admin API, by an operator admin key the CLI made.
+    let operator = seen.cli(
+        &[
+            "keys", "create", "--tenant", "keygate", "--role", "admin", "--name", "op",
+        ],
+        &url,
+        &ns,
+    );
+    let op = operator["key"].as_str().unwrap().to_owned();
+    let admin = kg.admin.clone();
+    let api_key = seen
+        .api(
+            &http,
+            &admin,
+            &op,
+            "POST",
+            "/v1/keys",
+            json!({"tenant": "acme", "role": "member", "name": "api"}),
+        )
+        .await;
+    let api_account = seen
+        .api(
+            &http,
+            &admin,
+            &op,
+            "POST",
+            "/v1/service-accounts",
+            json!({"tenant": "acme", "name": "worker", "role": "member"}),
+        )
+        .await;
+    let api_account_id = api_account["id"].as_str().unwrap().to_owned();
+    let api_rotated = seen
+        .api(
+            &http,
+            &admin,
+            &op,
+            "POST",
+            &format!("/v1/service-accounts/{api_account_id}/rotate"),
+            json!({}),
+        )
+        .await;
+    // Reads of every kind, whose answers hold no key.
+    for path in [
+        "/v1/keys".to_owned(),
+        format!("/v1/keys/{}", api_key["id"].as_str().unwrap()),
+        "/v1/service-accounts".into(),
+        format!("/v1/service-accounts/{api_account_id}"),
+        "/v1/audit".into(),
+    ] {
+        seen.api(&http, &admin, &op, "GET", &path, json!(null))
+            .await;
+    }
+
+    let key = |v: &serde_json::Value| v["key"].as_str().unwrap().to_owned();
+    let revoked_id = revoked["id"].as_str().unwrap().to_owned();
+    let (used, revoked, rotated) = (key(&used), key(&revoked), key(&rotated));
     let proxy = format!("http://{}", kg.proxy);
     for client in [Http::new(), Http::http2()] {
-        for key in [&used, &revoked, &rotated] {
-            let auth = format!("Bearer {key}");
+        for k in [
+            &used,
+            &revoked,
+            &rotated,
+            &key(&api_key),
+            &key(&api_rotated),
+        ] {
+            let auth = format!("Bearer {k}");
             let reply = client
                 .get(
                     &format!("{proxy}/things"),
@@ -336,66 +506,62 @@ async fn no_secret_reaches_logs_or_metrics_even_at_trace_level() {
         // A damaged copy of a key, and a key in the wrong scheme.
         let mut damaged = used.clone();
         damaged.pop();
-        assert_eq!(
-            client
-                .get_with_key(&format!("{proxy}/"), &damaged)
-                .await
-                .status,
-            401
-        );
+        let reply = client.get_with_key(&format!("{proxy}/"), &damaged).await;
+        assert_eq!(reply.status, 401);
         let basic = format!("Basic {used}");
         let reply = client
             .get(&format!("{proxy}/"), &[("authorization", &basic)])
             .await;
         assert_eq!(reply.status, 401);
     }
-    let (_, err) = cli(&["keys", "revoke", &revoked_id], &url, &ns);
-    cli_logs.push_str(&err);
-    let http = Http::new();
-    let rejected = || async {
-        http.get_with_key(&format!("{proxy}/"), &revoked)
-            .await
-            .status
-            == 401
-    };
-    eventually(
-        Duration::from_secs(5),
-        "the revoked key is refused",
-        rejected,
+    // Revocations by the CLI and through the API.
+    seen.cli(&["keys", "revoke", &revoked_id], &url, &ns);
+    let api_key_id = api_key["id"].as_str().unwrap().to_owned();
+    seen.api(
+        &http,
+        &admin,
+        &op,
+        "POST",
+        &format!("/v1/keys/{api_key_id}/revoke"),
+        json!({}),
     )
     .await;
-    // The service account's first key stopped working at its rotation.
-    let reply = http.get_with_key(&format!("{proxy}/"), &first).await;
-    assert_eq!(reply.error_code(), "key_revoked");
+    for k in [&revoked, &key(&api_key)] {
+        let (http, url, k) = (http.clone(), format!("{proxy}/"), k.clone());
+        eventually(Duration::from_secs(5), "the revoked key is refused", || {
+            let (http, url, k) = (http.clone(), url.clone(), k.clone());
+            async move { http.get_with_key(&url, &k).await.status == 401 }
+        })
+        .await;
+    }
+    // The service accounts' first keys stopped working at their rotation.
+    for first in [key(&account), key(&api_account)] {
+        let reply = http.get_with_key(&format!("{proxy}/"), &first).await;
+        assert_eq!(reply.error_code(), "key_revoked");
+    }
 
     let metrics = http
         .get(&format!("http://{}/metrics", kg.admin), &[])
         .await
         .text();
-    let logs = kg.stop();
+    let upstream_saw: String = upstream
+        .requests()
+        .iter()
+        .map(|r| format!("{} {} {:?}\n", r.method, r.path, r.headers))
+        .collect();
+    let (serve_out, logs) = kg.stop();
     // The capture is real: trace-level lines, the effective configuration and access lines.
     assert!(logs.contains("TRACE"), "no trace output captured");
     assert!(logs.contains("effective configuration"), "{logs}");
     assert!(logs.contains("keygate::access"));
     assert!(metrics.contains("keygate_auth_decisions_total"));
-    for secret in &secrets {
-        for (what, text) in [
-            ("keygate's log", &logs),
-            ("the CLI's log", &cli_logs),
-            ("/metrics", &metrics),
-        ] {
-            assert!(
-                !text.contains(secret.as_str()),
-                "a secret appears in {what}"
-            );
-        }
-        // Not even most of one (a log line that cut the key short).
-        let head = &secret[..secret.len() * 2 / 3];
-        assert!(
-            !logs.contains(head),
-            "part of a secret appears in keygate's log"
-        );
-    }
+    assert!(upstream_saw.contains("/things"));
+    seen.add("keygate's stderr (its log)", logs);
+    seen.add("keygate's stdout", serve_out);
+    seen.add("/metrics", metrics);
+    seen.add("the headers the upstream received", upstream_saw);
+    assert!(seen.secrets.len() >= 9, "every key is watched");
+    seen.assert_no_secret_leaked();
 }
 
 /// Every `keygate_…` metric name used in a PromQL expression.
