@@ -251,13 +251,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// An error for the terminal: each cause once (an error that already shows its cause in its
-/// own message is not followed by it again), and nothing shaped like a key.
+/// An error for the terminal: each cause once (an error that already ends with its cause in
+/// its own message is not followed by it again), and nothing shaped like a key.
 pub fn report(e: &anyhow::Error) -> String {
     let mut out = String::new();
     for cause in e.chain() {
         let text = cause.to_string();
-        if out.contains(&text) {
+        if out.ends_with(&text) {
             continue;
         }
         if !out.is_empty() {

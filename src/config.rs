@@ -181,11 +181,8 @@ impl Origins {
         }
         self.0
             .range(field.to_owned()..)
-            .next()
-            .filter(|(k, _)| {
-                k.strip_prefix(field)
-                    .is_some_and(|rest| rest.starts_with(['.', '[']))
-            })
+            .take_while(|(k, _)| k.starts_with(field))
+            .find(|(k, _)| k[field.len()..].starts_with(['.', '[']))
             .map(|(_, o)| o)
     }
 
@@ -1334,6 +1331,24 @@ mod tests {
         assert_eq!(c.store.namespace, "123");
         assert_eq!(c.cache.capacity, 77);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn origins_are_found_for_a_setting_its_parts_and_its_table() {
+        let mut o = Origins::default();
+        let file = || Origin::File("k.toml".into());
+        o.set("routes[0].roles", file());
+        o.set("roles.x-y.methods", Origin::Env("E".into()));
+        o.set("roles.x.methods", file());
+        o.set("server.listen", Origin::Flag("--listen".into()));
+        assert_eq!(o.of("routes[0].roles[1]"), Some(&file()));
+        assert_eq!(o.of("roles.x"), Some(&file()), "the table of a setting");
+        assert_eq!(
+            o.of("server.listen"),
+            Some(&Origin::Flag("--listen".into()))
+        );
+        assert_eq!(o.of("server.admin_listen"), None, "a default has no origin");
+        assert_eq!(o.of("routes[1].upstream"), None);
     }
 
     #[test]
