@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::io::Read;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use common::*;
@@ -287,11 +287,10 @@ impl Streams {
     /// Runs a management command at the most verbose log level, keeping its stdout and stderr;
     /// returns its JSON output.
     fn cli(&mut self, args: &[&str], redis_url: &str, ns: &str) -> serde_json::Value {
-        let out = keygate_command(redis_url, ns, args)
-            .env("RUST_LOG", "trace")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
+        let out = output_within(
+            keygate_command(redis_url, ns, args).env("RUST_LOG", "trace"),
+            Duration::from_secs(30),
+        );
         let n = self.texts.len();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
