@@ -14,15 +14,19 @@
 //!   is re-read, edited with `toml_edit` (comments and layout survive), written to a temporary
 //!   file, fsynced and renamed over the original. A crash leaves the old or the new file, never
 //!   half of one, and concurrent writers never lose each other's keys. A write made in a
-//!   running server (the admin API) reports its changed keys to the invalidation sink itself:
-//!   the set it adopts is already the new one, so the watcher's reload would see no change.
+//!   running server (the admin API) adopts the file it wrote and reports to the invalidation
+//!   sink itself every key whose record differs from the set it was serving: its own changes
+//!   and those another process made since the last reload (the watcher's reload, finding the
+//!   set already adopted, sees no change left to report).
+//! - Order: reloads and writes adopt their sets in the order they read the file, so the served
+//!   set never goes back to a file older than one already served.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -52,6 +56,22 @@ struct Inner {
     /// Last-used times by key id, kept in `<file>.last-used.json` rather than in the keys
     /// file, so recording them never rewrites (or reloads) the keys.
     last_used: Mutex<HashMap<String, u64>>,
+    /// Held from a reload's or a write's read of the file until it has adopted the result
+    /// (see [`Inner::adopt`]).
+    apply: Mutex<()>,
+    /// Called at the points of [`Point`], so unit tests can stop a thread there.
+    #[cfg(test)]
+    hook: OnceLock<Box<dyn Fn(Point) + Send + Sync>>,
+}
+
+/// Where [`Inner::hook`] is called.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Point {
+    /// A reload has read the file and not yet adopted it.
+    ReloadRead,
+    /// A reload or a write waits for another one to adopt its set.
+    ApplyContended,
 }
 
 #[derive(Default, PartialEq, Debug)]
@@ -118,6 +138,9 @@ impl FileStore {
                 reload_error: Mutex::new(None),
                 sink: OnceLock::new(),
                 last_used: Mutex::new(last_used),
+                apply: Mutex::new(()),
+                #[cfg(test)]
+                hook: OnceLock::new(),
             }),
         })
     }
@@ -172,11 +195,21 @@ impl FileStore {
 }
 
 impl Inner {
+    #[cfg(test)]
+    fn hook(&self, point: Point) {
+        if let Some(h) = self.hook.get() {
+            h(point)
+        }
+    }
+
     /// Re-reads the file; on success swaps the set in and returns the digests that changed.
     fn reload(&self) -> Result<Vec<KeyDigest>, StoreError> {
+        let applying = self.lock_apply();
         let result = fs::read_to_string(&self.path)
             .map_err(|e| format!("cannot read: {e}"))
             .and_then(|text| parse(&text));
+        #[cfg(test)]
+        self.hook(Point::ReloadRead);
         let new = match result {
             Ok(set) => set,
             Err(e) => {
@@ -186,14 +219,41 @@ impl Inner {
             }
         };
         *self.reload_error.lock().expect("error lock") = None;
-        let mut guard = self.set.write().expect("key set lock");
-        let changed = diff(&guard, &new);
-        *guard = Arc::new(new);
-        Ok(changed)
+        Ok(self.adopt(&applying, new))
+    }
+
+    /// Takes the lock that orders every adoption of a set after the file read it came from.
+    fn lock_apply(&self) -> MutexGuard<'_, ()> {
+        #[cfg(test)]
+        match self.apply.try_lock() {
+            Ok(guard) => return guard,
+            Err(std::sync::TryLockError::WouldBlock) => self.hook(Point::ApplyContended),
+            Err(std::sync::TryLockError::Poisoned(e)) => return e.into_inner(),
+        }
+        // It guards no data: a thread that panicked holding it left nothing half done.
+        self.apply.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Serves `new` and returns the digests whose record differs from the set served until
+    /// now: the changes this process has not yet reported, whoever made them.
+    ///
+    /// Invariant (the served set only moves forward): it is called with `apply` held since
+    /// before the file was read, so sets are adopted in the order their files were read, and
+    /// a reload that read the file before a write can never replace the write's set after it.
+    /// Diffing against the served set, not against the file a write started from, is what
+    /// reports another process's change that a write adopts before the watcher reloads it.
+    /// Tested by `a_reload_that_read_the_file_before_a_write_never_adopts_it_after_the_write`
+    /// and `an_edit_reports_what_another_writer_changed_since_the_last_reload`.
+    fn adopt(&self, _applying: &MutexGuard<'_, ()>, new: KeySet) -> Vec<KeyDigest> {
+        let mut served = self.set.write().expect("key set lock");
+        let changed = diff(&served, &new);
+        *served = Arc::new(new);
+        changed
     }
 
     /// Applies an edit to the file under the writers' lock, atomically, and adopts the result;
-    /// returns the edit's result and the digests of the keys whose records changed.
+    /// returns the edit's result and the digests of the keys whose records changed since the
+    /// set this process served (so including other processes' changes not yet reloaded).
     fn edit<T>(
         &self,
         f: impl FnOnce(&mut toml_edit::DocumentMut, &KeySet) -> Result<T, StoreError>,
@@ -210,6 +270,7 @@ impl Inner {
             .open(&lock_path)
             .map_err(|e| io("cannot open the lock file of", e))?;
         lock.lock().map_err(|e| io("cannot lock", e))?;
+        let applying = self.lock_apply();
 
         let text = match fs::read_to_string(&self.path) {
             Ok(t) => t,
@@ -234,10 +295,8 @@ impl Inner {
         let new_set = parse(&new_text)
             .map_err(|e| StoreError::Corrupt(format!("edit produced an invalid file: {e}")))?;
         write_atomically(&self.path, new_text.as_bytes()).map_err(|e| io("cannot write", e))?;
-        let changed = diff(&current, &new_set);
-        let mut guard = self.set.write().expect("key set lock");
-        *guard = Arc::new(new_set);
-        drop(guard);
+        let changed = self.adopt(&applying, new_set);
+        drop(applying);
         drop(lock);
         Ok((out, changed))
     }
@@ -946,5 +1005,118 @@ expires_at = "2030-01-01T00:00:00Z"
         assert_eq!(diff(&old, &empty).len(), 2);
         assert_eq!(diff(&empty, &old).len(), 2);
         assert!(diff(&old, &parse(GOOD).unwrap()).is_empty());
+    }
+
+    /// A keys file with `text` in a fresh directory.
+    fn keys_file(text: &str) -> PathBuf {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("keygate-unit-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keys.toml");
+        fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn digest(n: u8) -> KeyDigest {
+        KeyDigest::from_hex(&format!("{n:064}")).unwrap()
+    }
+
+    /// `GOOD` with key_a revoked, as another process would write it.
+    fn revoke_a(text: &str) -> String {
+        let created = "kind = \"user\"\ncreated_at = \"2026-01-01T00:00:00Z\"\n";
+        text.replacen(
+            created,
+            &format!("{created}revoked_at = \"2026-02-01T00:00:00Z\"\n"),
+            1,
+        )
+    }
+
+    #[test]
+    fn an_edit_reports_what_another_writer_changed_since_the_last_reload() {
+        let path = keys_file(GOOD);
+        let store = FileStore::open(&path, false).unwrap();
+        // Another process revokes key_a; this instance has not reloaded yet.
+        fs::write(&path, revoke_a(GOOD)).unwrap();
+        // This instance's own write adopts the file, key_a's revocation with it.
+        let mut new = KeyRecord::example(digest(3));
+        new.id = "key_c".into();
+        let ((), changed) = store.inner.edit(move |doc, _| push_key(doc, &new)).unwrap();
+        let mut changed = changed;
+        changed.sort_by_key(|d| d.to_hex());
+        assert_eq!(
+            changed,
+            vec![digest(1), digest(3)],
+            "key_a's revocation was dropped"
+        );
+        assert!(store
+            .snapshot()
+            .by_id("key_a")
+            .unwrap()
+            .revoked_at
+            .is_some());
+        assert!(store.inner.reload().unwrap().is_empty());
+        let _ = fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn a_reload_that_read_the_file_before_a_write_never_adopts_it_after_the_write() {
+        #[derive(Debug, PartialEq)]
+        enum Seen {
+            At(Point),
+            WriteDone,
+        }
+        let path = keys_file(GOOD);
+        let store = FileStore::open(&path, false).unwrap();
+        let (seen, events) = std::sync::mpsc::channel();
+        let (go, gate) = std::sync::mpsc::channel::<()>();
+        let gate = Mutex::new(gate);
+        let to_test = seen.clone();
+        let _ = store.inner.hook.set(Box::new(move |point| {
+            let _ = to_test.send(Seen::At(point));
+            if point == Point::ReloadRead {
+                // Held here, after the read, until the test lets it go.
+                let _ = gate.lock().unwrap().recv_timeout(Duration::from_secs(10));
+            }
+        }));
+        let wait = Duration::from_secs(10);
+
+        let inner = store.inner.clone();
+        let reload = std::thread::spawn(move || inner.reload().unwrap());
+        assert_eq!(
+            events.recv_timeout(wait).unwrap(),
+            Seen::At(Point::ReloadRead)
+        );
+
+        // An API revoke of key_a while that reload holds the file as it was before.
+        let inner = store.inner.clone();
+        let write = std::thread::spawn(move || {
+            let out = inner.edit(|doc, _| set_key_time(doc, "key_a", "revoked_at", 1_800_000_000));
+            let _ = seen.send(Seen::WriteDone);
+            out.unwrap().1
+        });
+        // Either the write waits for the reload (ordered), or it finished first.
+        let next = events.recv_timeout(wait).unwrap();
+        assert!(
+            matches!(next, Seen::At(Point::ApplyContended) | Seen::WriteDone),
+            "{next:?}"
+        );
+        go.send(()).unwrap();
+        let mut reported = reload.join().unwrap();
+        reported.extend(write.join().unwrap());
+
+        let served = store.snapshot();
+        assert_eq!(
+            served.by_id("key_a").unwrap().revoked_at,
+            Some(1_800_000_000),
+            "a reload put back the set from before the revocation"
+        );
+        assert!(
+            reported.contains(&digest(1)),
+            "the revocation was never reported"
+        );
+        assert_eq!(*served, parse(&fs::read_to_string(&path).unwrap()).unwrap());
+        let _ = fs::remove_dir_all(path.parent().unwrap());
     }
 }
