@@ -7,8 +7,11 @@
 
 mod common;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::*;
 use keygate::key::{generate, GeneratedKey, KeyKind};
@@ -101,7 +104,7 @@ struct FileRig {
     _upstream: Upstream,
     /// Instances serving the same keys file.
     kgs: Vec<Keygate>,
-    _dir: PathBuf,
+    dir: PathBuf,
     keys_file: PathBuf,
     http: Http,
 }
@@ -123,7 +126,7 @@ async fn file_rig_of(instances: usize) -> FileRig {
     FileRig {
         _upstream: upstream,
         kgs,
-        _dir: dir,
+        dir,
         keys_file,
         http: Http::new(),
     }
@@ -181,6 +184,108 @@ impl FileRig {
         tokio::time::timeout(REQUEST_TIMEOUT, call)
             .await
             .expect("the admin API answers within the request timeout")
+    }
+}
+
+/// Appends a line to a file every `every` from its own thread until dropped, as a process
+/// logging beside the keys file does. Each append holds `gate`, so a test can edit the file
+/// between two appends.
+struct Appender {
+    stop: Arc<AtomicBool>,
+    lines: Arc<AtomicU64>,
+    gate: Arc<Mutex<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Appender {
+    fn start(path: PathBuf, line: &'static str, every: Duration) -> Self {
+        let (stop, lines) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let gate = Arc::new(Mutex::new(()));
+        let (s, n, g) = (stop.clone(), lines.clone(), gate.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                {
+                    let _held = g.lock().unwrap();
+                    let mut f = std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&path)
+                        .unwrap();
+                    f.write_all(line.as_bytes()).unwrap();
+                }
+                n.fetch_add(1, Ordering::SeqCst);
+                std::thread::sleep(every);
+            }
+        });
+        Appender {
+            stop,
+            lines,
+            gate,
+            thread: Some(thread),
+        }
+    }
+
+    fn lines(&self) -> u64 {
+        self.lines.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` more lines were appended, within a deadline.
+    async fn wait_for_lines(&self, n: u64) {
+        let target = self.lines() + n;
+        eventually(
+            Duration::from_secs(5),
+            "the appender is writing",
+            || async { self.lines() >= target },
+        )
+        .await;
+    }
+}
+
+/// Counts the times any process opens a file, from inotify.
+struct OpensOf {
+    count: Arc<AtomicU64>,
+    _watcher: notify::RecommendedWatcher,
+}
+
+impl OpensOf {
+    fn watch(file: &Path) -> Self {
+        use notify::event::{AccessKind, EventKind};
+        use notify::Watcher;
+        let count = Arc::new(AtomicU64::new(0));
+        let (n, name) = (count.clone(), file.file_name().unwrap().to_owned());
+        let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            if let Ok(ev) = ev {
+                if matches!(ev.kind, EventKind::Access(AccessKind::Open(_)))
+                    && ev.paths.iter().any(|p| p.file_name() == Some(&name))
+                {
+                    n.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+        .unwrap();
+        watcher
+            .watch(file.parent().unwrap(), notify::RecursiveMode::NonRecursive)
+            .unwrap();
+        OpensOf {
+            count,
+            _watcher: watcher,
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Appender {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -451,4 +556,148 @@ async fn a_hand_revocation_holds_when_the_instance_writes_before_reloading() {
 
     r.status_becomes(&key, 401, "the hand-revoked key is refused on both")
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_from_the_cli_the_api_and_by_hand_mix_with_other_files_changing() {
+    let r = file_rig().await;
+    let log = Appender::start(
+        r.dir.join("keygate.log"),
+        "a log line\n",
+        Duration::from_millis(2),
+    );
+    log.wait_for_lines(3).await;
+
+    let (_, admin) = cli_create(&r.keys_file, "acme").await;
+    r.status_becomes(&admin, 200, "a CLI-created key is accepted")
+        .await;
+    let (cli_id, cli_key) = cli_create(&r.keys_file, "acme").await;
+    let made = r
+        .api(
+            0,
+            "POST",
+            "/v1/keys",
+            &admin,
+            r#"{"role": "member", "name": "api"}"#,
+        )
+        .await;
+    assert_eq!(made.status, 201, "{}", made.text());
+    let (api_id, api_key) = (
+        made.json()["id"].as_str().unwrap().to_owned(),
+        made.json()["key"].as_str().unwrap().to_owned(),
+    );
+    let hand = generate(KeyKind::User);
+    let hand_key = hand.secret.expose().to_owned();
+    assert_eq!(get(&r.http, r.kg(), &hand_key).await.status, 401);
+    r.edit(|t| t + &block("key_hand", &hand, ""));
+    for k in [&cli_key, &api_key, &hand_key] {
+        r.status_becomes(k, 200, "every new key is accepted").await;
+    }
+
+    // Revoke each through another path, back to back: by hand, by the CLI, through the API.
+    r.edit(|t| revoked_by_hand(&t, "key_hand"));
+    cli_revoke(&r.keys_file, &api_id).await;
+    let revoked = r
+        .api(
+            0,
+            "POST",
+            &format!("/v1/keys/{cli_id}/revoke"),
+            &admin,
+            "{}",
+        )
+        .await;
+    assert_eq!(revoked.status, 200, "{}", revoked.text());
+    for k in [&cli_key, &api_key, &hand_key] {
+        r.status_becomes(k, 401, "every revoked key is refused")
+            .await;
+    }
+    assert_eq!(
+        r.statuses(&admin).await,
+        [200],
+        "an untouched key still works"
+    );
+    assert!(log.lines() > 3, "the log kept being written");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reload timing
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_written_beside_the_keys_file_does_not_delay_revocations() {
+    let r = file_rig().await;
+    let (cli_id, cli_key) = cli_create(&r.keys_file, "acme").await;
+    let (hand_id, hand_key) = cli_create(&r.keys_file, "acme").await;
+    r.status_becomes(&cli_key, 200, "the key is cached as live")
+        .await;
+    r.status_becomes(&hand_key, 200, "the key is cached as live")
+        .await;
+
+    let log = Appender::start(
+        r.dir.join("keygate.log"),
+        "a log line\n",
+        Duration::from_millis(2),
+    );
+    log.wait_for_lines(3).await;
+
+    // The log alone never makes keygate read the keys file again: over more than the debounce
+    // cap of log lines, nothing opens it.
+    let opens = OpensOf::watch(&r.keys_file);
+    let window = Instant::now();
+    while window.elapsed() < 2 * DEBOUNCE_CAP {
+        log.wait_for_lines(10).await;
+    }
+    assert_eq!(
+        opens.count(),
+        0,
+        "the log made keygate reload the keys file"
+    );
+
+    cli_revoke(&r.keys_file, &cli_id).await;
+    r.status_within(
+        APPLIED,
+        &cli_key,
+        401,
+        "a CLI revocation applies within the bound",
+    )
+    .await;
+
+    // An in-place edit goes through the debounce, which the log must not restart.
+    r.edit(|t| revoked_by_hand(&t, &hand_id));
+    r.status_within(
+        APPLIED,
+        &hand_key,
+        401,
+        "a hand revocation applies within the bound",
+    )
+    .await;
+    let before = log.lines();
+    log.wait_for_lines(3).await;
+    assert!(log.lines() > before, "the log kept being written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_file_written_continuously_is_reloaded_within_the_debounce_cap() {
+    let r = file_rig().await;
+    let (id, key) = cli_create(&r.keys_file, "acme").await;
+    r.status_becomes(&key, 200, "the key is cached as live")
+        .await;
+
+    // Comments appended to the keys file itself every few milliseconds: each is an event the
+    // debounce sees, and the file stays valid throughout.
+    let ticks = Appender::start(r.keys_file.clone(), "# tick\n", Duration::from_millis(3));
+    ticks.wait_for_lines(3).await;
+    {
+        let _between_appends = ticks.gate.lock().unwrap();
+        r.edit(|t| revoked_by_hand(&t, &id));
+    }
+    r.status_within(
+        APPLIED,
+        &key,
+        401,
+        "a revocation applies within the debounce cap, however busy the file",
+    )
+    .await;
+    let before = ticks.lines();
+    ticks.wait_for_lines(3).await;
+    assert!(ticks.lines() > before, "the file kept being written");
 }

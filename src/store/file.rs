@@ -5,11 +5,14 @@
 //! account (see the README for the fields); never a plaintext key. The audit trail is a JSON
 //! lines file beside it, `<file>.audit.jsonl`, appended to (`O_APPEND`, one write per entry). The whole set lives in memory; lookups take a read lock for a hash-map probe.
 //!
-//! - Reload: a filesystem watcher on the file's directory (which also sees Kubernetes' symlink
-//!   swaps) and SIGHUP trigger a debounced reload. A file that fails to parse or validate keeps
-//!   the last good set serving; the error, naming the line, is logged and shown by `/readyz`.
-//!   A good reload reports every key whose record changed, appeared or disappeared to the
-//!   invalidation sink, so cached verdicts follow the file within the debounce.
+//! - Reload: a filesystem watcher on the file's directory reacts to events about the keys file
+//!   and Kubernetes' `..data` symlink swap, and to nothing else there (logs, the audit trail).
+//!   A rename onto the file (how the CLI and the admin API write it, and the swap) and SIGHUP
+//!   reload at once; an in-place write reloads once the file was quiet for 50 ms, and at
+//!   most 250 ms after its first event however busy the file is. A file that fails
+//!   to parse or validate keeps the last good set serving; the error, naming the line, is
+//!   logged and shown by `/readyz`. A good reload reports every key whose record changed,
+//!   appeared or disappeared to the invalidation sink, which evicts their cached verdicts.
 //! - Writes (the key-management commands): under an exclusive lock on `<file>.lock`, the file
 //!   is re-read, edited with `toml_edit` (comments and layout survive), written to a temporary
 //!   file, fsynced and renamed over the original. A crash leaves the old or the new file, never
@@ -22,10 +25,12 @@
 //!   set never goes back to a file older than one already served.
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -38,8 +43,13 @@ use super::{
 };
 use crate::key::{KeyDigest, KeyKind};
 
-/// Quiet time after the last filesystem event before reloading.
-const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Quiet time after the last event of an in-place write before reloading: editors and shells
+/// write a file in bursts.
+const QUIET: Duration = Duration::from_millis(50);
+/// Longest a reload waits from the first event of a burst, however busy the file is.
+const MAX_DEBOUNCE: Duration = Duration::from_millis(250);
+/// The name Kubernetes gives the symlink it swaps to update a mounted Secret or ConfigMap.
+const K8S_DATA: &str = "..data";
 
 /// A [`Store`] backed by a TOML file.
 pub struct FileStore {
@@ -306,19 +316,96 @@ fn last_used_path(path: &Path) -> PathBuf {
     with_suffix(path, ".last-used.json")
 }
 
-/// Whether a filesystem event is only about keygate's own files beside the keys file (the
-/// audit trail, last-used times, lock and temporary files), which need no reload.
-fn only_side_files(keys_file: &Path, event: &notify::Event) -> bool {
-    let Some(name) = keys_file.file_name().and_then(|n| n.to_str()) else {
-        return false;
+/// What a filesystem event in the keys file's directory asks of the watcher.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reaction {
+    /// Not about the keys file: other files in the directory (logs, keygate's own audit trail,
+    /// last-used times, lock and temporary files), and reads.
+    Ignore,
+    /// An in-place change, maybe one of a burst: reload once the file has been quiet.
+    Debounce,
+    /// A complete new file (a rename onto the keys file, as the CLI and the admin API write
+    /// it, or Kubernetes' swap of `..data`), or events were lost: reload at once.
+    Now,
+}
+
+fn reaction(keys_file_name: &OsStr, event: &notify::Event) -> Reaction {
+    use notify::event::{EventKind, ModifyKind, RenameMode};
+
+    if event.need_rescan() {
+        return Reaction::Now;
+    }
+    let ours = |p: &PathBuf| {
+        p.file_name()
+            .is_some_and(|n| n == keys_file_name || n == K8S_DATA)
     };
-    let side = [".audit.jsonl", ".last-used.json", ".lock"].map(|s| format!("{name}{s}"));
-    !event.paths.is_empty()
-        && event.paths.iter().all(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| side.iter().any(|s| n.starts_with(s.as_str())))
-        })
+    match event.kind {
+        // Reads, keygate's own included.
+        EventKind::Access(_) => Reaction::Ignore,
+        // notify pairs a rename's two halves into one more event, after reporting each half:
+        // the halves are enough, and a second reload of the same rename would be wasted.
+        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => Reaction::Ignore,
+        _ if !event.paths.iter().any(ours) => Reaction::Ignore,
+        EventKind::Modify(ModifyKind::Name(RenameMode::To)) => Reaction::Now,
+        _ => Reaction::Debounce,
+    }
+}
+
+/// Filesystem events that need a reload, counted, so that a reload can tell which of them it
+/// covers: every event counted before it reads the file is about a change that read sees.
+#[derive(Default)]
+struct Pending {
+    /// Events that need a reload, since the start.
+    events: AtomicU64,
+    /// The number of the latest event that needs its reload at once.
+    urgent: AtomicU64,
+    /// Woken at every event (one stored permit when nobody waits).
+    notify: tokio::sync::Notify,
+}
+
+impl Pending {
+    fn note(&self, reaction: Reaction) {
+        if reaction == Reaction::Ignore {
+            return;
+        }
+        let n = self.events.fetch_add(1, Ordering::SeqCst) + 1;
+        if reaction == Reaction::Now {
+            self.urgent.fetch_max(n, Ordering::SeqCst);
+        }
+        self.notify.notify_one();
+    }
+
+    /// The number of events so far.
+    fn count(&self) -> u64 {
+        self.events.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once there has been an event after the first `seen`.
+    async fn after(&self, seen: u64) {
+        // A permit stored by an event already seen only costs one more look.
+        while self.count() <= seen {
+            self.notify.notified().await;
+        }
+    }
+
+    /// After an event beyond the first `covered`: waits until the reload should run, at once
+    /// for a [`Reaction::Now`], else once no event came for [`QUIET`], and never longer than
+    /// [`MAX_DEBOUNCE`].
+    async fn settle(&self, covered: u64) {
+        let deadline = tokio::time::Instant::now() + MAX_DEBOUNCE;
+        loop {
+            let seen = self.count();
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if self.urgent.load(Ordering::SeqCst) > covered
+                || left.is_zero()
+                || tokio::time::timeout(QUIET.min(left), self.after(seen))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+        }
+    }
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
@@ -842,21 +929,30 @@ impl Store for FileStore {
     }
 
     fn start(self: Arc<Self>, sink: Arc<dyn InvalidationSink>) -> Result<(), StoreError> {
-        use notify::{EventKind, RecursiveMode, Watcher};
+        use notify::{RecursiveMode, Watcher};
 
         let _ = self.inner.sink.set(sink.clone());
 
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-        let keys_file = self.inner.path.clone();
+        let pending = Arc::new(Pending::default());
+        let noted = pending.clone();
+        let name = self
+            .inner
+            .path
+            .file_name()
+            .ok_or_else(|| {
+                StoreError::Unavailable(format!(
+                    "keys file {} has no file name",
+                    self.inner.path.display()
+                ))
+            })?
+            .to_owned();
         let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            // Our own reads show up as access events; only changes matter.
-            if let Ok(ev) = ev {
-                if !matches!(ev.kind, EventKind::Access(_)) && !only_side_files(&keys_file, &ev) {
-                    let _ = tx.try_send(());
-                }
-            }
+            // A watcher error may hide a change: reload to be sure.
+            noted.note(ev.map_or(Reaction::Debounce, |ev| reaction(&name, &ev)));
         })
         .map_err(|e| StoreError::Unavailable(format!("cannot watch the keys file: {e}")))?;
+        // The directory, not the file: a rename onto the file or a Kubernetes symlink swap
+        // replaces what a watch on the file itself would follow.
         let dir = self
             .inner
             .path
@@ -871,7 +967,10 @@ impl Store for FileStore {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
 
         tokio::spawn(async move {
-            let _watcher = watcher; // dropping it stops the events
+            // Dropping the watcher would stop the events.
+            let _watcher = watcher;
+            // Events whose changes the last reload has read.
+            let mut covered = 0;
             loop {
                 let hup = async {
                     match hangup.as_mut() {
@@ -880,11 +979,15 @@ impl Store for FileStore {
                     }
                 };
                 tokio::select! {
-                    ev = rx.recv() => if ev.is_none() { return },
+                    _ = pending.after(covered) => pending.settle(covered).await,
                     _ = hup => tracing::info!("SIGHUP: reloading the keys file"),
                 }
-                // Debounce: editors and `rename` produce bursts of events.
-                while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
+                // Invariant (no change left unloaded): an event is counted after its change
+                // happened, and the count is taken here, before the reload reads the file. So
+                // the reload sees the change of every event up to `covered`, and any event
+                // counted later, even one of a change it did see, gets a reload of its own.
+                // Tested by the timing tests in tests/file_store.rs.
+                covered = pending.count();
                 let inner = self.inner.clone();
                 match tokio::task::spawn_blocking(move || inner.reload()).await {
                     Ok(Ok(changed)) => {
@@ -1118,5 +1221,66 @@ expires_at = "2030-01-01T00:00:00Z"
         );
         assert_eq!(*served, parse(&fs::read_to_string(&path).unwrap()).unwrap());
         let _ = fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn the_watcher_reacts_to_the_keys_file_only_and_at_once_to_a_rename_onto_it() {
+        use notify::event::{
+            AccessKind, AccessMode, CreateKind, DataChange, EventKind, Flag, ModifyKind, RenameMode,
+        };
+        let dir = Path::new("/etc/keygate");
+        let event = |kind: EventKind, names: &[&str]| {
+            names
+                .iter()
+                .fold(notify::Event::new(kind), |e, n| e.add_path(dir.join(n)))
+        };
+        let name = OsStr::new("keys.toml");
+        let data = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        let to = EventKind::Modify(ModifyKind::Name(RenameMode::To));
+        let both = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+        let from = EventKind::Modify(ModifyKind::Name(RenameMode::From));
+
+        // The CLI's and the API's atomic replace, and Kubernetes' symlink swap.
+        for e in [
+            event(to, &["keys.toml"]),
+            event(to, &["..data"]),
+            notify::Event::new(EventKind::Other).set_flag(Flag::Rescan),
+        ] {
+            assert_eq!(reaction(name, &e), Reaction::Now, "{e:?}");
+        }
+        // In-place writes, and the file moved away (an editor's backup).
+        for e in [
+            event(data, &["keys.toml"]),
+            event(EventKind::Create(CreateKind::File), &["keys.toml"]),
+            event(from, &["keys.toml"]),
+            event(from, &["..data"]),
+        ] {
+            assert_eq!(reaction(name, &e), Reaction::Debounce, "{e:?}");
+        }
+        // Everything else in the directory, reads of the keys file, and the pairing of a
+        // rename's halves (each half was reported already).
+        for e in [
+            event(both, &["keys.toml.tmp.42", "keys.toml"]),
+            event(both, &["..data_tmp", "..data"]),
+            event(both, &["keys.toml", "keys.toml~"]),
+            event(data, &["keygate.log"]),
+            event(both, &["keygate.log", "keygate.log.1"]),
+            event(data, &["keys.toml.audit.jsonl"]),
+            event(
+                both,
+                &["keys.toml.last-used.json.tmp.7", "keys.toml.last-used.json"],
+            ),
+            event(data, &["keys.toml.lock"]),
+            event(EventKind::Create(CreateKind::File), &["keys.toml.tmp.42"]),
+            event(data, &["keys.toml.bak"]),
+            event(data, &["other-keys.toml"]),
+            event(
+                EventKind::Access(AccessKind::Close(AccessMode::Write)),
+                &["keys.toml"],
+            ),
+            event(EventKind::Access(AccessKind::Any), &["keys.toml"]),
+        ] {
+            assert_eq!(reaction(name, &e), Reaction::Ignore, "{e:?}");
+        }
     }
 }
