@@ -518,10 +518,12 @@ fn parse(text: &str) -> Result<KeySet, String> {
     let mut set = KeySet::default();
     let mut ids = HashSet::new();
     for k in doc.keys {
-        let line = line_of(text, k.id.span().start);
+        // The line is counted only for an error: counting it for every key would cost a scan
+        // of the file per key, a reload quadratic in the number of keys.
+        let at = k.id.span().start;
         let id = k.id.into_inner();
         let digest = k.sha256.into_inner().0;
-        let bad = |what: String| format!("line {line}: key {id:?}: {what}");
+        let bad = |what: String| format!("line {}: key {id:?}: {what}", line_of(text, at));
         super::check_ident("id", &id).map_err(&bad)?;
         super::check_ident("tenant", &k.tenant).map_err(&bad)?;
         super::check_ident("role", &k.role).map_err(&bad)?;
@@ -553,9 +555,10 @@ fn parse(text: &str) -> Result<KeySet, String> {
     }
     let mut names = HashSet::new();
     for a in doc.service_accounts {
-        let line = line_of(text, a.id.span().start);
+        let at = a.id.span().start;
         let id = a.id.into_inner();
-        let bad = |what: String| format!("line {line}: service account {id:?}: {what}");
+        let bad =
+            |what: String| format!("line {}: service account {id:?}: {what}", line_of(text, at));
         super::check_ident("id", &id).map_err(&bad)?;
         super::check_ident("tenant", &a.tenant).map_err(&bad)?;
         super::check_ident("role", &a.role).map_err(&bad)?;
