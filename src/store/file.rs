@@ -255,9 +255,12 @@ impl Inner {
     /// Tested by `a_reload_that_read_the_file_before_a_write_never_adopts_it_after_the_write`
     /// and `an_edit_reports_what_another_writer_changed_since_the_last_reload`.
     fn adopt(&self, _applying: &MutexGuard<'_, ()>, new: KeySet) -> Vec<KeyDigest> {
-        let mut served = self.set.write().expect("key set lock");
+        // Only adoptions replace the set, and `apply` admits one at a time: the diff can run on
+        // a snapshot, and lookups wait for the pointer swap alone, never for the diff or for
+        // freeing the old set (dropped with `served`, after the lock).
+        let served = self.set.read().expect("key set lock").clone();
         let changed = diff(&served, &new);
-        *served = Arc::new(new);
+        *self.set.write().expect("key set lock") = Arc::new(new);
         changed
     }
 
