@@ -5,24 +5,33 @@
 //! account (see the README for the fields); never a plaintext key. The audit trail is a JSON
 //! lines file beside it, `<file>.audit.jsonl`, appended to (`O_APPEND`, one write per entry). The whole set lives in memory; lookups take a read lock for a hash-map probe.
 //!
-//! - Reload: a filesystem watcher on the file's directory (which also sees Kubernetes' symlink
-//!   swaps) and SIGHUP trigger a debounced reload. A file that fails to parse or validate keeps
-//!   the last good set serving; the error, naming the line, is logged and shown by `/readyz`.
-//!   A good reload reports every key whose record changed, appeared or disappeared to the
-//!   invalidation sink, so cached verdicts follow the file within the debounce.
+//! - Reload: a filesystem watcher on the file's directory reacts to events about the keys file
+//!   and Kubernetes' `..data` symlink swap, and to nothing else there (logs, the audit trail).
+//!   A rename onto the file (how the CLI and the admin API write it, and the swap) and SIGHUP
+//!   reload at once; an in-place write reloads once the file was quiet for 50 ms, and at
+//!   most 250 ms after its first event however busy the file is. A file that fails
+//!   to parse or validate keeps the last good set serving; the error, naming the line, is
+//!   logged and shown by `/readyz`. A good reload reports every key whose record changed,
+//!   appeared or disappeared to the invalidation sink, which evicts their cached verdicts.
 //! - Writes (the key-management commands): under an exclusive lock on `<file>.lock`, the file
 //!   is re-read, edited with `toml_edit` (comments and layout survive), written to a temporary
 //!   file, fsynced and renamed over the original. A crash leaves the old or the new file, never
 //!   half of one, and concurrent writers never lose each other's keys. A write made in a
-//!   running server (the admin API) reports its changed keys to the invalidation sink itself:
-//!   the set it adopts is already the new one, so the watcher's reload would see no change.
+//!   running server (the admin API) adopts the file it wrote and reports to the invalidation
+//!   sink itself every key whose record differs from the set it was serving: its own changes
+//!   and those another process made since the last reload (the watcher's reload, finding the
+//!   set already adopted, sees no change left to report).
+//! - Order: reloads and writes adopt their sets in the order they read the file, so the served
+//!   set never goes back to a file older than one already served.
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -34,8 +43,13 @@ use super::{
 };
 use crate::key::{KeyDigest, KeyKind};
 
-/// Quiet time after the last filesystem event before reloading.
-const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Quiet time after the last event of an in-place write before reloading: editors and shells
+/// write a file in bursts.
+const QUIET: Duration = Duration::from_millis(50);
+/// Longest a reload waits from the first event of a burst, however busy the file is.
+const MAX_DEBOUNCE: Duration = Duration::from_millis(250);
+/// The name Kubernetes gives the symlink it swaps to update a mounted Secret or ConfigMap.
+const K8S_DATA: &str = "..data";
 
 /// A [`Store`] backed by a TOML file.
 pub struct FileStore {
@@ -52,6 +66,22 @@ struct Inner {
     /// Last-used times by key id, kept in `<file>.last-used.json` rather than in the keys
     /// file, so recording them never rewrites (or reloads) the keys.
     last_used: Mutex<HashMap<String, u64>>,
+    /// Held from a reload's or a write's read of the file until it has adopted the result
+    /// (see [`Inner::adopt`]).
+    apply: Mutex<()>,
+    /// Called at the points of [`Point`], so unit tests can stop a thread there.
+    #[cfg(test)]
+    hook: OnceLock<Box<dyn Fn(Point) + Send + Sync>>,
+}
+
+/// Where [`Inner::hook`] is called.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Point {
+    /// A reload has read the file and not yet adopted it.
+    ReloadRead,
+    /// A reload or a write waits for another one to adopt its set.
+    ApplyContended,
 }
 
 #[derive(Default, PartialEq, Debug)]
@@ -118,6 +148,9 @@ impl FileStore {
                 reload_error: Mutex::new(None),
                 sink: OnceLock::new(),
                 last_used: Mutex::new(last_used),
+                apply: Mutex::new(()),
+                #[cfg(test)]
+                hook: OnceLock::new(),
             }),
         })
     }
@@ -172,11 +205,21 @@ impl FileStore {
 }
 
 impl Inner {
+    #[cfg(test)]
+    fn hook(&self, point: Point) {
+        if let Some(h) = self.hook.get() {
+            h(point)
+        }
+    }
+
     /// Re-reads the file; on success swaps the set in and returns the digests that changed.
     fn reload(&self) -> Result<Vec<KeyDigest>, StoreError> {
+        let applying = self.lock_apply();
         let result = fs::read_to_string(&self.path)
             .map_err(|e| format!("cannot read: {e}"))
             .and_then(|text| parse(&text));
+        #[cfg(test)]
+        self.hook(Point::ReloadRead);
         let new = match result {
             Ok(set) => set,
             Err(e) => {
@@ -186,14 +229,44 @@ impl Inner {
             }
         };
         *self.reload_error.lock().expect("error lock") = None;
-        let mut guard = self.set.write().expect("key set lock");
-        let changed = diff(&guard, &new);
-        *guard = Arc::new(new);
-        Ok(changed)
+        Ok(self.adopt(&applying, new))
+    }
+
+    /// Takes the lock that orders every adoption of a set after the file read it came from.
+    fn lock_apply(&self) -> MutexGuard<'_, ()> {
+        #[cfg(test)]
+        match self.apply.try_lock() {
+            Ok(guard) => return guard,
+            Err(std::sync::TryLockError::WouldBlock) => self.hook(Point::ApplyContended),
+            Err(std::sync::TryLockError::Poisoned(e)) => return e.into_inner(),
+        }
+        // It guards no data: a thread that panicked holding it left nothing half done.
+        self.apply.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Serves `new` and returns the digests whose record differs from the set served until
+    /// now: the changes this process has not yet reported, whoever made them.
+    ///
+    /// Invariant (the served set only moves forward): it is called with `apply` held since
+    /// before the file was read, so sets are adopted in the order their files were read, and
+    /// a reload that read the file before a write can never replace the write's set after it.
+    /// Diffing against the served set, not against the file a write started from, is what
+    /// reports another process's change that a write adopts before the watcher reloads it.
+    /// Tested by `a_reload_that_read_the_file_before_a_write_never_adopts_it_after_the_write`
+    /// and `an_edit_reports_what_another_writer_changed_since_the_last_reload`.
+    fn adopt(&self, _applying: &MutexGuard<'_, ()>, new: KeySet) -> Vec<KeyDigest> {
+        // Only adoptions replace the set, and `apply` admits one at a time: the diff can run on
+        // a snapshot, and lookups wait for the pointer swap alone, never for the diff or for
+        // freeing the old set (dropped with `served`, after the lock).
+        let served = self.set.read().expect("key set lock").clone();
+        let changed = diff(&served, &new);
+        *self.set.write().expect("key set lock") = Arc::new(new);
+        changed
     }
 
     /// Applies an edit to the file under the writers' lock, atomically, and adopts the result;
-    /// returns the edit's result and the digests of the keys whose records changed.
+    /// returns the edit's result and the digests of the keys whose records changed since the
+    /// set this process served (so including other processes' changes not yet reloaded).
     fn edit<T>(
         &self,
         f: impl FnOnce(&mut toml_edit::DocumentMut, &KeySet) -> Result<T, StoreError>,
@@ -210,6 +283,7 @@ impl Inner {
             .open(&lock_path)
             .map_err(|e| io("cannot open the lock file of", e))?;
         lock.lock().map_err(|e| io("cannot lock", e))?;
+        let applying = self.lock_apply();
 
         let text = match fs::read_to_string(&self.path) {
             Ok(t) => t,
@@ -234,10 +308,8 @@ impl Inner {
         let new_set = parse(&new_text)
             .map_err(|e| StoreError::Corrupt(format!("edit produced an invalid file: {e}")))?;
         write_atomically(&self.path, new_text.as_bytes()).map_err(|e| io("cannot write", e))?;
-        let changed = diff(&current, &new_set);
-        let mut guard = self.set.write().expect("key set lock");
-        *guard = Arc::new(new_set);
-        drop(guard);
+        let changed = self.adopt(&applying, new_set);
+        drop(applying);
         drop(lock);
         Ok((out, changed))
     }
@@ -247,19 +319,96 @@ fn last_used_path(path: &Path) -> PathBuf {
     with_suffix(path, ".last-used.json")
 }
 
-/// Whether a filesystem event is only about keygate's own files beside the keys file (the
-/// audit trail, last-used times, lock and temporary files), which need no reload.
-fn only_side_files(keys_file: &Path, event: &notify::Event) -> bool {
-    let Some(name) = keys_file.file_name().and_then(|n| n.to_str()) else {
-        return false;
+/// What a filesystem event in the keys file's directory asks of the watcher.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reaction {
+    /// Not about the keys file: other files in the directory (logs, keygate's own audit trail,
+    /// last-used times, lock and temporary files), and reads.
+    Ignore,
+    /// An in-place change, maybe one of a burst: reload once the file has been quiet.
+    Debounce,
+    /// A complete new file (a rename onto the keys file, as the CLI and the admin API write
+    /// it, or Kubernetes' swap of `..data`), or events were lost: reload at once.
+    Now,
+}
+
+fn reaction(keys_file_name: &OsStr, event: &notify::Event) -> Reaction {
+    use notify::event::{EventKind, ModifyKind, RenameMode};
+
+    if event.need_rescan() {
+        return Reaction::Now;
+    }
+    let ours = |p: &PathBuf| {
+        p.file_name()
+            .is_some_and(|n| n == keys_file_name || n == K8S_DATA)
     };
-    let side = [".audit.jsonl", ".last-used.json", ".lock"].map(|s| format!("{name}{s}"));
-    !event.paths.is_empty()
-        && event.paths.iter().all(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| side.iter().any(|s| n.starts_with(s.as_str())))
-        })
+    match event.kind {
+        // Reads, keygate's own included.
+        EventKind::Access(_) => Reaction::Ignore,
+        // notify pairs a rename's two halves into one more event, after reporting each half:
+        // the halves are enough, and a second reload of the same rename would be wasted.
+        EventKind::Modify(ModifyKind::Name(RenameMode::Both)) => Reaction::Ignore,
+        _ if !event.paths.iter().any(ours) => Reaction::Ignore,
+        EventKind::Modify(ModifyKind::Name(RenameMode::To)) => Reaction::Now,
+        _ => Reaction::Debounce,
+    }
+}
+
+/// Filesystem events that need a reload, counted, so that a reload can tell which of them it
+/// covers: every event counted before it reads the file is about a change that read sees.
+#[derive(Default)]
+struct Pending {
+    /// Events that need a reload, since the start.
+    events: AtomicU64,
+    /// The number of the latest event that needs its reload at once.
+    urgent: AtomicU64,
+    /// Woken at every event (one stored permit when nobody waits).
+    notify: tokio::sync::Notify,
+}
+
+impl Pending {
+    fn note(&self, reaction: Reaction) {
+        if reaction == Reaction::Ignore {
+            return;
+        }
+        let n = self.events.fetch_add(1, Ordering::SeqCst) + 1;
+        if reaction == Reaction::Now {
+            self.urgent.fetch_max(n, Ordering::SeqCst);
+        }
+        self.notify.notify_one();
+    }
+
+    /// The number of events so far.
+    fn count(&self) -> u64 {
+        self.events.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once there has been an event after the first `seen`.
+    async fn after(&self, seen: u64) {
+        // A permit stored by an event already seen only costs one more look.
+        while self.count() <= seen {
+            self.notify.notified().await;
+        }
+    }
+
+    /// After an event beyond the first `covered`: waits until the reload should run, at once
+    /// for a [`Reaction::Now`], else once no event came for [`QUIET`], and never longer than
+    /// [`MAX_DEBOUNCE`].
+    async fn settle(&self, covered: u64) {
+        let deadline = tokio::time::Instant::now() + MAX_DEBOUNCE;
+        loop {
+            let seen = self.count();
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if self.urgent.load(Ordering::SeqCst) > covered
+                || left.is_zero()
+                || tokio::time::timeout(QUIET.min(left), self.after(seen))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+        }
+    }
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
@@ -372,10 +521,12 @@ fn parse(text: &str) -> Result<KeySet, String> {
     let mut set = KeySet::default();
     let mut ids = HashSet::new();
     for k in doc.keys {
-        let line = line_of(text, k.id.span().start);
+        // The line is counted only for an error: counting it for every key would cost a scan
+        // of the file per key, a reload quadratic in the number of keys.
+        let at = k.id.span().start;
         let id = k.id.into_inner();
         let digest = k.sha256.into_inner().0;
-        let bad = |what: String| format!("line {line}: key {id:?}: {what}");
+        let bad = |what: String| format!("line {}: key {id:?}: {what}", line_of(text, at));
         super::check_ident("id", &id).map_err(&bad)?;
         super::check_ident("tenant", &k.tenant).map_err(&bad)?;
         super::check_ident("role", &k.role).map_err(&bad)?;
@@ -407,9 +558,10 @@ fn parse(text: &str) -> Result<KeySet, String> {
     }
     let mut names = HashSet::new();
     for a in doc.service_accounts {
-        let line = line_of(text, a.id.span().start);
+        let at = a.id.span().start;
         let id = a.id.into_inner();
-        let bad = |what: String| format!("line {line}: service account {id:?}: {what}");
+        let bad =
+            |what: String| format!("line {}: service account {id:?}: {what}", line_of(text, at));
         super::check_ident("id", &id).map_err(&bad)?;
         super::check_ident("tenant", &a.tenant).map_err(&bad)?;
         super::check_ident("role", &a.role).map_err(&bad)?;
@@ -783,21 +935,30 @@ impl Store for FileStore {
     }
 
     fn start(self: Arc<Self>, sink: Arc<dyn InvalidationSink>) -> Result<(), StoreError> {
-        use notify::{EventKind, RecursiveMode, Watcher};
+        use notify::{RecursiveMode, Watcher};
 
         let _ = self.inner.sink.set(sink.clone());
 
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-        let keys_file = self.inner.path.clone();
+        let pending = Arc::new(Pending::default());
+        let noted = pending.clone();
+        let name = self
+            .inner
+            .path
+            .file_name()
+            .ok_or_else(|| {
+                StoreError::Unavailable(format!(
+                    "keys file {} has no file name",
+                    self.inner.path.display()
+                ))
+            })?
+            .to_owned();
         let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-            // Our own reads show up as access events; only changes matter.
-            if let Ok(ev) = ev {
-                if !matches!(ev.kind, EventKind::Access(_)) && !only_side_files(&keys_file, &ev) {
-                    let _ = tx.try_send(());
-                }
-            }
+            // A watcher error may hide a change: reload to be sure.
+            noted.note(ev.map_or(Reaction::Debounce, |ev| reaction(&name, &ev)));
         })
         .map_err(|e| StoreError::Unavailable(format!("cannot watch the keys file: {e}")))?;
+        // The directory, not the file: a rename onto the file or a Kubernetes symlink swap
+        // replaces what a watch on the file itself would follow.
         let dir = self
             .inner
             .path
@@ -812,7 +973,10 @@ impl Store for FileStore {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
 
         tokio::spawn(async move {
-            let _watcher = watcher; // dropping it stops the events
+            // Dropping the watcher would stop the events.
+            let _watcher = watcher;
+            // Events whose changes the last reload has read.
+            let mut covered = 0;
             loop {
                 let hup = async {
                     match hangup.as_mut() {
@@ -821,11 +985,15 @@ impl Store for FileStore {
                     }
                 };
                 tokio::select! {
-                    ev = rx.recv() => if ev.is_none() { return },
+                    _ = pending.after(covered) => pending.settle(covered).await,
                     _ = hup => tracing::info!("SIGHUP: reloading the keys file"),
                 }
-                // Debounce: editors and `rename` produce bursts of events.
-                while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
+                // Invariant (no change left unloaded): an event is counted after its change
+                // happened, and the count is taken here, before the reload reads the file. So
+                // the reload sees the change of every event up to `covered`, and any event
+                // counted later, even one of a change it did see, gets a reload of its own.
+                // Tested by the timing tests in tests/file_store.rs.
+                covered = pending.count();
                 let inner = self.inner.clone();
                 match tokio::task::spawn_blocking(move || inner.reload()).await {
                     Ok(Ok(changed)) => {
@@ -946,5 +1114,179 @@ expires_at = "2030-01-01T00:00:00Z"
         assert_eq!(diff(&old, &empty).len(), 2);
         assert_eq!(diff(&empty, &old).len(), 2);
         assert!(diff(&old, &parse(GOOD).unwrap()).is_empty());
+    }
+
+    /// A keys file with `text` in a fresh directory.
+    fn keys_file(text: &str) -> PathBuf {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("keygate-unit-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keys.toml");
+        fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn digest(n: u8) -> KeyDigest {
+        KeyDigest::from_hex(&format!("{n:064}")).unwrap()
+    }
+
+    /// `GOOD` with key_a revoked, as another process would write it.
+    fn revoke_a(text: &str) -> String {
+        let created = "kind = \"user\"\ncreated_at = \"2026-01-01T00:00:00Z\"\n";
+        text.replacen(
+            created,
+            &format!("{created}revoked_at = \"2026-02-01T00:00:00Z\"\n"),
+            1,
+        )
+    }
+
+    #[test]
+    fn an_edit_reports_what_another_writer_changed_since_the_last_reload() {
+        let path = keys_file(GOOD);
+        let store = FileStore::open(&path, false).unwrap();
+        // Another process revokes key_a; this instance has not reloaded yet.
+        fs::write(&path, revoke_a(GOOD)).unwrap();
+        // This instance's own write adopts the file, key_a's revocation with it.
+        let mut new = KeyRecord::example(digest(3));
+        new.id = "key_c".into();
+        let ((), changed) = store.inner.edit(move |doc, _| push_key(doc, &new)).unwrap();
+        let mut changed = changed;
+        changed.sort_by_key(|d| d.to_hex());
+        assert_eq!(
+            changed,
+            vec![digest(1), digest(3)],
+            "key_a's revocation was dropped"
+        );
+        assert!(store
+            .snapshot()
+            .by_id("key_a")
+            .unwrap()
+            .revoked_at
+            .is_some());
+        assert!(store.inner.reload().unwrap().is_empty());
+        let _ = fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn a_reload_that_read_the_file_before_a_write_never_adopts_it_after_the_write() {
+        #[derive(Debug, PartialEq)]
+        enum Seen {
+            At(Point),
+            WriteDone,
+        }
+        let path = keys_file(GOOD);
+        let store = FileStore::open(&path, false).unwrap();
+        let (seen, events) = std::sync::mpsc::channel();
+        let (go, gate) = std::sync::mpsc::channel::<()>();
+        let gate = Mutex::new(gate);
+        let to_test = seen.clone();
+        let _ = store.inner.hook.set(Box::new(move |point| {
+            let _ = to_test.send(Seen::At(point));
+            if point == Point::ReloadRead {
+                // Held here, after the read, until the test lets it go.
+                let _ = gate.lock().unwrap().recv_timeout(Duration::from_secs(10));
+            }
+        }));
+        let wait = Duration::from_secs(10);
+
+        let inner = store.inner.clone();
+        let reload = std::thread::spawn(move || inner.reload().unwrap());
+        assert_eq!(
+            events.recv_timeout(wait).unwrap(),
+            Seen::At(Point::ReloadRead)
+        );
+
+        // An API revoke of key_a while that reload holds the file as it was before.
+        let inner = store.inner.clone();
+        let write = std::thread::spawn(move || {
+            let out = inner.edit(|doc, _| set_key_time(doc, "key_a", "revoked_at", 1_800_000_000));
+            let _ = seen.send(Seen::WriteDone);
+            out.unwrap().1
+        });
+        // Either the write waits for the reload (ordered), or it finished first.
+        let next = events.recv_timeout(wait).unwrap();
+        assert!(
+            matches!(next, Seen::At(Point::ApplyContended) | Seen::WriteDone),
+            "{next:?}"
+        );
+        go.send(()).unwrap();
+        let mut reported = reload.join().unwrap();
+        reported.extend(write.join().unwrap());
+
+        let served = store.snapshot();
+        assert_eq!(
+            served.by_id("key_a").unwrap().revoked_at,
+            Some(1_800_000_000),
+            "a reload put back the set from before the revocation"
+        );
+        assert!(
+            reported.contains(&digest(1)),
+            "the revocation was never reported"
+        );
+        assert_eq!(*served, parse(&fs::read_to_string(&path).unwrap()).unwrap());
+        let _ = fs::remove_dir_all(path.parent().unwrap());
+    }
+
+    #[test]
+    fn the_watcher_reacts_to_the_keys_file_only_and_at_once_to_a_rename_onto_it() {
+        use notify::event::{
+            AccessKind, AccessMode, CreateKind, DataChange, EventKind, Flag, ModifyKind, RenameMode,
+        };
+        let dir = Path::new("/etc/keygate");
+        let event = |kind: EventKind, names: &[&str]| {
+            names
+                .iter()
+                .fold(notify::Event::new(kind), |e, n| e.add_path(dir.join(n)))
+        };
+        let name = OsStr::new("keys.toml");
+        let data = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        let to = EventKind::Modify(ModifyKind::Name(RenameMode::To));
+        let both = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+        let from = EventKind::Modify(ModifyKind::Name(RenameMode::From));
+
+        // The CLI's and the API's atomic replace, and Kubernetes' symlink swap.
+        for e in [
+            event(to, &["keys.toml"]),
+            event(to, &["..data"]),
+            notify::Event::new(EventKind::Other).set_flag(Flag::Rescan),
+        ] {
+            assert_eq!(reaction(name, &e), Reaction::Now, "{e:?}");
+        }
+        // In-place writes, and the file moved away (an editor's backup).
+        for e in [
+            event(data, &["keys.toml"]),
+            event(EventKind::Create(CreateKind::File), &["keys.toml"]),
+            event(from, &["keys.toml"]),
+            event(from, &["..data"]),
+        ] {
+            assert_eq!(reaction(name, &e), Reaction::Debounce, "{e:?}");
+        }
+        // Everything else in the directory, reads of the keys file, and the pairing of a
+        // rename's halves (each half was reported already).
+        for e in [
+            event(both, &["keys.toml.tmp.42", "keys.toml"]),
+            event(both, &["..data_tmp", "..data"]),
+            event(both, &["keys.toml", "keys.toml~"]),
+            event(data, &["keygate.log"]),
+            event(both, &["keygate.log", "keygate.log.1"]),
+            event(data, &["keys.toml.audit.jsonl"]),
+            event(
+                both,
+                &["keys.toml.last-used.json.tmp.7", "keys.toml.last-used.json"],
+            ),
+            event(data, &["keys.toml.lock"]),
+            event(EventKind::Create(CreateKind::File), &["keys.toml.tmp.42"]),
+            event(data, &["keys.toml.bak"]),
+            event(data, &["other-keys.toml"]),
+            event(
+                EventKind::Access(AccessKind::Close(AccessMode::Write)),
+                &["keys.toml"],
+            ),
+            event(EventKind::Access(AccessKind::Any), &["keys.toml"]),
+        ] {
+            assert_eq!(reaction(name, &e), Reaction::Ignore, "{e:?}");
+        }
     }
 }
