@@ -27,6 +27,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use keygate::manage::{self, NewKey};
+use keygate::policy::Roles;
 use keygate::store::file::FileStore;
 use keygate::store::now_unix;
 
@@ -82,7 +83,7 @@ async fn run(revocations: usize) -> Result<(), String> {
             subject: None,
             expires_at: None,
         };
-        let created = manage::create_key(&store, new, now_unix(), "bench")
+        let created = manage::create_key(&store, &Roles::default(), new, now_unix(), "bench")
             .await
             .map_err(|e| e.to_string())?;
         keys.push((created.record.id, created.secret.expose().to_owned()));
