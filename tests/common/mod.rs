@@ -796,3 +796,14 @@ pub fn dump_redis(redis: &RedisServer, ns: &str) -> String {
     }
     out
 }
+
+// ---------------------------------------------------------------------------------------------
+// Deadlines and raw connections
+
+/// Awaits `fut`, failing the test if it takes longer than `limit`.
+pub async fn within<F: std::future::Future>(limit: Duration, what: &str, fut: F) -> F::Output {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("timed out after {limit:?} waiting for: {what}"),
+    }
+}
