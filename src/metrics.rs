@@ -13,7 +13,7 @@ use prometheus::{
 use crate::rejection::Rejection;
 
 /// Every `outcome` label value of `keygate_auth_decisions_total`.
-pub const OUTCOMES: [&str; 12] = [
+pub const OUTCOMES: [&str; 13] = [
     "allowed",
     "missing_credentials",
     "invalid_request",
@@ -26,6 +26,7 @@ pub const OUTCOMES: [&str; 12] = [
     "upstream_timeout",
     "invalid_path",
     "no_route",
+    "invalid_body",
 ];
 
 /// The `status_class` label values, indexed by the status code's first digit minus one.

@@ -322,6 +322,15 @@ enum SendError {
     Http(#[from] hyper::Error),
 }
 
+/// Whether an exchange failed because of the client's request body (cut short, a bad chunk
+/// size, a reset stream) rather than the upstream. hyper's client reports a failure of the
+/// body it was given to send as a user error caused by that body's own error, which here is
+/// the error hyper's server met reading the client.
+fn client_body_failed(err: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    err.is_user() && err.source().is_some_and(|s| s.is::<hyper::Error>())
+}
+
 /// A request body sent upstream: the client's, or none when a request is sent again.
 type UpstreamBody = Either<Incoming, Empty<Bytes>>;
 
@@ -499,6 +508,10 @@ impl Upstream {
             Ok(Ok(mut resp)) => {
                 strip_hop_by_hop(resp.headers_mut());
                 Ok(resp)
+            }
+            Ok(Err(SendError::Http(err))) if client_body_failed(&err) => {
+                tracing::debug!(error = %err, "the client's request body failed");
+                Err(Rejection::InvalidBody)
             }
             Ok(Err(err)) => {
                 let connect = matches!(err, SendError::Connect(_));

@@ -34,6 +34,9 @@ pub enum Rejection {
     InvalidPath,
     /// No route matches the request's host, path and method.
     NoRoute,
+    /// The client's request body ended before its declared end, or was malformed (a bad chunk
+    /// size, a reset stream): the client's failure, not the upstream's.
+    InvalidBody,
 }
 
 const REALM: &str = "Bearer realm=\"keygate\"";
@@ -53,6 +56,7 @@ impl Rejection {
             Rejection::UpstreamTimeout => "upstream_timeout",
             Rejection::InvalidPath => "invalid_path",
             Rejection::NoRoute => "no_route",
+            Rejection::InvalidBody => "invalid_body",
         }
     }
 
@@ -71,6 +75,7 @@ impl Rejection {
             Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Rejection::InvalidPath => StatusCode::BAD_REQUEST,
             Rejection::NoRoute => StatusCode::NOT_FOUND,
+            Rejection::InvalidBody => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -111,6 +116,9 @@ impl Rejection {
             }
             Rejection::NoRoute => {
                 r#"{"error":"no_route","message":"no route matches this request"}"#
+            }
+            Rejection::InvalidBody => {
+                r#"{"error":"invalid_body","message":"the request body was cut short or malformed"}"#
             }
         }
     }
@@ -158,7 +166,7 @@ impl Rejection {
 mod tests {
     use super::*;
 
-    const ALL: [Rejection; 12] = [
+    const ALL: [Rejection; 13] = [
         Rejection::MissingCredentials,
         Rejection::InvalidRequest,
         Rejection::MalformedKey,
@@ -171,6 +179,7 @@ mod tests {
         Rejection::UpstreamTimeout,
         Rejection::InvalidPath,
         Rejection::NoRoute,
+        Rejection::InvalidBody,
     ];
 
     #[test]

@@ -575,3 +575,49 @@ async fn a_replayable_request_lost_in_a_closing_connection_is_sent_again() {
     assert_eq!(counts.opened.load(std::sync::atomic::Ordering::SeqCst), 2);
     assert_eq!(pool_metric(&keygate, "retries", &url).await, 1.0);
 }
+
+/// A request body the client cuts short is the client's failure: never a 502, never counted
+/// against the upstream (whose error alert it would otherwise trip).
+#[tokio::test]
+async fn an_upload_cut_short_by_the_client_is_a_client_error() {
+    let r = rig().await;
+    let key = create_key(&*r.store, "acme", "admin").await;
+    let head = |framing: &str| {
+        format!(
+            "POST /upload HTTP/1.1\r\nhost: api.example\r\nauthorization: Bearer {}\r\n{framing}\r\n\r\n",
+            key.secret.expose()
+        )
+    };
+    // A Content-Length never reached: the client stops sending and closes its side.
+    let short = format!("{}0123456789", head("content-length: 100000"));
+    // A chunk size that is not hexadecimal.
+    let bad_chunk = format!(
+        "{}5\r\nhello\r\nZZ\r\nmore\r\n",
+        head("transfer-encoding: chunked")
+    );
+    for (what, bytes, close_write) in [("short", short, true), ("bad chunk", bad_chunk, false)] {
+        let answer = raw_exchange(
+            r.keygate.proxy,
+            bytes.as_bytes(),
+            close_write,
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400 "),
+            "{what}: answered {answer:?}"
+        );
+        assert!(
+            answer.contains("\"error\":\"invalid_body\""),
+            "{what}: {answer}"
+        );
+    }
+    let m = r.keygate.scrape().await;
+    let outcome = |o: &str| m.get(&format!("keygate_auth_decisions_total{{outcome=\"{o}\"}}"));
+    assert_eq!(outcome("invalid_body"), 2.0, "{}", m.text);
+    assert_eq!(outcome("upstream_unavailable"), 0.0);
+    for kind in ["unavailable", "timeout"] {
+        let series = format!("keygate_upstream_errors_total{{kind=\"{kind}\",route=\"default\"}}");
+        assert_eq!(m.get(&series), 0.0, "{series}");
+    }
+}

@@ -807,3 +807,31 @@ pub async fn within<F: std::future::Future>(limit: Duration, what: &str, fut: F)
         Err(_) => panic!("timed out after {limit:?} waiting for: {what}"),
     }
 }
+
+/// Sends raw bytes to `addr` (then half-closes when `close_write`) and reads until the peer
+/// closes or `limit` passes: what came back, as text.
+pub async fn raw_exchange(
+    addr: SocketAddr,
+    bytes: &[u8],
+    close_write: bool,
+    limit: Duration,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut out = Vec::new();
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(bytes).await?;
+        if close_write {
+            s.shutdown().await?;
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return Ok::<_, std::io::Error>(()),
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(limit, exchange).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
