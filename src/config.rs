@@ -184,6 +184,8 @@ pub struct ServerConfig {
     /// Proxy worker threads, each with its own event loop and upstream connections; 0 for
     /// one per CPU.
     pub workers: usize,
+    /// What to do with request headers whose names contain `_`: `drop`, `reject` or `allow`.
+    pub headers_with_underscores: String,
 }
 
 impl Default for ServerConfig {
@@ -195,6 +197,7 @@ impl Default for ServerConfig {
             header_read_timeout: "10s".into(),
             max_header_bytes: 16 * 1024,
             workers: 0,
+            headers_with_underscores: "drop".into(),
         }
     }
 }
@@ -427,6 +430,16 @@ impl Config {
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 n => n,
             },
+            headers_with_underscores: UnderscoreHeaders::parse(&s.headers_with_underscores)
+                .ok_or_else(|| {
+                    field_err(
+                        "server.headers_with_underscores",
+                        format!(
+                            "{:?}: expected \"drop\", \"reject\" or \"allow\"",
+                            s.headers_with_underscores
+                        ),
+                    )
+                })?,
             upstream,
             routes,
             store: self.store_settings()?,
@@ -816,6 +829,8 @@ pub struct Settings {
     pub max_header_bytes: usize,
     /// Proxy worker threads (resolved: at least 1).
     pub workers: usize,
+    /// What happens to request headers whose names contain `_`.
+    pub headers_with_underscores: UnderscoreHeaders,
     /// The default upstream (`upstream.url`), if set.
     pub upstream: Option<UpstreamSettings>,
     /// The route table (the default upstream is its last, catch-all route).
@@ -832,6 +847,31 @@ pub struct Settings {
     pub operator_tenant: String,
     /// How often a key's last use is recorded.
     pub last_used_interval: Duration,
+}
+
+/// What keygate does with a client header whose name contains `_`. Upstreams that map header
+/// names to CGI variables (Python WSGI, PHP, Rack: `X_Tenant` and `X-Tenant` are both
+/// `HTTP_X_TENANT`) cannot tell such a name from the one with `-`, so whatever the choice, a
+/// name that reads like one keygate sets or decides on is never passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnderscoreHeaders {
+    /// Removed before forwarding (nginx's default).
+    Drop,
+    /// The request is refused with `400 invalid_header`.
+    Reject,
+    /// Forwarded, except names that read like a header keygate sets, strips or decides on.
+    Allow,
+}
+
+impl UnderscoreHeaders {
+    fn parse(v: &str) -> Option<Self> {
+        match v {
+            "drop" => Some(UnderscoreHeaders::Drop),
+            "reject" => Some(UnderscoreHeaders::Reject),
+            "allow" => Some(UnderscoreHeaders::Allow),
+            _ => None,
+        }
+    }
 }
 
 /// Which store to use.
@@ -956,6 +996,12 @@ impl IdentitySettings {
         if prefix.len() < 2 || prefix.len() > 64 {
             return Err(field_err(f, "must be 2 to 64 characters"));
         }
+        if prefix.contains('_') {
+            return Err(field_err(
+                f,
+                format!("{prefix:?}: write it with '-' (keygate reads '_' in header names as '-')"),
+            ));
+        }
         let name = |suffix: &str| {
             HeaderName::from_bytes(format!("{prefix}{suffix}").as_bytes())
                 .map_err(|_| field_err(f, format!("{prefix:?} is not a header name prefix")))
@@ -993,6 +1039,24 @@ mod tests {
         c.server.workers = 5000;
         let err = c.serve_settings().unwrap_err().to_string();
         assert!(err.starts_with("server.workers"), "{err}");
+    }
+
+    #[test]
+    fn header_policies_are_validated_with_their_field() {
+        let mut c = Config::default();
+        c.upstream.url = Some("http://127.0.0.1:3000".into());
+        let s = c.serve_settings().unwrap();
+        assert_eq!(s.headers_with_underscores, UnderscoreHeaders::Drop);
+        c.server.headers_with_underscores = "reject".into();
+        let s = c.serve_settings().unwrap();
+        assert_eq!(s.headers_with_underscores, UnderscoreHeaders::Reject);
+        c.server.headers_with_underscores = "ignore".into();
+        let err = c.serve_settings().unwrap_err().to_string();
+        assert!(err.starts_with("server.headers_with_underscores"), "{err}");
+        c.server.headers_with_underscores = "allow".into();
+        c.identity.header_prefix = "x_auth_".into();
+        let err = c.serve_settings().unwrap_err().to_string();
+        assert!(err.starts_with("identity.header_prefix"), "{err}");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use prometheus::{
 use crate::rejection::Rejection;
 
 /// Every `outcome` label value of `keygate_auth_decisions_total`.
-pub const OUTCOMES: [&str; 13] = [
+pub const OUTCOMES: [&str; 14] = [
     "allowed",
     "missing_credentials",
     "invalid_request",
@@ -27,6 +27,7 @@ pub const OUTCOMES: [&str; 13] = [
     "invalid_path",
     "no_route",
     "invalid_body",
+    "invalid_header",
 ];
 
 /// The `status_class` label values, indexed by the status code's first digit minus one.
@@ -126,6 +127,10 @@ pub struct Metrics {
     pub proxy_connections: IntGauge,
     /// Open connections on the admin listener.
     pub admin_connections: IntGauge,
+    /// Client headers in the identity namespace (in any spelling) removed before forwarding.
+    pub removed_identity: IntCounter,
+    /// Other client headers with `_` in their names removed before forwarding.
+    pub removed_underscore: IntCounter,
     /// Last-used notes dropped because the flusher's queue was full.
     pub last_used_dropped: IntCounter,
     /// Batches of last-used times the store failed to record.
@@ -212,6 +217,14 @@ impl Metrics {
             .buckets(IO_BUCKETS.to_vec()),
         )
         .expect("valid metric");
+        let removed = IntCounterVec::new(
+            Opts::new(
+                "keygate_request_headers_removed_total",
+                "Client request headers removed before forwarding, by kind (identity: in keygate's identity namespace, in any spelling; underscore: other names with '_', per server.headers_with_underscores).",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
         let connections = IntGaugeVec::new(
             Opts::new(
                 "keygate_open_connections",
@@ -280,6 +293,8 @@ impl Metrics {
             ),
             proxy_connections: connections.with_label_values(&["proxy"]),
             admin_connections: connections.with_label_values(&["admin"]),
+            removed_identity: removed.with_label_values(&["identity"]),
+            removed_underscore: removed.with_label_values(&["underscore"]),
             last_used_dropped: counter(
                 "keygate_last_used_dropped_total",
                 "Last-used notes dropped because the flusher's queue was full.",
@@ -302,6 +317,7 @@ impl Metrics {
         register(Box::new(upstream_retries));
         register(Box::new(evictions));
         register(Box::new(connections));
+        register(Box::new(removed));
         register(Box::new(m.store_latency.clone()));
         for c in [
             &m.cache_hits,

@@ -37,6 +37,8 @@ pub enum Rejection {
     /// The client's request body ended before its declared end, or was malformed (a bad chunk
     /// size, a reset stream): the client's failure, not the upstream's.
     InvalidBody,
+    /// A header name contains `_` and `server.headers_with_underscores` is `reject`.
+    InvalidHeader,
 }
 
 const REALM: &str = "Bearer realm=\"keygate\"";
@@ -57,6 +59,7 @@ impl Rejection {
             Rejection::InvalidPath => "invalid_path",
             Rejection::NoRoute => "no_route",
             Rejection::InvalidBody => "invalid_body",
+            Rejection::InvalidHeader => "invalid_header",
         }
     }
 
@@ -75,7 +78,7 @@ impl Rejection {
             Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Rejection::InvalidPath => StatusCode::BAD_REQUEST,
             Rejection::NoRoute => StatusCode::NOT_FOUND,
-            Rejection::InvalidBody => StatusCode::BAD_REQUEST,
+            Rejection::InvalidBody | Rejection::InvalidHeader => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -119,6 +122,9 @@ impl Rejection {
             }
             Rejection::InvalidBody => {
                 r#"{"error":"invalid_body","message":"the request body was cut short or malformed"}"#
+            }
+            Rejection::InvalidHeader => {
+                r#"{"error":"invalid_header","message":"header names with '_' are refused: spell them with '-'"}"#
             }
         }
     }
@@ -166,7 +172,7 @@ impl Rejection {
 mod tests {
     use super::*;
 
-    const ALL: [Rejection; 13] = [
+    const ALL: [Rejection; 14] = [
         Rejection::MissingCredentials,
         Rejection::InvalidRequest,
         Rejection::MalformedKey,
@@ -180,6 +186,7 @@ mod tests {
         Rejection::InvalidPath,
         Rejection::NoRoute,
         Rejection::InvalidBody,
+        Rejection::InvalidHeader,
     ];
 
     #[test]

@@ -16,7 +16,7 @@
 
 use std::borrow::Cow;
 
-use http::{HeaderMap, HeaderName, Method};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
 
 use crate::rejection::Rejection;
 
@@ -271,6 +271,11 @@ impl TenantFrom {
     /// Parses `header:<name>` or a path template with exactly one `{tenant}` segment.
     pub fn parse(spec: &str) -> Result<TenantFrom, String> {
         if let Some(name) = spec.strip_prefix("header:") {
+            if name.contains('_') {
+                return Err(format!(
+                    "{name:?}: write it with '-' (keygate reads '_' in header names as '-')"
+                ));
+            }
             return HeaderName::from_bytes(name.trim().as_bytes())
                 .map(TenantFrom::Header)
                 .map_err(|_| format!("{name:?} is not a header name"));
@@ -406,15 +411,19 @@ impl<U> Route<U> {
     /// The tenant the request names, for a tenant-bound route: the template's `{tenant}`
     /// segment (without parameters) or the one value of the header. `None` when the request
     /// names none, or names it ambiguously (two headers).
-    pub fn tenant<'a>(&self, path: &'a str, headers: &'a HeaderMap) -> Option<&'a [u8]> {
+    ///
+    /// `underscores` says whether any header name of the request contains `_` (the caller's
+    /// scan of the names knows): only then are the other spellings of the header looked for.
+    pub fn tenant<'a>(
+        &self,
+        path: &'a str,
+        headers: &'a HeaderMap,
+        underscores: bool,
+    ) -> Option<&'a [u8]> {
         match &self.tenant {
             TenantFrom::Unbound => None,
             TenantFrom::Header(name) => {
-                let mut values = headers.get_all(name).iter();
-                match (values.next(), values.next()) {
-                    (Some(v), None) if !v.is_empty() => Some(v.as_bytes()),
-                    _ => None,
-                }
+                tenant_header(headers, name, underscores).map(HeaderValue::as_bytes)
             }
             TenantFrom::Path(template) => {
                 let mut segs = path[1..].split('/').map(segment_name);
@@ -433,10 +442,66 @@ impl<U> Route<U> {
         }
     }
 
+    /// For a route bound to a tenant header: its configured name and the one value the
+    /// request gives it (see [`tenant_header`]).
+    pub fn tenant_header<'h>(
+        &self,
+        headers: &'h HeaderMap,
+        underscores: bool,
+    ) -> Option<(&HeaderName, &'h HeaderValue)> {
+        match &self.tenant {
+            TenantFrom::Header(name) => {
+                tenant_header(headers, name, underscores).map(|v| (name, v))
+            }
+            _ => None,
+        }
+    }
+
     /// Whether requests must name the key's tenant.
     pub fn binds_tenant(&self) -> bool {
         self.tenant != TenantFrom::Unbound
     }
+}
+
+/// The one value of the tenant header `name`, in any spelling: `x_tenant` counts as
+/// `x-tenant`, since upstreams that read headers as CGI variables (`HTTP_X_TENANT`) cannot
+/// tell them apart, so a request with both is ambiguous, not decided by the one keygate reads.
+/// `underscores`: whether any name in `headers` contains `_` (if none, only `name` can match).
+pub fn tenant_header<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+    underscores: bool,
+) -> Option<&'a HeaderValue> {
+    fn only<'a>(mut values: impl Iterator<Item = &'a HeaderValue>) -> Option<&'a HeaderValue> {
+        let one = values.next()?;
+        (values.next().is_none() && !one.is_empty()).then_some(one)
+    }
+    if underscores {
+        only(
+            headers
+                .iter()
+                .filter(|(n, _)| same_header_name(n.as_str(), name.as_str()))
+                .map(|(_, v)| v),
+        )
+    } else {
+        only(headers.get_all(name).iter())
+    }
+}
+
+/// Whether two lower-case header names are the same to an upstream that maps names to CGI
+/// variables: equal, with `_` and `-` counted as one character.
+pub fn same_header_name(a: &str, b: &str) -> bool {
+    a.len() == b.len() && starts_with_header_name(a, b)
+}
+
+/// Whether lower-case header name `name` starts with `prefix`, `_` and `-` counted as one.
+pub fn starts_with_header_name(name: &str, prefix: &str) -> bool {
+    let dash = |c: u8| if c == b'_' { b'-' } else { c };
+    name.len() >= prefix.len()
+        && name
+            .bytes()
+            .zip(prefix.bytes())
+            .all(|(a, b)| dash(a) == dash(b))
 }
 
 /// The routes, most specific first.
@@ -703,19 +768,31 @@ mod tests {
         let mut r = route(None, "/tenants", 0);
         r.tenant = TenantFrom::parse("/tenants/{tenant}").unwrap();
         let h = HeaderMap::new();
-        assert_eq!(r.tenant("/tenants/acme/x", &h), Some(&b"acme"[..]));
-        assert_eq!(r.tenant("/tenants/acme;v=1", &h), Some(&b"acme"[..]));
-        assert_eq!(r.tenant("/tenants", &h), None);
-        assert_eq!(r.tenant("/tenants/", &h), None);
-        assert_eq!(r.tenant("/other/acme", &h), None);
+        assert_eq!(r.tenant("/tenants/acme/x", &h, false), Some(&b"acme"[..]));
+        assert_eq!(r.tenant("/tenants/acme;v=1", &h, false), Some(&b"acme"[..]));
+        assert_eq!(r.tenant("/tenants", &h, false), None);
+        assert_eq!(r.tenant("/tenants/", &h, false), None);
+        assert_eq!(r.tenant("/other/acme", &h, false), None);
 
         r.tenant = TenantFrom::parse("header:X-Tenant").unwrap();
         let mut h = HeaderMap::new();
-        assert_eq!(r.tenant("/", &h), None);
+        assert_eq!(r.tenant("/", &h, false), None);
         h.append("x-tenant", "acme".parse().unwrap());
-        assert_eq!(r.tenant("/", &h), Some(&b"acme"[..]));
+        assert_eq!(r.tenant("/", &h, false), Some(&b"acme"[..]));
         h.append("x-tenant", "other".parse().unwrap());
-        assert_eq!(r.tenant("/", &h), None, "two tenants are ambiguous");
+        assert_eq!(r.tenant("/", &h, false), None, "two tenants are ambiguous");
+
+        // Every spelling of the header counts: one value in any spelling is the tenant, two
+        // are ambiguous.
+        let mut h = HeaderMap::new();
+        h.append("x_tenant", "acme".parse().unwrap());
+        assert_eq!(r.tenant("/", &h, true), Some(&b"acme"[..]));
+        h.append("x-tenant", "acme".parse().unwrap());
+        assert_eq!(r.tenant("/", &h, true), None);
+        assert!(same_header_name("x_keygate-tenant", "x-keygate-tenant"));
+        assert!(!same_header_name("x-keygate-tenant", "x-keygate-tenants"));
+        assert!(starts_with_header_name("x_keygate_role", "x-keygate-"));
+        assert!(!starts_with_header_name("x-keygat", "x-keygate-"));
     }
 
     #[test]
@@ -742,6 +819,7 @@ mod tests {
             "/t//{tenant}",
             "/../{tenant}",
             "header:bad header",
+            "header:x_tenant",
         ] {
             assert!(TenantFrom::parse(t).is_err(), "{t}");
         }

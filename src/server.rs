@@ -31,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
 
-use crate::config::{IdentitySettings, Settings};
+use crate::config::{IdentitySettings, Settings, UnderscoreHeaders};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::proxy::{self, Forwarded, Upstream, X_REQUEST_ID};
 use crate::rejection::Rejection;
@@ -82,6 +82,8 @@ pub struct App {
     pub access_log: bool,
     /// The tenant whose admin keys manage every tenant through the API.
     pub operator_tenant: String,
+    /// What happens to request headers whose names contain `_`.
+    pub underscores: UnderscoreHeaders,
 }
 
 /// The `route` label and log field of requests that matched no route.
@@ -110,7 +112,14 @@ pub async fn handle(
     let mut matched: Option<&RouteTarget> = None;
     let mut upstream_time = None;
 
+    // One pass over the header names, for every header rule of the request.
+    let scan = proxy::scan_request_headers(req.headers(), &app.identity.prefix, app.underscores);
+    let mut removed = proxy::Removed::default();
+
     let outcome = async {
+        if let Some(refusal) = scan.refusal() {
+            return Err(refusal);
+        }
         let host = req.headers().get(HOST).cloned().or_else(|| {
             req.uri()
                 .authority()
@@ -127,12 +136,17 @@ pub async fn handle(
             .ok_or(Rejection::NoRoute)?;
         span.record("route", &*route.name);
         matched = Some(&route.upstream);
+        let mut tenant_header = None;
         let identity = if route.auth {
             let identity = auth::check(&app.verifier, req.headers(), now_unix()).await?;
             span.record("key_id", identity.key_id());
             span.record("tenant", identity.tenant());
-            let tenant = route.tenant(&path, req.headers());
+            let tenant = route.tenant(&path, req.headers(), scan.underscores());
             policy::authorize(route, &identity, req.method(), tenant)?;
+            // The upstream gets the tenant header as it was decided on.
+            tenant_header = route
+                .tenant_header(req.headers(), scan.underscores())
+                .map(|(name, value)| (name, value.clone()));
             Some(identity)
         } else {
             None
@@ -146,9 +160,11 @@ pub async fn handle(
             proto: "http",
             host,
             request_id: &request_id,
+            scan,
+            tenant_header,
         };
         let upstream = &route.upstream.upstream;
-        proxy::rewrite_request_headers(
+        removed = proxy::rewrite_request_headers(
             req.headers_mut(),
             identity.as_deref(),
             &app.identity,
@@ -179,6 +195,12 @@ pub async fn handle(
     let status = resp.status().as_u16();
     let took = started.elapsed();
     app.metrics.decision(decision);
+    if removed != proxy::Removed::default() {
+        app.metrics.removed_identity.inc_by(removed.identity.into());
+        app.metrics
+            .removed_underscore
+            .inc_by(removed.underscore.into());
+    }
     series.observe(status, took, upstream_time);
     if matched.is_none() {
         span.record("route", UNROUTED);
@@ -289,6 +311,7 @@ impl Server {
             identity: settings.identity.clone(),
             state: State::default(),
             operator_tenant: settings.operator_tenant.clone(),
+            underscores: settings.headers_with_underscores,
         });
         Ok(Server {
             app,
