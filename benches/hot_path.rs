@@ -122,6 +122,7 @@ fn hot_path(c: &mut Criterion) {
                     &upstream,
                     &Forwarded {
                         client_ip: &client_ip,
+                        trusted: false,
                         proto: "http",
                         host: Some(HeaderValue::from_static("api.example.com")),
                         request_id: &request_id,

@@ -7,7 +7,7 @@
 //! addresses, durations, URIs and header names, so nothing on the request path parses config.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -186,6 +186,8 @@ pub struct ServerConfig {
     pub workers: usize,
     /// What to do with request headers whose names contain `_`: `drop`, `reject` or `allow`.
     pub headers_with_underscores: String,
+    /// Peers (IP addresses or CIDR ranges) whose `X-Forwarded-*` headers are kept.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -198,6 +200,7 @@ impl Default for ServerConfig {
             max_header_bytes: 16 * 1024,
             workers: 0,
             headers_with_underscores: "drop".into(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -440,6 +443,21 @@ impl Config {
                         ),
                     )
                 })?,
+            trusted_proxies: s
+                .trusted_proxies
+                .iter()
+                .enumerate()
+                .map(|(i, net)| {
+                    IpNet::parse(net).ok_or_else(|| {
+                        field_err(
+                            &format!("server.trusted_proxies[{i}]"),
+                            format!(
+                                "{net:?} is not an IP address or CIDR range like 10.0.0.0/8 or fd00::/8"
+                            ),
+                        )
+                    })
+                })
+                .collect::<Result<_, _>>()?,
             upstream,
             routes,
             store: self.store_settings()?,
@@ -831,6 +849,8 @@ pub struct Settings {
     pub workers: usize,
     /// What happens to request headers whose names contain `_`.
     pub headers_with_underscores: UnderscoreHeaders,
+    /// Peers whose `X-Forwarded-*` headers are kept (and appended to).
+    pub trusted_proxies: Box<[IpNet]>,
     /// The default upstream (`upstream.url`), if set.
     pub upstream: Option<UpstreamSettings>,
     /// The route table (the default upstream is its last, catch-all route).
@@ -871,6 +891,61 @@ impl UnderscoreHeaders {
             "allow" => Some(UnderscoreHeaders::Allow),
             _ => None,
         }
+    }
+}
+
+/// An IP network: an address and how many leading bits of it a peer must share (a CIDR range
+/// like `10.0.0.0/8`; a bare address is a range of one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    /// Parses `10.0.0.0/8`, `fd00::/8` or a bare address. The address must be the network's
+    /// first (`10.1.0.0/8` is refused: it reads like a typo for `/16`).
+    pub fn parse(v: &str) -> Option<IpNet> {
+        let (addr, prefix) = match v.split_once('/') {
+            Some((a, p)) => (a.parse::<IpAddr>().ok()?, Some(p)),
+            None => (v.parse::<IpAddr>().ok()?, None),
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => p.parse().ok()?,
+            Some(_) => return None,
+            None => max,
+        };
+        if prefix > max {
+            return None;
+        }
+        let net = IpNet { addr, prefix };
+        (net.masked(addr) == Self::bits(addr)).then_some(net)
+    }
+
+    fn bits(ip: IpAddr) -> u128 {
+        match ip {
+            IpAddr::V4(v4) => u32::from(v4).into(),
+            IpAddr::V6(v6) => u128::from(v6),
+        }
+    }
+
+    /// `ip`'s bits with everything past the prefix cleared.
+    fn masked(&self, ip: IpAddr) -> u128 {
+        let width: u32 = if ip.is_ipv4() { 32 } else { 128 };
+        let host_bits = width - u32::from(self.prefix);
+        if host_bits >= 128 {
+            0
+        } else {
+            (Self::bits(ip) >> host_bits) << host_bits
+        }
+    }
+
+    /// Whether `ip` is in the network (an IPv4 address in IPv6 form, `::ffff:10.0.0.1`, counts
+    /// as the IPv4 address).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_ipv4() == self.addr.is_ipv4() && self.masked(ip) == Self::bits(self.addr)
     }
 }
 
@@ -1057,6 +1132,41 @@ mod tests {
         c.identity.header_prefix = "x_auth_".into();
         let err = c.serve_settings().unwrap_err().to_string();
         assert!(err.starts_with("identity.header_prefix"), "{err}");
+    }
+
+    #[test]
+    fn trusted_proxies_are_ip_networks() {
+        let net = |v: &str| IpNet::parse(v).unwrap_or_else(|| panic!("{v}"));
+        let ip = |v: &str| v.parse::<IpAddr>().unwrap();
+        assert!(net("10.0.0.0/8").contains(ip("10.255.1.2")));
+        assert!(!net("10.0.0.0/8").contains(ip("11.0.0.1")));
+        assert!(net("10.0.0.0/8").contains(ip("::ffff:10.0.0.1")));
+        assert!(net("192.0.2.7").contains(ip("192.0.2.7")));
+        assert!(!net("192.0.2.7").contains(ip("192.0.2.8")));
+        assert!(net("0.0.0.0/0").contains(ip("203.0.113.1")));
+        assert!(!net("0.0.0.0/0").contains(ip("2001:db8::1")));
+        assert!(net("fd00::/8").contains(ip("fd12::1")));
+        assert!(!net("fd00::/8").contains(ip("fe80::1")));
+        assert!(net("::/0").contains(ip("2001:db8::1")));
+        assert!(net("2001:db8::1").contains(ip("2001:db8::1")));
+        assert!(net("172.16.0.0/12").contains(ip("172.31.255.255")));
+        assert!(!net("172.16.0.0/12").contains(ip("172.32.0.0")));
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "10.1.0.0/8",
+            "10.0.0.0/",
+            "10.0.0.0/+8",
+            "host",
+            "fd00::/129",
+        ] {
+            assert!(IpNet::parse(bad).is_none(), "{bad}");
+        }
+        let mut c = Config::default();
+        c.upstream.url = Some("http://127.0.0.1:3000".into());
+        c.server.trusted_proxies = vec!["10.0.0.0/8".into(), "10.1.0.0/8".into()];
+        let err = c.serve_settings().unwrap_err().to_string();
+        assert!(err.starts_with("server.trusted_proxies[1]"), "{err}");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use prometheus::{
 use crate::rejection::Rejection;
 
 /// Every `outcome` label value of `keygate_auth_decisions_total`.
-pub const OUTCOMES: [&str; 14] = [
+pub const OUTCOMES: [&str; 15] = [
     "allowed",
     "missing_credentials",
     "invalid_request",
@@ -28,6 +28,7 @@ pub const OUTCOMES: [&str; 14] = [
     "no_route",
     "invalid_body",
     "invalid_header",
+    "invalid_host",
 ];
 
 /// The `status_class` label values, indexed by the status code's first digit minus one.
@@ -131,6 +132,8 @@ pub struct Metrics {
     pub removed_identity: IntCounter,
     /// Other client headers with `_` in their names removed before forwarding.
     pub removed_underscore: IntCounter,
+    /// Method-override headers removed before forwarding.
+    pub removed_method_override: IntCounter,
     /// Last-used notes dropped because the flusher's queue was full.
     pub last_used_dropped: IntCounter,
     /// Batches of last-used times the store failed to record.
@@ -220,7 +223,7 @@ impl Metrics {
         let removed = IntCounterVec::new(
             Opts::new(
                 "keygate_request_headers_removed_total",
-                "Client request headers removed before forwarding, by kind (identity: in keygate's identity namespace, in any spelling; underscore: other names with '_', per server.headers_with_underscores).",
+                "Client request headers removed before forwarding, by kind (identity: in keygate's identity namespace, in any spelling; underscore: other names with '_', per server.headers_with_underscores; method_override: X-HTTP-Method-Override and its kin).",
             ),
             &["kind"],
         )
@@ -295,6 +298,7 @@ impl Metrics {
             admin_connections: connections.with_label_values(&["admin"]),
             removed_identity: removed.with_label_values(&["identity"]),
             removed_underscore: removed.with_label_values(&["underscore"]),
+            removed_method_override: removed.with_label_values(&["method_override"]),
             last_used_dropped: counter(
                 "keygate_last_used_dropped_total",
                 "Last-used notes dropped because the flusher's queue was full.",
@@ -349,6 +353,19 @@ impl Metrics {
         // OUTCOMES is small; a linear scan of static strings beats hashing.
         if let Some(i) = OUTCOMES.iter().position(|o| *o == label) {
             self.decisions[i].inc();
+        }
+    }
+
+    /// Counts client headers removed before forwarding, by kind.
+    pub fn headers_removed(&self, identity: u32, underscore: u32, method_override: u32) {
+        for (counter, n) in [
+            (&self.removed_identity, identity),
+            (&self.removed_underscore, underscore),
+            (&self.removed_method_override, method_override),
+        ] {
+            if n > 0 {
+                counter.inc_by(n.into());
+            }
         }
     }
 

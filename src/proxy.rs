@@ -72,6 +72,28 @@ pub struct HeaderScan {
 const IDENTITY: u8 = 1 << 0;
 /// A name with `_`.
 const UNDERSCORE: u8 = 1 << 1;
+/// A method-override header.
+const OVERRIDE: u8 = 1 << 2;
+/// `Forwarded` or `X-Real-IP`: a client address a peer asserts.
+const CLIENT_ADDRESS: u8 = 1 << 3;
+
+static X_HTTP_METHOD_OVERRIDE: HeaderName = HeaderName::from_static("x-http-method-override");
+static X_HTTP_METHOD: HeaderName = HeaderName::from_static("x-http-method");
+static X_METHOD_OVERRIDE: HeaderName = HeaderName::from_static("x-method-override");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// Headers with which a client asks upstreams that honour them to take a request as another
+/// method: a read-only key's `GET` would become a `DELETE` that keygate never authorised.
+/// They are always removed.
+fn method_overrides() -> [&'static HeaderName; 3] {
+    [&X_HTTP_METHOD_OVERRIDE, &X_HTTP_METHOD, &X_METHOD_OVERRIDE]
+}
+
+/// Headers in which a peer asserts a client address, besides `X-Forwarded-For`: kept from a
+/// trusted proxy, removed otherwise.
+fn client_addresses() -> [&'static HeaderName; 2] {
+    [&header::FORWARDED, &X_REAL_IP]
+}
 
 impl HeaderScan {
     /// Whether some header name contains `_`.
@@ -110,6 +132,10 @@ pub fn scan_request_headers(
         }
         if starts_with_header_name(s, prefix) {
             scan.found |= IDENTITY;
+        } else if method_overrides().contains(&name) {
+            scan.found |= OVERRIDE;
+        } else if client_addresses().contains(&name) {
+            scan.found |= CLIENT_ADDRESS;
         }
     }
     scan
@@ -177,12 +203,15 @@ fn trim(mut b: &[u8]) -> &[u8] {
 /// Names that, spelt with `_`, would read to a CGI-style upstream like a header keygate sets,
 /// strips or decides on; they are never forwarded, whatever `server.headers_with_underscores`
 /// says.
-const MANAGED: [&str; 10] = [
+const MANAGED: [&str; 13] = [
     "x-forwarded-for",
     "x-forwarded-proto",
     "x-forwarded-host",
     "x-request-id",
     "x-real-ip",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
     "keep-alive",
     "proxy-connection",
     "proxy-authenticate",
@@ -197,14 +226,25 @@ pub struct Removed {
     pub identity: u32,
     /// Other names with `_`.
     pub underscore: u32,
+    /// Method-override headers.
+    pub method_override: u32,
 }
 
-/// Removes what the scan flagged: identity headers in any spelling and names with `_` (all of
-/// them, or under `allow` those that read like a managed header). Allocates only when
-/// something is to go.
-fn remove_flagged(headers: &mut HeaderMap, scan: &HeaderScan, prefix: &str) -> Removed {
+/// Removes what the scan flagged: identity headers in any spelling, method overrides, client
+/// addresses asserted by an untrusted peer, and names with `_` (all of them, or under `allow`
+/// those that read like a managed header). Allocates only when something is to go.
+fn remove_flagged(
+    headers: &mut HeaderMap,
+    scan: &HeaderScan,
+    prefix: &str,
+    trusted: bool,
+) -> Removed {
     let mut removed = Removed::default();
-    if scan.found & (IDENTITY | UNDERSCORE) == 0 {
+    let mut wanted = IDENTITY | UNDERSCORE | OVERRIDE;
+    if !trusted {
+        wanted |= CLIENT_ADDRESS;
+    }
+    if scan.found & wanted == 0 {
         return removed;
     }
     let allow = scan.underscores == UnderscoreHeaders::Allow;
@@ -214,6 +254,11 @@ fn remove_flagged(headers: &mut HeaderMap, scan: &HeaderScan, prefix: &str) -> R
             let s = n.as_str();
             if starts_with_header_name(s, prefix) {
                 removed.identity += 1;
+                true
+            } else if method_overrides().contains(n) {
+                removed.method_override += 1;
+                true
+            } else if !trusted && client_addresses().contains(n) {
                 true
             } else if s.contains('_') && (!allow || MANAGED.iter().any(|m| same_header_name(s, m)))
             {
@@ -235,6 +280,9 @@ fn remove_flagged(headers: &mut HeaderMap, scan: &HeaderScan, prefix: &str) -> R
 pub struct Forwarded<'a> {
     /// The client's address, as a header value (made once per connection by [`ip_value`]).
     pub client_ip: &'a HeaderValue,
+    /// Whether the client is a trusted proxy (`server.trusted_proxies`), whose
+    /// `X-Forwarded-*`, `Forwarded` and `X-Real-IP` are kept.
+    pub trusted: bool,
     /// `http` or `https`, as the client spoke to keygate.
     pub proto: &'static str,
     /// The host the client asked for (`Host`, or the URI authority under HTTP/2).
@@ -262,7 +310,7 @@ pub fn rewrite_request_headers(
     if !ids.forward_authorization {
         headers.remove(AUTHORIZATION);
     }
-    let removed = remove_flagged(headers, &fwd.scan, &ids.prefix);
+    let removed = remove_flagged(headers, &fwd.scan, &ids.prefix, fwd.trusted);
 
     if let Some((name, value)) = &fwd.tenant_header {
         if fwd.scan.underscores() {
@@ -289,15 +337,25 @@ pub fn rewrite_request_headers(
         );
     }
 
-    append_forwarded_for(headers, fwd.client_ip);
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(fwd.proto),
-    );
-    match &fwd.host {
-        Some(h) => headers.insert(X_FORWARDED_HOST.clone(), h.clone()),
-        None => headers.remove(&X_FORWARDED_HOST),
-    };
+    // A trusted proxy's view of the client is kept and the proxy appended as the last hop;
+    // anyone else's claims are replaced by what keygate saw.
+    if fwd.trusted {
+        append_forwarded_for(headers, fwd.client_ip);
+    } else {
+        headers.insert(X_FORWARDED_FOR.clone(), fwd.client_ip.clone());
+    }
+    if !(fwd.trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(fwd.proto),
+        );
+    }
+    if !(fwd.trusted && headers.contains_key(&X_FORWARDED_HOST)) {
+        match &fwd.host {
+            Some(h) => headers.insert(X_FORWARDED_HOST.clone(), h.clone()),
+            None => headers.remove(&X_FORWARDED_HOST),
+        };
+    }
     if !upstream.preserve_host || fwd.host.is_none() {
         headers.insert(HOST, upstream.host_header.clone());
     } else if let Some(h) = &fwd.host {
@@ -312,7 +370,8 @@ pub fn ip_value(ip: IpAddr) -> HeaderValue {
     HeaderValue::try_from(ip.to_string()).expect("an IP address is a valid header value")
 }
 
-/// Appends the client address to `X-Forwarded-For`, folding earlier values into one header.
+/// Appends the client address to `X-Forwarded-For` (from a trusted proxy), folding earlier
+/// values into one header.
 fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
     if !headers.contains_key(&X_FORWARDED_FOR) {
         // The common case, without formatting or allocating.
@@ -739,11 +798,11 @@ mod tests {
                 HeaderValue::from_str(v).unwrap(),
             );
         }
-        rewrite_with(&mut h, UnderscoreHeaders::Drop);
+        rewrite_with(&mut h, UnderscoreHeaders::Drop, false);
         h
     }
 
-    fn rewrite_with(h: &mut HeaderMap, underscores: UnderscoreHeaders) -> Removed {
+    fn rewrite_with(h: &mut HeaderMap, underscores: UnderscoreHeaders, trusted: bool) -> Removed {
         let ids = IdentitySettings::default();
         let rid = HeaderValue::from_static("rid-1");
         let scan = scan_request_headers(h, &ids.prefix, underscores);
@@ -754,6 +813,7 @@ mod tests {
             &upstream(),
             &Forwarded {
                 client_ip: &ip_value("192.0.2.7".parse().unwrap()),
+                trusted,
                 proto: "http",
                 host: Some(HeaderValue::from_static("api.example")),
                 request_id: &rid,
@@ -785,7 +845,7 @@ mod tests {
                 ("x_custom", "1"),
                 ("x-custom", "2"),
             ]);
-            let removed = rewrite_with(&mut h, policy);
+            let removed = rewrite_with(&mut h, policy, false);
             let cgi: Vec<String> = h.keys().map(|k| k.as_str().replace('_', "-")).collect();
             assert_eq!(h["x-keygate-tenant"], "acme", "{policy:?}");
             assert_eq!(
@@ -839,6 +899,7 @@ mod tests {
             &upstream(),
             &Forwarded {
                 client_ip: &ip_value("192.0.2.7".parse().unwrap()),
+                trusted: false,
                 proto: "http",
                 host: None,
                 request_id: &rid,
@@ -899,11 +960,32 @@ mod tests {
 
     #[test]
     fn forwarded_headers_are_set() {
-        let h = rewrite(&[
+        let claims = [
             ("x-forwarded-for", "198.51.100.1"),
+            ("x-forwarded-for", "198.51.100.2"),
             ("x-forwarded-proto", "https"),
-        ]);
-        assert_eq!(h["x-forwarded-for"], "198.51.100.1, 192.0.2.7");
+            ("x-forwarded-host", "claimed.example"),
+            ("forwarded", "for=198.51.100.1"),
+            ("x-real-ip", "198.51.100.1"),
+            ("x-http-method-override", "DELETE"),
+        ];
+        let mut trusted = headers(&claims);
+        let removed = rewrite_with(&mut trusted, UnderscoreHeaders::Drop, true);
+        assert_eq!(removed.method_override, 1);
+        assert_eq!(
+            trusted["x-forwarded-for"],
+            "198.51.100.1, 198.51.100.2, 192.0.2.7"
+        );
+        assert_eq!(trusted["x-forwarded-proto"], "https");
+        assert_eq!(trusted["x-forwarded-host"], "claimed.example");
+        assert_eq!(trusted["forwarded"], "for=198.51.100.1");
+        assert!(!trusted.contains_key("x-http-method-override"));
+
+        let h = rewrite(&claims);
+        assert_eq!(h["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert!(!h.contains_key("forwarded") && !h.contains_key("x-real-ip"));
+        assert!(!h.contains_key("x-http-method-override"));
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example");
         assert_eq!(h[HOST], "10.0.0.1:3000");
@@ -923,6 +1005,7 @@ mod tests {
             &upstream(),
             &Forwarded {
                 client_ip: &ip_value("192.0.2.7".parse().unwrap()),
+                trusted: false,
                 proto: "http",
                 host: None,
                 request_id: &rid,

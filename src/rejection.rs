@@ -39,6 +39,9 @@ pub enum Rejection {
     InvalidBody,
     /// A header name contains `_` and `server.headers_with_underscores` is `reject`.
     InvalidHeader,
+    /// More than one `Host`, an invalid one, none in HTTP/1.1, or an HTTP/2 `Host` that
+    /// differs from `:authority`.
+    InvalidHost,
 }
 
 const REALM: &str = "Bearer realm=\"keygate\"";
@@ -60,6 +63,7 @@ impl Rejection {
             Rejection::NoRoute => "no_route",
             Rejection::InvalidBody => "invalid_body",
             Rejection::InvalidHeader => "invalid_header",
+            Rejection::InvalidHost => "invalid_host",
         }
     }
 
@@ -78,7 +82,9 @@ impl Rejection {
             Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Rejection::InvalidPath => StatusCode::BAD_REQUEST,
             Rejection::NoRoute => StatusCode::NOT_FOUND,
-            Rejection::InvalidBody | Rejection::InvalidHeader => StatusCode::BAD_REQUEST,
+            Rejection::InvalidBody | Rejection::InvalidHeader | Rejection::InvalidHost => {
+                StatusCode::BAD_REQUEST
+            }
         }
     }
 
@@ -126,6 +132,9 @@ impl Rejection {
             Rejection::InvalidHeader => {
                 r#"{"error":"invalid_header","message":"header names with '_' are refused: spell them with '-'"}"#
             }
+            Rejection::InvalidHost => {
+                r#"{"error":"invalid_host","message":"send exactly one valid Host header, naming the host of the request target"}"#
+            }
         }
     }
 
@@ -172,7 +181,7 @@ impl Rejection {
 mod tests {
     use super::*;
 
-    const ALL: [Rejection; 14] = [
+    const ALL: [Rejection; 15] = [
         Rejection::MissingCredentials,
         Rejection::InvalidRequest,
         Rejection::MalformedKey,
@@ -187,6 +196,7 @@ mod tests {
         Rejection::NoRoute,
         Rejection::InvalidBody,
         Rejection::InvalidHeader,
+        Rejection::InvalidHost,
     ];
 
     #[test]

@@ -16,7 +16,8 @@
 
 use std::borrow::Cow;
 
-use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use http::header::HOST;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version};
 
 use crate::rejection::Rejection;
 
@@ -562,6 +563,93 @@ impl<U> RouteTable<U> {
     }
 }
 
+/// The host a request is for, as its `Host` value (RFC 9112 §3.2, RFC 9113 §8.3.1), or the
+/// refusal `400 invalid_host`:
+/// - more than one `Host`, or one that is not [`valid_host`], is refused;
+/// - an authority in the request target wins over `Host`: the absolute form of HTTP/1.1
+///   (`GET http://b.example/ HTTP/1.1`, where `Host` is ignored) and `:authority` of HTTP/2
+///   (where a `Host` that names another host makes the request malformed);
+/// - an HTTP/1.1 request without `Host` is refused; HTTP/1.0 and HTTP/2 may name no host.
+pub fn request_host(
+    version: Version,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<Option<HeaderValue>, Rejection> {
+    let mut hosts = headers.get_all(HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() || host.is_some_and(|h| !valid_host(h.as_bytes())) {
+        return Err(Rejection::InvalidHost);
+    }
+    if let Some(authority) = uri.authority() {
+        let target = authority.as_str();
+        if !valid_host(target.as_bytes()) {
+            return Err(Rejection::InvalidHost);
+        }
+        let conflict = host.is_some_and(|h| !h.as_bytes().eq_ignore_ascii_case(target.as_bytes()));
+        if (version == Version::HTTP_11 && host.is_none())
+            || (version == Version::HTTP_2 && conflict)
+        {
+            return Err(Rejection::InvalidHost);
+        }
+        return HeaderValue::from_str(target)
+            .map(Some)
+            .map_err(|_| Rejection::InvalidHost);
+    }
+    if host.is_none() && version == Version::HTTP_11 {
+        return Err(Rejection::InvalidHost);
+    }
+    Ok(host.cloned())
+}
+
+/// Whether a `Host` value (or a request target's authority) is a host keygate routes: a name
+/// of letters, digits and `-._~`, an IPv4 address, or an IPv6 literal in brackets, then an
+/// optional port of at most 65535. Stricter than RFC 3986's `reg-name` on purpose: no escapes,
+/// no user information (`evil@host`), no `,;=!$&'()*+` that upstreams split or decode
+/// differently.
+pub fn valid_host(host: &[u8]) -> bool {
+    let (name, port) = if let Some(rest) = host.strip_prefix(b"[") {
+        let Some(end) = rest.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &rest[..end];
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return false;
+        }
+        match &rest[end + 1..] {
+            [] => (literal, None),
+            [b':', port @ ..] => (literal, Some(port)),
+            _ => return false,
+        }
+    } else {
+        let (name, port) = match host.iter().position(|&b| b == b':') {
+            Some(i) => (&host[..i], Some(&host[i + 1..])),
+            None => (host, None),
+        };
+        if name.is_empty()
+            || name.len() > 253
+            || !name
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+        {
+            return false;
+        }
+        (name, port)
+    };
+    debug_assert!(!name.is_empty());
+    port.is_none_or(|p| {
+        (1..=5).contains(&p.len())
+            && p.iter().all(u8::is_ascii_digit)
+            && std::str::from_utf8(p)
+                .ok()
+                .and_then(|p| p.parse::<u16>().ok())
+                .is_some()
+    })
+}
+
 /// The host name of a `Host` value: without port and trailing dot. `None` if not text.
 fn host_name(host: &[u8]) -> Option<&str> {
     let host = std::str::from_utf8(host).ok()?;
@@ -702,6 +790,71 @@ mod tests {
                 prop_assert_eq!(normalize(&once).unwrap(), once.clone());
             }
         }
+    }
+
+    #[test]
+    fn hosts_are_validated() {
+        for ok in [
+            "a.example",
+            "A.Example:8080",
+            "192.0.2.1",
+            "192.0.2.1:1",
+            "[::1]",
+            "[::1]:65535",
+            "[2001:db8::1]",
+            "under_score.example",
+            "a.example.",
+        ] {
+            assert!(valid_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            ":80",
+            "a.example:",
+            "a.example:65536",
+            "a.example:80x",
+            "a.example:123456",
+            "u@a.example",
+            "a.example,b.example",
+            "a b",
+            "a/b",
+            "a%2eb",
+            "[::1",
+            "[]",
+            "[::1]x",
+            "[::1]:",
+            "[fe80::1%eth0]",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_request_target_authority_wins_over_host() {
+        let mut h = HeaderMap::new();
+        let origin: Uri = "/x".parse().unwrap();
+        let absolute: Uri = "http://b.example/x".parse().unwrap();
+        assert_eq!(
+            request_host(Version::HTTP_11, &origin, &h),
+            Err(Rejection::InvalidHost)
+        );
+        assert_eq!(request_host(Version::HTTP_10, &origin, &h), Ok(None));
+        assert_eq!(request_host(Version::HTTP_2, &origin, &h), Ok(None));
+        h.insert(HOST, HeaderValue::from_static("a.example"));
+        let host = |v, uri: &Uri, h: &HeaderMap| request_host(v, uri, h).map(|o| o.unwrap());
+        assert_eq!(host(Version::HTTP_11, &origin, &h).unwrap(), "a.example");
+        assert_eq!(host(Version::HTTP_11, &absolute, &h).unwrap(), "b.example");
+        assert_eq!(
+            request_host(Version::HTTP_2, &absolute, &h),
+            Err(Rejection::InvalidHost)
+        );
+        h.insert(HOST, HeaderValue::from_static("B.example"));
+        assert_eq!(host(Version::HTTP_2, &absolute, &h).unwrap(), "b.example");
+        h.append(HOST, HeaderValue::from_static("B.example"));
+        assert_eq!(
+            request_host(Version::HTTP_11, &origin, &h),
+            Err(Rejection::InvalidHost)
+        );
     }
 
     #[test]

@@ -18,7 +18,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::HOST;
 use http::{HeaderValue, Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -31,7 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
 
-use crate::config::{IdentitySettings, Settings, UnderscoreHeaders};
+use crate::config::{IdentitySettings, IpNet, Settings, UnderscoreHeaders};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::proxy::{self, Forwarded, Upstream, X_REQUEST_ID};
 use crate::rejection::Rejection;
@@ -84,17 +83,33 @@ pub struct App {
     pub operator_tenant: String,
     /// What happens to request headers whose names contain `_`.
     pub underscores: UnderscoreHeaders,
+    /// Peers whose forwarding headers are kept.
+    pub trusted_proxies: Box<[IpNet]>,
+}
+
+/// The client end of a proxy connection, worked out once per connection.
+pub struct Peer {
+    /// Its address, as an `X-Forwarded-For` value.
+    pub ip: HeaderValue,
+    /// Whether it is a trusted proxy (`server.trusted_proxies`).
+    pub trusted: bool,
+}
+
+impl Peer {
+    /// The peer at `ip`, trusted if a trusted network contains it.
+    pub fn new(ip: std::net::IpAddr, trusted: &[IpNet]) -> Self {
+        Peer {
+            ip: proxy::ip_value(ip),
+            trusted: trusted.iter().any(|net| net.contains(ip)),
+        }
+    }
 }
 
 /// The `route` label and log field of requests that matched no route.
 const UNROUTED: &str = "-";
 
 /// The request path.
-pub async fn handle(
-    app: &App,
-    mut req: Request<Incoming>,
-    client_ip: &HeaderValue,
-) -> Response<ProxyBody> {
+pub async fn handle(app: &App, mut req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
     let started = Instant::now();
     let request_id = proxy::client_request_id(req.headers())
         .cloned()
@@ -120,11 +135,7 @@ pub async fn handle(
         if let Some(refusal) = scan.refusal() {
             return Err(refusal);
         }
-        let host = req.headers().get(HOST).cloned().or_else(|| {
-            req.uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        let host = route::request_host(req.version(), req.uri(), req.headers())?;
         let path = route::normalize(req.uri().path())?;
         let route = app
             .routes
@@ -156,7 +167,8 @@ pub async fn handle(
             proxy::set_path(req.uri_mut(), &normal)?;
         }
         let fwd = Forwarded {
-            client_ip,
+            client_ip: &peer.ip,
+            trusted: peer.trusted,
             proto: "http",
             host,
             request_id: &request_id,
@@ -196,10 +208,11 @@ pub async fn handle(
     let took = started.elapsed();
     app.metrics.decision(decision);
     if removed != proxy::Removed::default() {
-        app.metrics.removed_identity.inc_by(removed.identity.into());
-        app.metrics
-            .removed_underscore
-            .inc_by(removed.underscore.into());
+        app.metrics.headers_removed(
+            removed.identity,
+            removed.underscore,
+            removed.method_override,
+        );
     }
     series.observe(status, took, upstream_time);
     if matched.is_none() {
@@ -312,6 +325,7 @@ impl Server {
             state: State::default(),
             operator_tenant: settings.operator_tenant.clone(),
             underscores: settings.headers_with_underscores,
+            trusted_proxies: settings.trusted_proxies.clone(),
         });
         Ok(Server {
             app,
@@ -471,11 +485,11 @@ fn proxy_worker(
         let open = app.metrics.proxy_connections.clone();
         accept_loop(listener, builder, &graceful, stop, open, move |peer| {
             let app = app.clone();
-            // Formatted once per connection, shared by its requests.
-            let client_ip = proxy::ip_value(peer.ip());
+            // Worked out once per connection, shared by its requests.
+            let peer = Arc::new(Peer::new(peer.ip(), &app.trusted_proxies));
             service_fn(move |req| {
-                let (app, client_ip) = (app.clone(), client_ip.clone());
-                async move { Ok::<_, Infallible>(handle(&app, req, &client_ip).await) }
+                let (app, peer) = (app.clone(), peer.clone());
+                async move { Ok::<_, Infallible>(handle(&app, req, &peer).await) }
             })
         })
         .await;
