@@ -177,8 +177,17 @@ pub struct ServerConfig {
     pub admin_listen: String,
     /// How long in-flight requests may run after SIGTERM/SIGINT.
     pub shutdown_grace: String,
-    /// Time a client has to send a request's headers.
+    /// Time a client has to send a complete request head: the first from accept (protocol
+    /// detection included), later ones on HTTP/1.1 from their first byte.
     pub header_read_timeout: String,
+    /// A connection with no request in flight is closed after this long.
+    pub idle_timeout: String,
+    /// Most open client connections on the proxy listener (all workers together); 0: derived
+    /// from the process's file descriptor limit.
+    pub max_connections: usize,
+    /// Most open connections on the admin listener, apart from the proxy's, so probes still
+    /// answer when the proxy listener is full.
+    pub admin_max_connections: usize,
     /// Largest request head (request line plus headers) accepted, in bytes.
     pub max_header_bytes: usize,
     /// Proxy worker threads, each with its own event loop and upstream connections; 0 for
@@ -197,6 +206,9 @@ impl Default for ServerConfig {
             admin_listen: "127.0.0.1:9090".into(),
             shutdown_grace: "30s".into(),
             header_read_timeout: "10s".into(),
+            idle_timeout: "75s".into(),
+            max_connections: 0,
+            admin_max_connections: 64,
             max_header_bytes: 16 * 1024,
             workers: 0,
             headers_with_underscores: "drop".into(),
@@ -423,6 +435,14 @@ impl Config {
             admin_listen: addr("server.admin_listen", &s.admin_listen)?,
             shutdown_grace: duration("server.shutdown_grace", &s.shutdown_grace)?,
             header_read_timeout: nonzero("server.header_read_timeout", &s.header_read_timeout)?,
+            idle_timeout: nonzero("server.idle_timeout", &s.idle_timeout)?,
+            max_connections: bounded("server.max_connections", s.max_connections, 0, 1 << 24)?,
+            admin_max_connections: bounded(
+                "server.admin_max_connections",
+                s.admin_max_connections,
+                1,
+                1 << 16,
+            )?,
             max_header_bytes: bounded(
                 "server.max_header_bytes",
                 s.max_header_bytes,
@@ -841,8 +861,14 @@ pub struct Settings {
     pub admin_listen: SocketAddr,
     /// Drain deadline on shutdown.
     pub shutdown_grace: Duration,
-    /// Header read timeout per connection.
+    /// Time to a complete request head (from accept for the first request).
     pub header_read_timeout: Duration,
+    /// Idle connections are closed after this long.
+    pub idle_timeout: Duration,
+    /// Most open proxy connections; 0: derived from the descriptor limit at start.
+    pub max_connections: usize,
+    /// Most open admin connections.
+    pub admin_max_connections: usize,
     /// Largest request head in bytes.
     pub max_header_bytes: usize,
     /// Proxy worker threads (resolved: at least 1).

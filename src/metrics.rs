@@ -87,6 +87,21 @@ pub struct PoolMetrics {
     pub retried: IntCounter,
 }
 
+/// One listener's connection series.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    /// Open connections.
+    pub open: IntGauge,
+    /// Connections refused at the listener's cap.
+    pub refused: IntCounter,
+    /// Failed accepts (e.g. out of file descriptors).
+    pub accept_errors: IntCounter,
+    /// Connections closed for sending no complete request head in time.
+    pub timed_out_head: IntCounter,
+    /// Connections closed for being idle too long.
+    pub timed_out_idle: IntCounter,
+}
+
 /// The process's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -124,10 +139,10 @@ pub struct Metrics {
     pub unsynced_lookups: IntCounter,
     /// Cached verdicts discarded because an invalidation raced their fill.
     pub stale_fills: IntCounter,
-    /// Open client connections on the proxy listener.
-    pub proxy_connections: IntGauge,
-    /// Open connections on the admin listener.
-    pub admin_connections: IntGauge,
+    /// The proxy listener's connections.
+    pub proxy_listener: ListenerMetrics,
+    /// The admin listener's connections.
+    pub admin_listener: ListenerMetrics,
     /// Client headers in the identity namespace (in any spelling) removed before forwarding.
     pub removed_identity: IntCounter,
     /// Other client headers with `_` in their names removed before forwarding.
@@ -220,20 +235,51 @@ impl Metrics {
             .buckets(IO_BUCKETS.to_vec()),
         )
         .expect("valid metric");
-        let removed = IntCounterVec::new(
-            Opts::new(
-                "keygate_request_headers_removed_total",
-                "Client request headers removed before forwarding, by kind (identity: in keygate's identity namespace, in any spelling; underscore: other names with '_', per server.headers_with_underscores; method_override: X-HTTP-Method-Override and its kin).",
-            ),
-            &["kind"],
-        )
-        .expect("valid metric");
         let connections = IntGaugeVec::new(
             Opts::new(
                 "keygate_open_connections",
                 "Open client connections, by listener.",
             ),
             &["listener"],
+        )
+        .expect("valid metric");
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "keygate_connections_refused_total",
+                "Connections closed at once because the listener had server.max_connections (proxy) or server.admin_max_connections (admin) open, by listener.",
+            ),
+            &["listener"],
+        )
+        .expect("valid metric");
+        let accept_errors = IntCounterVec::new(
+            Opts::new(
+                "keygate_accept_errors_total",
+                "Failed accepts, by listener (e.g. out of file descriptors: EMFILE, ENFILE).",
+            ),
+            &["listener"],
+        )
+        .expect("valid metric");
+        let timed_out = IntCounterVec::new(
+            Opts::new(
+                "keygate_connections_timed_out_total",
+                "Connections keygate closed, by listener and kind (head: no complete request head within server.header_read_timeout; idle: no request for server.idle_timeout).",
+            ),
+            &["listener", "kind"],
+        )
+        .expect("valid metric");
+        let listener = |name: &str| ListenerMetrics {
+            open: connections.with_label_values(&[name]),
+            refused: refused.with_label_values(&[name]),
+            accept_errors: accept_errors.with_label_values(&[name]),
+            timed_out_head: timed_out.with_label_values(&[name, "head"]),
+            timed_out_idle: timed_out.with_label_values(&[name, "idle"]),
+        };
+        let removed = IntCounterVec::new(
+            Opts::new(
+                "keygate_request_headers_removed_total",
+                "Client request headers removed before forwarding, by kind (identity: in keygate's identity namespace, in any spelling; underscore: other names with '_', per server.headers_with_underscores; method_override: X-HTTP-Method-Override and its kin).",
+            ),
+            &["kind"],
         )
         .expect("valid metric");
 
@@ -294,8 +340,8 @@ impl Metrics {
                 "keygate_stale_fills_total",
                 "Cached verdicts discarded because an invalidation arrived while they were being filled.",
             ),
-            proxy_connections: connections.with_label_values(&["proxy"]),
-            admin_connections: connections.with_label_values(&["admin"]),
+            proxy_listener: listener("proxy"),
+            admin_listener: listener("admin"),
             removed_identity: removed.with_label_values(&["identity"]),
             removed_underscore: removed.with_label_values(&["underscore"]),
             removed_method_override: removed.with_label_values(&["method_override"]),
@@ -321,6 +367,9 @@ impl Metrics {
         register(Box::new(upstream_retries));
         register(Box::new(evictions));
         register(Box::new(connections));
+        register(Box::new(refused));
+        register(Box::new(accept_errors));
+        register(Box::new(timed_out));
         register(Box::new(removed));
         register(Box::new(m.store_latency.clone()));
         for c in [
