@@ -143,6 +143,9 @@ pub struct Metrics {
     pub proxy_listener: ListenerMetrics,
     /// The admin listener's connections.
     pub admin_listener: ListenerMetrics,
+    /// Requests the client gave up on before keygate answered (closed the connection, reset
+    /// the stream).
+    pub requests_abandoned: IntCounter,
     /// Client headers in the identity namespace (in any spelling) removed before forwarding.
     pub removed_identity: IntCounter,
     /// Other client headers with `_` in their names removed before forwarding.
@@ -342,6 +345,10 @@ impl Metrics {
             ),
             proxy_listener: listener("proxy"),
             admin_listener: listener("admin"),
+            requests_abandoned: counter(
+                "keygate_requests_abandoned_total",
+                "Requests the client gave up on before keygate answered: it closed the connection or reset the HTTP/2 stream while keygate waited for the store or the upstream.",
+            ),
             removed_identity: removed.with_label_values(&["identity"]),
             removed_underscore: removed.with_label_values(&["underscore"]),
             removed_method_override: removed.with_label_values(&["method_override"]),
@@ -384,6 +391,7 @@ impl Metrics {
             &m.stale_fills,
             &m.last_used_dropped,
             &m.last_used_errors,
+            &m.requests_abandoned,
         ] {
             register(Box::new(c.clone()));
         }

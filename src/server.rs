@@ -27,6 +27,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use prometheus::IntCounter;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
@@ -194,9 +195,22 @@ impl Peer {
 /// The `route` label and log field of requests that matched no route.
 const UNROUTED: &str = "-";
 
+/// Counts a request whose handling is dropped before it was answered: hyper drops it when the
+/// client closes the connection or resets the stream meanwhile.
+struct Unanswered<'a>(Option<&'a IntCounter>);
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let Some(abandoned) = self.0 {
+            abandoned.inc();
+        }
+    }
+}
+
 /// The request path.
 pub async fn handle(app: &App, mut req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
     let started = Instant::now();
+    let mut unanswered = Unanswered(Some(&app.metrics.requests_abandoned));
     let request_id = proxy::client_request_id(req.headers())
         .cloned()
         .unwrap_or_else(proxy::new_request_id);
@@ -315,6 +329,7 @@ pub async fn handle(app: &App, mut req: Request<Incoming>, peer: &Peer) -> Respo
             upstream_us = upstream_time.map(|t| t.as_micros() as u64),
         );
     }
+    unanswered.0 = None;
     resp
 }
 

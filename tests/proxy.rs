@@ -621,3 +621,72 @@ async fn an_upload_cut_short_by_the_client_is_a_client_error() {
         assert_eq!(m.get(&series), 0.0, "{series}");
     }
 }
+
+/// Over HTTP/2: a client that resets its stream mid-upload is the client's failure too.
+#[tokio::test]
+async fn an_http2_upload_reset_by_the_client_is_a_client_error() {
+    use bytes::Bytes;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+
+    let r = rig().await;
+    let key = create_key(&*r.store, "acme", "admin").await;
+    let stream = tokio::net::TcpStream::connect(r.keygate.proxy)
+        .await
+        .unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // A first chunk, then the body fails: hyper's client resets the stream.
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let frames = futures_util::stream::unfold(Some(rx), |rx| async move {
+        let rx = rx?;
+        Some(match rx.await {
+            Ok(()) => (Ok(Frame::data(Bytes::from_static(b"first"))), None),
+            Err(_) => (Err(std::io::Error::other("gone")), None),
+        })
+    });
+    let frames = Box::pin(futures_util::StreamExt::chain(
+        frames,
+        futures_util::stream::once(async { Err(std::io::Error::other("client gave up")) }),
+    ));
+    let req = http::Request::post(r.keygate.url("/upload"))
+        .header("authorization", format!("Bearer {}", key.secret.expose()))
+        .body(StreamBody::new(frames))
+        .unwrap();
+    let sent = tokio::spawn(async move { h2.send_request(req).await });
+    tx.send(()).unwrap();
+    let answer = within(Duration::from_secs(5), "the stream ends", sent)
+        .await
+        .unwrap();
+    assert!(
+        answer.is_err(),
+        "the client reset its own stream: {answer:?}"
+    );
+    // hyper drops a reset stream's request: nothing can be answered, and it is counted as
+    // abandoned by the client, never against the upstream.
+    let keygate = &r.keygate;
+    eventually(
+        Duration::from_secs(5),
+        "the abandoned request is counted",
+        || async move {
+            keygate
+                .scrape()
+                .await
+                .get("keygate_requests_abandoned_total")
+                == 1.0
+        },
+    )
+    .await;
+    let m = r.keygate.scrape().await;
+    assert_eq!(
+        m.get("keygate_auth_decisions_total{outcome=\"upstream_unavailable\"}"),
+        0.0
+    );
+    let unavailable = "keygate_upstream_errors_total{kind=\"unavailable\",route=\"default\"}";
+    assert_eq!(m.get(unavailable), 0.0);
+}
