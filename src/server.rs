@@ -195,13 +195,20 @@ impl Peer {
 /// The `route` label and log field of requests that matched no route.
 const UNROUTED: &str = "-";
 
-/// Counts a request whose handling is dropped before it was answered: hyper drops it when the
-/// client closes the connection or resets the stream meanwhile.
-struct Unanswered<'a>(Option<&'a IntCounter>);
+/// A request hyper handed over, counted as abandoned unless it is answered: hyper drops a
+/// request's handling when the client closes the connection or resets the stream first (even
+/// before [`handle`] has run at all, for a stream reset as soon as it was opened).
+struct Unanswered(Option<IntCounter>);
 
-impl Drop for Unanswered<'_> {
+impl Unanswered {
+    fn answered(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unanswered {
     fn drop(&mut self) {
-        if let Some(abandoned) = self.0 {
+        if let Some(abandoned) = &self.0 {
             abandoned.inc();
         }
     }
@@ -210,7 +217,6 @@ impl Drop for Unanswered<'_> {
 /// The request path.
 pub async fn handle(app: &App, mut req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
     let started = Instant::now();
-    let mut unanswered = Unanswered(Some(&app.metrics.requests_abandoned));
     let request_id = proxy::client_request_id(req.headers())
         .cloned()
         .unwrap_or_else(proxy::new_request_id);
@@ -329,7 +335,6 @@ pub async fn handle(app: &App, mut req: Request<Incoming>, peer: &Peer) -> Respo
             upstream_us = upstream_time.map(|t| t.as_micros() as u64),
         );
     }
-    unanswered.0 = None;
     resp
 }
 
@@ -730,8 +735,10 @@ fn proxy_worker(
             service_fn(move |req: Request<Incoming>| {
                 let (app, peer) = (app.clone(), peer.clone());
                 let in_flight = activity.begin(req.version());
+                let unanswered = Unanswered(Some(app.metrics.requests_abandoned.clone()));
                 async move {
                     let resp = handle(&app, req, &peer).await;
+                    unanswered.answered();
                     Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, in_flight)))
                 }
             })
