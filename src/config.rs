@@ -784,6 +784,14 @@ fn typed_value(
             .parse::<bool>()
             .map(toml::Value::Boolean)
             .map_err(|_| format!("{raw:?} is not true or false")),
+        // Lists, e.g. `KEYGATE__SERVER__TRUSTED_PROXIES=10.0.0.0/8,fd00::/8`.
+        Some(toml::Value::Array(_)) => Ok(toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty())
+                .map(|item| toml::Value::String(item.to_owned()))
+                .collect(),
+        )),
         // Strings, and optional settings that default to unset.
         _ => Ok(toml::Value::String(raw.to_owned())),
     }
@@ -1193,6 +1201,11 @@ mod tests {
         c.server.trusted_proxies = vec!["10.0.0.0/8".into(), "10.1.0.0/8".into()];
         let err = c.serve_settings().unwrap_err().to_string();
         assert!(err.starts_with("server.trusted_proxies[1]"), "{err}");
+
+        // From the environment: a comma-separated list.
+        let env = env(&[("KEYGATE__SERVER__TRUSTED_PROXIES", "10.0.0.0/8, fd00::/8")]);
+        let c = Config::load(None, env, &[]).unwrap();
+        assert_eq!(c.server.trusted_proxies, ["10.0.0.0/8", "fd00::/8"]);
     }
 
     #[test]
