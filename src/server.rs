@@ -130,16 +130,6 @@ impl State {
         }
         reasons
     }
-
-    /// The proxy listener's cap on open connections.
-    pub fn max_connections(&self) -> usize {
-        self.proxy_cap.max()
-    }
-
-    /// The admin listener's cap on open connections.
-    pub fn admin_max_connections(&self) -> usize {
-        self.admin_cap.max()
-    }
 }
 
 /// Where a matched route sends its requests, and the route's metric series.
