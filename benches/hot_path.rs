@@ -15,11 +15,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use keygate::auth::bearer_token;
+use keygate::config::UnderscoreHeaders;
 use keygate::config::{CacheSettings, Config, IdentitySettings};
 use keygate::key::{generate, KeyDigest, KeyKind, Token};
 use keygate::metrics::Metrics;
 use keygate::policy::authorize;
-use keygate::proxy::{rewrite_request_headers, Forwarded};
+use keygate::proxy::{rewrite_request_headers, scan_request_headers, Forwarded};
 use keygate::route::normalize;
 use keygate::server::Server;
 use keygate::store::{KeyRecord, Store};
@@ -113,6 +114,7 @@ fn hot_path(c: &mut Criterion) {
         b.iter_batched_ref(
             || client_headers.clone(),
             |h| {
+                let scan = scan_request_headers(h, &ids.prefix, UnderscoreHeaders::Drop);
                 rewrite_request_headers(
                     h,
                     Some(&identity),
@@ -120,9 +122,12 @@ fn hot_path(c: &mut Criterion) {
                     &upstream,
                     &Forwarded {
                         client_ip: &client_ip,
+                        trusted: false,
                         proto: "http",
                         host: Some(HeaderValue::from_static("api.example.com")),
                         request_id: &request_id,
+                        scan,
+                        tenant_header: None,
                     },
                 )
             },
@@ -167,7 +172,7 @@ fn routing(c: &mut Criterion) {
         b.iter(|| {
             let path = normalize(black_box("/tenants/acme/orders/42")).unwrap();
             let route = routes.find(host, &path, &http::Method::GET).unwrap();
-            let tenant = route.tenant(&path, &headers);
+            let tenant = route.tenant(&path, &headers, false);
             authorize(route, &identity, &http::Method::GET, tenant).unwrap()
         })
     });

@@ -53,14 +53,16 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> 
     }
 }
 
-/// Ready when not draining, the store answers, the invalidation subscription is up and the
-/// upstream accepts connections (unless `upstream.readiness_check` is off); the body says why
-/// not. Liveness (`/healthz`) depends on none of these: only on the process answering.
+/// Ready when not draining, the listeners have neither refused a connection at the cap nor
+/// failed an accept in the last few seconds, the store answers, the invalidation subscription
+/// is up and the upstream accepts connections (unless `upstream.readiness_check` is off); the
+/// body says why not. Liveness (`/healthz`) depends on none of these: only on the process answering.
 async fn readiness(app: &App) -> Response<Full<Bytes>> {
     let mut reasons: Vec<String> = Vec::new();
     if app.state.draining() {
         reasons.push("draining: shutting down".into());
     }
+    reasons.extend(app.state.connection_trouble());
     if let Some(down) = app.verifier.unsubscribed_for() {
         reasons.push(format!(
             "subscription: invalidation subscription down for {:.1}s",

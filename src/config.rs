@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -365,13 +365,26 @@ pub struct ServerConfig {
     pub admin_listen: String,
     /// How long in-flight requests may run after SIGTERM/SIGINT.
     pub shutdown_grace: String,
-    /// Time a client has to send a request's headers.
+    /// Time a client has to send a complete request head: the first from accept (protocol
+    /// detection included), later ones on HTTP/1.1 from their first byte.
     pub header_read_timeout: String,
+    /// A connection with no request in flight is closed after this long.
+    pub idle_timeout: String,
+    /// Most open client connections on the proxy listener (all workers together); 0: derived
+    /// from the process's file descriptor limit.
+    pub max_connections: usize,
+    /// Most open connections on the admin listener, apart from the proxy's, so probes still
+    /// answer when the proxy listener is full.
+    pub admin_max_connections: usize,
     /// Largest request head (request line plus headers) accepted, in bytes.
     pub max_header_bytes: usize,
     /// Proxy worker threads, each with its own event loop and upstream connections; 0 for
     /// one per CPU.
     pub workers: usize,
+    /// What to do with request headers whose names contain `_`: `drop`, `reject` or `allow`.
+    pub headers_with_underscores: String,
+    /// Peers (IP addresses or CIDR ranges) whose `X-Forwarded-*` headers are kept.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -381,8 +394,13 @@ impl Default for ServerConfig {
             admin_listen: "127.0.0.1:9090".into(),
             shutdown_grace: "30s".into(),
             header_read_timeout: "10s".into(),
+            idle_timeout: "75s".into(),
+            max_connections: 0,
+            admin_max_connections: 64,
             max_header_bytes: 16 * 1024,
             workers: 0,
+            headers_with_underscores: "drop".into(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -640,6 +658,44 @@ impl Config {
             "server.header_read_timeout",
             &s.header_read_timeout,
         ));
+        let idle_timeout = c.ok(nonzero("server.idle_timeout", &s.idle_timeout));
+        let max_connections = c.ok(bounded(
+            "server.max_connections",
+            s.max_connections,
+            0,
+            1 << 24,
+        ));
+        let admin_max_connections = c.ok(bounded(
+            "server.admin_max_connections",
+            s.admin_max_connections,
+            1,
+            1 << 16,
+        ));
+        let headers_with_underscores = c.ok(UnderscoreHeaders::parse(&s.headers_with_underscores)
+            .ok_or_else(|| {
+                field_err(
+                    "server.headers_with_underscores",
+                    format!(
+                        "{:?}: expected \"drop\", \"reject\" or \"allow\"",
+                        s.headers_with_underscores
+                    ),
+                )
+            }));
+        let trusted_proxies = c.ok(s
+            .trusted_proxies
+            .iter()
+            .enumerate()
+            .map(|(i, net)| {
+                IpNet::parse(net).ok_or_else(|| {
+                    field_err(
+                        &format!("server.trusted_proxies[{i}]"),
+                        format!(
+                            "{net:?} is not an IP address or CIDR range like 10.0.0.0/8 or fd00::/8"
+                        ),
+                    )
+                })
+            })
+            .collect::<Result<Box<[IpNet]>, _>>());
         let max_header_bytes = c.ok(bounded(
             "server.max_header_bytes",
             s.max_header_bytes,
@@ -692,8 +748,13 @@ impl Config {
                 admin_listen: admin_listen?,
                 shutdown_grace: shutdown_grace?,
                 header_read_timeout: header_read_timeout?,
+                idle_timeout: idle_timeout?,
+                max_connections: max_connections?,
+                admin_max_connections: admin_max_connections?,
                 max_header_bytes: max_header_bytes?,
                 workers: workers?,
+                headers_with_underscores: headers_with_underscores?,
+                trusted_proxies: trusted_proxies?,
                 upstream: upstream?,
                 routes: routes?,
                 roles: roles?,
@@ -1019,6 +1080,14 @@ fn typed_value(
             .parse::<bool>()
             .map(toml::Value::Boolean)
             .map_err(|_| format!("{raw:?} is not true or false")),
+        // Lists, e.g. `KEYGATE__SERVER__TRUSTED_PROXIES=10.0.0.0/8,fd00::/8`.
+        Some(toml::Value::Array(_)) => Ok(toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty())
+                .map(|item| toml::Value::String(item.to_owned()))
+                .collect(),
+        )),
         // Strings, and optional settings that default to unset.
         _ => Ok(toml::Value::String(raw.to_owned())),
     }
@@ -1096,12 +1165,22 @@ pub struct Settings {
     pub admin_listen: SocketAddr,
     /// Drain deadline on shutdown.
     pub shutdown_grace: Duration,
-    /// Header read timeout per connection.
+    /// Time to a complete request head (from accept for the first request).
     pub header_read_timeout: Duration,
+    /// Idle connections are closed after this long.
+    pub idle_timeout: Duration,
+    /// Most open proxy connections; 0: derived from the descriptor limit at start.
+    pub max_connections: usize,
+    /// Most open admin connections.
+    pub admin_max_connections: usize,
     /// Largest request head in bytes.
     pub max_header_bytes: usize,
     /// Proxy worker threads (resolved: at least 1).
     pub workers: usize,
+    /// What happens to request headers whose names contain `_`.
+    pub headers_with_underscores: UnderscoreHeaders,
+    /// Peers whose `X-Forwarded-*` headers are kept (and appended to).
+    pub trusted_proxies: Box<[IpNet]>,
     /// The default upstream (`upstream.url`), if set.
     pub upstream: Option<UpstreamSettings>,
     /// The route table (the default upstream is its last, catch-all route).
@@ -1120,6 +1199,86 @@ pub struct Settings {
     pub operator_tenant: String,
     /// How often a key's last use is recorded.
     pub last_used_interval: Duration,
+}
+
+/// What keygate does with a client header whose name contains `_`. Upstreams that map header
+/// names to CGI variables (Python WSGI, PHP, Rack: `X_Tenant` and `X-Tenant` are both
+/// `HTTP_X_TENANT`) cannot tell such a name from the one with `-`, so whatever the choice, a
+/// name that reads like one keygate sets or decides on is never passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnderscoreHeaders {
+    /// Removed before forwarding (nginx's default).
+    Drop,
+    /// The request is refused with `400 invalid_header`.
+    Reject,
+    /// Forwarded, except names that read like a header keygate sets, strips or decides on.
+    Allow,
+}
+
+impl UnderscoreHeaders {
+    fn parse(v: &str) -> Option<Self> {
+        match v {
+            "drop" => Some(UnderscoreHeaders::Drop),
+            "reject" => Some(UnderscoreHeaders::Reject),
+            "allow" => Some(UnderscoreHeaders::Allow),
+            _ => None,
+        }
+    }
+}
+
+/// An IP network: an address and how many leading bits of it a peer must share (a CIDR range
+/// like `10.0.0.0/8`; a bare address is a range of one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    /// Parses `10.0.0.0/8`, `fd00::/8` or a bare address. The address must be the network's
+    /// first (`10.1.0.0/8` is refused: it reads like a typo for `/16`).
+    pub fn parse(v: &str) -> Option<IpNet> {
+        let (addr, prefix) = match v.split_once('/') {
+            Some((a, p)) => (a.parse::<IpAddr>().ok()?, Some(p)),
+            None => (v.parse::<IpAddr>().ok()?, None),
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => p.parse().ok()?,
+            Some(_) => return None,
+            None => max,
+        };
+        if prefix > max {
+            return None;
+        }
+        let net = IpNet { addr, prefix };
+        (net.masked(addr) == Self::bits(addr)).then_some(net)
+    }
+
+    fn bits(ip: IpAddr) -> u128 {
+        match ip {
+            IpAddr::V4(v4) => u32::from(v4).into(),
+            IpAddr::V6(v6) => u128::from(v6),
+        }
+    }
+
+    /// `ip`'s bits with everything past the prefix cleared.
+    fn masked(&self, ip: IpAddr) -> u128 {
+        let width: u32 = if ip.is_ipv4() { 32 } else { 128 };
+        let host_bits = width - u32::from(self.prefix);
+        if host_bits >= 128 {
+            0
+        } else {
+            (Self::bits(ip) >> host_bits) << host_bits
+        }
+    }
+
+    /// Whether `ip` is in the network (an IPv4 address in IPv6 form, `::ffff:10.0.0.1`, counts
+    /// as the IPv4 address).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_ipv4() == self.addr.is_ipv4() && self.masked(ip) == Self::bits(self.addr)
+    }
 }
 
 /// Which store to use.
@@ -1244,6 +1403,12 @@ impl IdentitySettings {
         if prefix.len() < 2 || prefix.len() > 64 {
             return Err(field_err(f, "must be 2 to 64 characters"));
         }
+        if prefix.contains('_') {
+            return Err(field_err(
+                f,
+                format!("{prefix:?}: write it with '-' (keygate reads '_' in header names as '-')"),
+            ));
+        }
         let name = |suffix: &str| {
             HeaderName::from_bytes(format!("{prefix}{suffix}").as_bytes())
                 .map_err(|_| field_err(f, format!("{prefix:?} is not a header name prefix")))
@@ -1281,6 +1446,64 @@ mod tests {
         c.server.workers = 5000;
         let err = c.serve_settings().unwrap_err().to_string();
         assert!(err.starts_with("server.workers"), "{err}");
+    }
+
+    #[test]
+    fn header_policies_are_validated_with_their_field() {
+        let mut c = Config::default();
+        c.upstream.url = Some("http://127.0.0.1:3000".into());
+        let s = c.serve_settings().unwrap();
+        assert_eq!(s.headers_with_underscores, UnderscoreHeaders::Drop);
+        c.server.headers_with_underscores = "reject".into();
+        let s = c.serve_settings().unwrap();
+        assert_eq!(s.headers_with_underscores, UnderscoreHeaders::Reject);
+        c.server.headers_with_underscores = "ignore".into();
+        let err = c.serve_settings().unwrap_err().to_string();
+        assert!(err.starts_with("server.headers_with_underscores"), "{err}");
+        c.server.headers_with_underscores = "allow".into();
+        c.identity.header_prefix = "x_auth_".into();
+        let err = c.serve_settings().unwrap_err().to_string();
+        assert!(err.starts_with("identity.header_prefix"), "{err}");
+    }
+
+    #[test]
+    fn trusted_proxies_are_ip_networks() {
+        let net = |v: &str| IpNet::parse(v).unwrap_or_else(|| panic!("{v}"));
+        let ip = |v: &str| v.parse::<IpAddr>().unwrap();
+        assert!(net("10.0.0.0/8").contains(ip("10.255.1.2")));
+        assert!(!net("10.0.0.0/8").contains(ip("11.0.0.1")));
+        assert!(net("10.0.0.0/8").contains(ip("::ffff:10.0.0.1")));
+        assert!(net("192.0.2.7").contains(ip("192.0.2.7")));
+        assert!(!net("192.0.2.7").contains(ip("192.0.2.8")));
+        assert!(net("0.0.0.0/0").contains(ip("203.0.113.1")));
+        assert!(!net("0.0.0.0/0").contains(ip("2001:db8::1")));
+        assert!(net("fd00::/8").contains(ip("fd12::1")));
+        assert!(!net("fd00::/8").contains(ip("fe80::1")));
+        assert!(net("::/0").contains(ip("2001:db8::1")));
+        assert!(net("2001:db8::1").contains(ip("2001:db8::1")));
+        assert!(net("172.16.0.0/12").contains(ip("172.31.255.255")));
+        assert!(!net("172.16.0.0/12").contains(ip("172.32.0.0")));
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "10.1.0.0/8",
+            "10.0.0.0/",
+            "10.0.0.0/+8",
+            "host",
+            "fd00::/129",
+        ] {
+            assert!(IpNet::parse(bad).is_none(), "{bad}");
+        }
+        let mut c = Config::default();
+        c.upstream.url = Some("http://127.0.0.1:3000".into());
+        c.server.trusted_proxies = vec!["10.0.0.0/8".into(), "10.1.0.0/8".into()];
+        let err = c.serve_settings().unwrap_err().to_string();
+        assert!(err.starts_with("server.trusted_proxies[1]"), "{err}");
+
+        // From the environment: a comma-separated list.
+        let env = env(&[("KEYGATE__SERVER__TRUSTED_PROXIES", "10.0.0.0/8, fd00::/8")]);
+        let c = Config::load(None, env, &[]).unwrap();
+        assert_eq!(c.server.trusted_proxies, ["10.0.0.0/8", "fd00::/8"]);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use prometheus::{
 use crate::rejection::Rejection;
 
 /// Every `outcome` label value of `keygate_auth_decisions_total`.
-pub const OUTCOMES: [&str; 12] = [
+pub const OUTCOMES: [&str; 15] = [
     "allowed",
     "missing_credentials",
     "invalid_request",
@@ -26,6 +26,9 @@ pub const OUTCOMES: [&str; 12] = [
     "upstream_timeout",
     "invalid_path",
     "no_route",
+    "invalid_body",
+    "invalid_header",
+    "invalid_host",
 ];
 
 /// The `status_class` label values, indexed by the status code's first digit minus one.
@@ -84,6 +87,21 @@ pub struct PoolMetrics {
     pub retried: IntCounter,
 }
 
+/// One listener's connection series.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    /// Open connections.
+    pub open: IntGauge,
+    /// Connections refused at the listener's cap.
+    pub refused: IntCounter,
+    /// Failed accepts (e.g. out of file descriptors).
+    pub accept_errors: IntCounter,
+    /// Connections closed for sending no complete request head in time.
+    pub timed_out_head: IntCounter,
+    /// Connections closed for being idle too long.
+    pub timed_out_idle: IntCounter,
+}
+
 /// The process's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -121,10 +139,19 @@ pub struct Metrics {
     pub unsynced_lookups: IntCounter,
     /// Cached verdicts discarded because an invalidation raced their fill.
     pub stale_fills: IntCounter,
-    /// Open client connections on the proxy listener.
-    pub proxy_connections: IntGauge,
-    /// Open connections on the admin listener.
-    pub admin_connections: IntGauge,
+    /// The proxy listener's connections.
+    pub proxy_listener: ListenerMetrics,
+    /// The admin listener's connections.
+    pub admin_listener: ListenerMetrics,
+    /// Requests the client gave up on before keygate answered (closed the connection, reset
+    /// the stream).
+    pub requests_abandoned: IntCounter,
+    /// Client headers in the identity namespace (in any spelling) removed before forwarding.
+    pub removed_identity: IntCounter,
+    /// Other client headers with `_` in their names removed before forwarding.
+    pub removed_underscore: IntCounter,
+    /// Method-override headers removed before forwarding.
+    pub removed_method_override: IntCounter,
     /// Last-used notes dropped because the flusher's queue was full.
     pub last_used_dropped: IntCounter,
     /// Batches of last-used times the store failed to record.
@@ -219,6 +246,45 @@ impl Metrics {
             &["listener"],
         )
         .expect("valid metric");
+        let refused = IntCounterVec::new(
+            Opts::new(
+                "keygate_connections_refused_total",
+                "Connections closed at once because the listener had server.max_connections (proxy) or server.admin_max_connections (admin) open, by listener.",
+            ),
+            &["listener"],
+        )
+        .expect("valid metric");
+        let accept_errors = IntCounterVec::new(
+            Opts::new(
+                "keygate_accept_errors_total",
+                "Failed accepts, by listener (e.g. out of file descriptors: EMFILE, ENFILE).",
+            ),
+            &["listener"],
+        )
+        .expect("valid metric");
+        let timed_out = IntCounterVec::new(
+            Opts::new(
+                "keygate_connections_timed_out_total",
+                "Connections keygate closed, by listener and kind (head: no complete request head within server.header_read_timeout; idle: no request for server.idle_timeout).",
+            ),
+            &["listener", "kind"],
+        )
+        .expect("valid metric");
+        let listener = |name: &str| ListenerMetrics {
+            open: connections.with_label_values(&[name]),
+            refused: refused.with_label_values(&[name]),
+            accept_errors: accept_errors.with_label_values(&[name]),
+            timed_out_head: timed_out.with_label_values(&[name, "head"]),
+            timed_out_idle: timed_out.with_label_values(&[name, "idle"]),
+        };
+        let removed = IntCounterVec::new(
+            Opts::new(
+                "keygate_request_headers_removed_total",
+                "Client request headers removed before forwarding, by kind (identity: in keygate's identity namespace, in any spelling; underscore: other names with '_', per server.headers_with_underscores; method_override: X-HTTP-Method-Override and its kin).",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
 
         let m = Metrics {
             decisions: OUTCOMES
@@ -277,8 +343,15 @@ impl Metrics {
                 "keygate_stale_fills_total",
                 "Cached verdicts discarded because an invalidation arrived while they were being filled.",
             ),
-            proxy_connections: connections.with_label_values(&["proxy"]),
-            admin_connections: connections.with_label_values(&["admin"]),
+            proxy_listener: listener("proxy"),
+            admin_listener: listener("admin"),
+            requests_abandoned: counter(
+                "keygate_requests_abandoned_total",
+                "Requests the client gave up on before keygate answered: it closed the connection or reset the HTTP/2 stream while keygate waited for the store or the upstream.",
+            ),
+            removed_identity: removed.with_label_values(&["identity"]),
+            removed_underscore: removed.with_label_values(&["underscore"]),
+            removed_method_override: removed.with_label_values(&["method_override"]),
             last_used_dropped: counter(
                 "keygate_last_used_dropped_total",
                 "Last-used notes dropped because the flusher's queue was full.",
@@ -301,6 +374,10 @@ impl Metrics {
         register(Box::new(upstream_retries));
         register(Box::new(evictions));
         register(Box::new(connections));
+        register(Box::new(refused));
+        register(Box::new(accept_errors));
+        register(Box::new(timed_out));
+        register(Box::new(removed));
         register(Box::new(m.store_latency.clone()));
         for c in [
             &m.cache_hits,
@@ -314,6 +391,7 @@ impl Metrics {
             &m.stale_fills,
             &m.last_used_dropped,
             &m.last_used_errors,
+            &m.requests_abandoned,
         ] {
             register(Box::new(c.clone()));
         }
@@ -332,6 +410,19 @@ impl Metrics {
         // OUTCOMES is small; a linear scan of static strings beats hashing.
         if let Some(i) = OUTCOMES.iter().position(|o| *o == label) {
             self.decisions[i].inc();
+        }
+    }
+
+    /// Counts client headers removed before forwarding, by kind.
+    pub fn headers_removed(&self, identity: u32, underscore: u32, method_override: u32) {
+        for (counter, n) in [
+            (&self.removed_identity, identity),
+            (&self.removed_underscore, underscore),
+            (&self.removed_method_override, method_override),
+        ] {
+            if n > 0 {
+                counter.inc_by(n.into());
+            }
         }
     }
 

@@ -2,13 +2,18 @@
 //! worker's connection pool, streaming bodies both ways.
 //!
 //! Header rules, in this order (the order is what makes them safe):
-//! 1. hop-by-hop headers go, with every header the client named in `Connection`;
-//! 2. `Authorization` goes (unless configured to be forwarded);
-//! 3. every client header with the identity prefix goes;
-//! 4. keygate's identity headers, `X-Forwarded-*`, `Host` and the request id are set.
+//! 1. one pass over the names ([`scan_request_headers`]) finds what the rules below have to
+//!    do, so a request that needs none of them costs that pass and nothing else;
+//! 2. hop-by-hop headers go, with every header the client named in `Connection`;
+//! 3. `Authorization` goes (unless configured to be forwarded);
+//! 4. every client header with the identity prefix goes, and so do names with `_` (unless
+//!    allowed), read as upstreams that map names to CGI variables read them: `x_keygate_tenant`
+//!    is `HTTP_X_KEYGATE_TENANT`, the same as `x-keygate-tenant`;
+//! 5. keygate's identity headers, the tenant header the decision was made on,
+//!    `X-Forwarded-*`, `Host` and the request id are set.
 //!
-//! Because step 4 comes last, no client header (not even `Connection: x-keygate-tenant`) can
-//! remove or replace an identity header keygate adds.
+//! Because step 5 comes last, no client header (not even `Connection: x-keygate-tenant` or
+//! `Connection: x-tenant`) can remove or replace a header keygate adds or decided on.
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,9 +29,10 @@ use hyper::body::{Body, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::connect::HttpConnector;
 
-use crate::config::{IdentitySettings, UpstreamSettings};
+use crate::config::{IdentitySettings, UnderscoreHeaders, UpstreamSettings};
 use crate::metrics::PoolMetrics;
 use crate::rejection::Rejection;
+use crate::route::{same_header_name, starts_with_header_name};
 use crate::verify::{Identity, Part};
 
 /// `x-request-id`: kept from the client when sane, else generated; sent upstream and back.
@@ -52,37 +58,133 @@ fn hop_by_hop() -> [&'static HeaderName; 9] {
     ]
 }
 
-/// Removes hop-by-hop headers, including every header named in `Connection`.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the few names present finds which hop-by-hop headers to remove: cheaper
-    // than nine removals by hash, and most requests carry none.
+/// What one pass over a request's header names found: which hop-by-hop headers are present
+/// and which of the other rules have work to do. A few bits, nothing allocated.
+#[derive(Debug, Clone, Copy)]
+pub struct HeaderScan {
+    /// Bit `i`: `hop_by_hop()[i]` is present.
+    hop: u16,
+    found: u8,
+    underscores: UnderscoreHeaders,
+}
+
+/// A client header in the identity namespace (in any spelling).
+const IDENTITY: u8 = 1 << 0;
+/// A name with `_`.
+const UNDERSCORE: u8 = 1 << 1;
+/// A method-override header.
+const OVERRIDE: u8 = 1 << 2;
+/// `Forwarded` or `X-Real-IP`: a client address a peer asserts.
+const CLIENT_ADDRESS: u8 = 1 << 3;
+
+static X_HTTP_METHOD_OVERRIDE: HeaderName = HeaderName::from_static("x-http-method-override");
+static X_HTTP_METHOD: HeaderName = HeaderName::from_static("x-http-method");
+static X_METHOD_OVERRIDE: HeaderName = HeaderName::from_static("x-method-override");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// Headers with which a client asks upstreams that honour them to take a request as another
+/// method: a read-only key's `GET` would become a `DELETE` that keygate never authorised.
+/// They are always removed.
+fn method_overrides() -> [&'static HeaderName; 3] {
+    [&X_HTTP_METHOD_OVERRIDE, &X_HTTP_METHOD, &X_METHOD_OVERRIDE]
+}
+
+/// Headers in which a peer asserts a client address, besides `X-Forwarded-For`: kept from a
+/// trusted proxy, removed otherwise.
+fn client_addresses() -> [&'static HeaderName; 2] {
+    [&header::FORWARDED, &X_REAL_IP]
+}
+
+impl HeaderScan {
+    /// Whether some header name contains `_`.
+    pub fn underscores(&self) -> bool {
+        self.found & UNDERSCORE != 0
+    }
+
+    /// The refusal the request gets for its header names, if any.
+    pub fn refusal(&self) -> Option<Rejection> {
+        (self.underscores() && self.underscores == UnderscoreHeaders::Reject)
+            .then_some(Rejection::InvalidHeader)
+    }
+}
+
+/// One pass over the request's header names, under identity prefix `prefix` and the policy
+/// for names with `_`.
+pub fn scan_request_headers(
+    headers: &HeaderMap,
+    prefix: &str,
+    underscores: UnderscoreHeaders,
+) -> HeaderScan {
     let hop = hop_by_hop();
-    let mut present = [false; 9];
+    let mut scan = HeaderScan {
+        hop: 0,
+        found: 0,
+        underscores,
+    };
     for name in headers.keys() {
         if let Some(i) = hop.iter().position(|h| *h == name) {
-            present[i] = true;
+            scan.hop |= 1 << i;
+            continue;
+        }
+        let s = name.as_str();
+        if s.as_bytes().contains(&b'_') {
+            scan.found |= UNDERSCORE;
+        }
+        if starts_with_header_name(s, prefix) {
+            scan.found |= IDENTITY;
+        } else if method_overrides().contains(&name) {
+            scan.found |= OVERRIDE;
+        } else if client_addresses().contains(&name) {
+            scan.found |= CLIENT_ADDRESS;
         }
     }
-    if !present.contains(&true) {
+    scan
+}
+
+/// Removes hop-by-hop headers, including every header named in `Connection` (for a response:
+/// the request side goes through [`rewrite_request_headers`]).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the few names present finds which hop-by-hop headers to remove: cheaper
+    // than nine removals by hash, and most responses carry none but `Connection`.
+    let hop = hop_by_hop();
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = hop.iter().position(|h| *h == name) {
+            present |= 1 << i;
+        }
+    }
+    remove_hop_by_hop(headers, present);
+}
+
+/// Removes the hop-by-hop headers whose bits are set in `present`.
+fn remove_hop_by_hop(headers: &mut HeaderMap, present: u16) {
+    if present == 0 {
         return;
     }
+    let hop = hop_by_hop();
     // `hop[0]` is `Connection`. The names it lists are removed by reference: a token that
     // names no header present (`keep-alive`, `close`) costs a lookup, never an allocation.
-    if present[0] {
+    if present & 1 != 0 {
         let mut values = headers.get_all(CONNECTION).iter();
         let first = values.next().cloned();
         // Empty, so not allocated, unless `Connection` appears more than once.
         let more: Vec<HeaderValue> = values.cloned().collect();
         for value in first.iter().chain(&more) {
             for token in value.as_bytes().split(|&b| b == b',') {
-                if let Ok(name) = std::str::from_utf8(trim(token)) {
-                    headers.remove(name);
+                match std::str::from_utf8(trim(token)) {
+                    // The credential the decision was made on stays (when it is forwarded);
+                    // every other header keygate decides on is set again after this.
+                    Ok(name) if name.eq_ignore_ascii_case(AUTHORIZATION.as_str()) => {}
+                    Ok(name) => {
+                        headers.remove(name);
+                    }
+                    Err(_) => {}
                 }
             }
         }
     }
-    for (name, present) in hop.into_iter().zip(present) {
-        if present {
+    for (i, name) in hop.into_iter().enumerate() {
+        if present & (1 << i) != 0 {
             headers.remove(name);
         }
     }
@@ -98,43 +200,131 @@ fn trim(mut b: &[u8]) -> &[u8] {
     b
 }
 
-/// Removes every header whose name starts with the identity prefix.
-fn strip_identity(headers: &mut HeaderMap, prefix: &str) {
-    let spoofed = |n: &HeaderName| n.as_str().starts_with(prefix);
-    if headers.keys().any(spoofed) {
-        let names: Vec<HeaderName> = headers.keys().filter(|n| spoofed(n)).cloned().collect();
-        for name in names {
-            headers.remove(name);
-        }
+/// Names that, spelt with `_`, would read to a CGI-style upstream like a header keygate sets,
+/// strips or decides on; they are never forwarded, whatever `server.headers_with_underscores`
+/// says.
+const MANAGED: [&str; 13] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-request-id",
+    "x-real-ip",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "transfer-encoding",
+];
+
+/// Client headers removed by a rewrite, by kind (for `keygate_request_headers_removed_total`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Removed {
+    /// Names in the identity namespace, in any spelling.
+    pub identity: u32,
+    /// Other names with `_`.
+    pub underscore: u32,
+    /// Method-override headers.
+    pub method_override: u32,
+}
+
+/// Removes what the scan flagged: identity headers in any spelling, method overrides, client
+/// addresses asserted by an untrusted peer, and names with `_` (all of them, or under `allow`
+/// those that read like a managed header). Allocates only when something is to go.
+fn remove_flagged(
+    headers: &mut HeaderMap,
+    scan: &HeaderScan,
+    prefix: &str,
+    trusted: bool,
+) -> Removed {
+    let mut removed = Removed::default();
+    let mut wanted = IDENTITY | UNDERSCORE | OVERRIDE;
+    if !trusted {
+        wanted |= CLIENT_ADDRESS;
     }
+    if scan.found & wanted == 0 {
+        return removed;
+    }
+    let allow = scan.underscores == UnderscoreHeaders::Allow;
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| {
+            let s = n.as_str();
+            if starts_with_header_name(s, prefix) {
+                removed.identity += 1;
+                true
+            } else if method_overrides().contains(n) {
+                removed.method_override += 1;
+                true
+            } else if !trusted && client_addresses().contains(n) {
+                true
+            } else if s.contains('_') && (!allow || MANAGED.iter().any(|m| same_header_name(s, m)))
+            {
+                removed.underscore += 1;
+                true
+            } else {
+                false
+            }
+        })
+        .cloned()
+        .collect();
+    for name in doomed {
+        headers.remove(name);
+    }
+    removed
 }
 
 /// Per-request facts the rewrite needs besides the headers.
 pub struct Forwarded<'a> {
     /// The client's address, as a header value (made once per connection by [`ip_value`]).
     pub client_ip: &'a HeaderValue,
+    /// Whether the client is a trusted proxy (`server.trusted_proxies`), whose
+    /// `X-Forwarded-*`, `Forwarded` and `X-Real-IP` are kept.
+    pub trusted: bool,
     /// `http` or `https`, as the client spoke to keygate.
     pub proto: &'static str,
     /// The host the client asked for (`Host`, or the URI authority under HTTP/2).
     pub host: Option<HeaderValue>,
     /// The request id.
     pub request_id: &'a HeaderValue,
+    /// What [`scan_request_headers`] found in the request's names.
+    pub scan: HeaderScan,
+    /// The tenant header the route's decision was made on, with its value: it reaches the
+    /// upstream in the configured spelling and as decided, whatever the client did.
+    pub tenant_header: Option<(&'a HeaderName, HeaderValue)>,
 }
 
 /// Rewrites a request head for the upstream (see the module docs for the order). `identity` is
 /// `None` on an open route: client identity headers are still removed, none are added.
+/// Returns what it removed, for the metrics.
 pub fn rewrite_request_headers(
     headers: &mut HeaderMap,
     identity: Option<&Identity>,
     ids: &IdentitySettings,
     upstream: &UpstreamSettings,
     fwd: &Forwarded<'_>,
-) {
-    strip_hop_by_hop(headers);
+) -> Removed {
+    remove_hop_by_hop(headers, fwd.scan.hop);
     if !ids.forward_authorization {
         headers.remove(AUTHORIZATION);
     }
-    strip_identity(headers, &ids.prefix);
+    let removed = remove_flagged(headers, &fwd.scan, &ids.prefix, fwd.trusted);
+
+    if let Some((name, value)) = &fwd.tenant_header {
+        if fwd.scan.underscores() {
+            let spellings: Vec<HeaderName> = headers
+                .keys()
+                .filter(|n| same_header_name(n.as_str(), name.as_str()))
+                .cloned()
+                .collect();
+            for n in spellings {
+                headers.remove(n);
+            }
+        }
+        headers.insert((*name).clone(), value.clone());
+    }
 
     if let Some(identity) = identity {
         headers.insert(ids.key_id.clone(), identity.header(Part::KeyId));
@@ -147,21 +337,32 @@ pub fn rewrite_request_headers(
         );
     }
 
-    append_forwarded_for(headers, fwd.client_ip);
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(fwd.proto),
-    );
-    match &fwd.host {
-        Some(h) => headers.insert(X_FORWARDED_HOST.clone(), h.clone()),
-        None => headers.remove(&X_FORWARDED_HOST),
-    };
+    // A trusted proxy's view of the client is kept and the proxy appended as the last hop;
+    // anyone else's claims are replaced by what keygate saw.
+    if fwd.trusted {
+        append_forwarded_for(headers, fwd.client_ip);
+    } else {
+        headers.insert(X_FORWARDED_FOR.clone(), fwd.client_ip.clone());
+    }
+    if !(fwd.trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(fwd.proto),
+        );
+    }
+    if !(fwd.trusted && headers.contains_key(&X_FORWARDED_HOST)) {
+        match &fwd.host {
+            Some(h) => headers.insert(X_FORWARDED_HOST.clone(), h.clone()),
+            None => headers.remove(&X_FORWARDED_HOST),
+        };
+    }
     if !upstream.preserve_host || fwd.host.is_none() {
         headers.insert(HOST, upstream.host_header.clone());
     } else if let Some(h) = &fwd.host {
         headers.insert(HOST, h.clone());
     }
     headers.insert(X_REQUEST_ID.clone(), fwd.request_id.clone());
+    removed
 }
 
 /// A client address as an `X-Forwarded-For` value.
@@ -169,7 +370,8 @@ pub fn ip_value(ip: IpAddr) -> HeaderValue {
     HeaderValue::try_from(ip.to_string()).expect("an IP address is a valid header value")
 }
 
-/// Appends the client address to `X-Forwarded-For`, folding earlier values into one header.
+/// Appends the client address to `X-Forwarded-For` (from a trusted proxy), folding earlier
+/// values into one header.
 fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
     if !headers.contains_key(&X_FORWARDED_FOR) {
         // The common case, without formatting or allocating.
@@ -320,6 +522,15 @@ enum SendError {
     Connect(Box<dyn std::error::Error + Send + Sync>),
     #[error(transparent)]
     Http(#[from] hyper::Error),
+}
+
+/// Whether an exchange failed because of the client's request body (cut short, a bad chunk
+/// size, a reset stream) rather than the upstream. hyper's client reports a failure of the
+/// body it was given to send as a user error caused by that body's own error, which here is
+/// the error hyper's server met reading the client.
+fn client_body_failed(err: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    err.is_user() && err.source().is_some_and(|s| s.is::<hyper::Error>())
 }
 
 /// A request body sent upstream: the client's, or none when a request is sent again.
@@ -500,6 +711,10 @@ impl Upstream {
                 strip_hop_by_hop(resp.headers_mut());
                 Ok(resp)
             }
+            Ok(Err(SendError::Http(err))) if client_body_failed(&err) => {
+                tracing::debug!(error = %err, "the client's request body failed");
+                Err(Rejection::InvalidBody)
+            }
             Ok(Err(err)) => {
                 let connect = matches!(err, SendError::Connect(_));
                 tracing::warn!(error = %err, connect, "upstream request failed");
@@ -583,20 +798,121 @@ mod tests {
                 HeaderValue::from_str(v).unwrap(),
             );
         }
+        rewrite_with(&mut h, UnderscoreHeaders::Drop, false);
+        h
+    }
+
+    fn rewrite_with(h: &mut HeaderMap, underscores: UnderscoreHeaders, trusted: bool) -> Removed {
+        let ids = IdentitySettings::default();
         let rid = HeaderValue::from_static("rid-1");
+        let scan = scan_request_headers(h, &ids.prefix, underscores);
         rewrite_request_headers(
-            &mut h,
+            h,
             Some(&identity()),
-            &IdentitySettings::default(),
+            &ids,
             &upstream(),
             &Forwarded {
                 client_ip: &ip_value("192.0.2.7".parse().unwrap()),
+                trusted,
                 proto: "http",
                 host: Some(HeaderValue::from_static("api.example")),
                 request_id: &rid,
+                scan,
+                tenant_header: None,
+            },
+        )
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn identity_headers_in_any_spelling_are_removed_under_every_policy() {
+        for policy in [UnderscoreHeaders::Drop, UnderscoreHeaders::Allow] {
+            let mut h = headers(&[
+                ("x_keygate_tenant", "evil"),
+                ("x-keygate_role", "admin"),
+                ("x_keygate-subject", "root"),
+                ("x_forwarded_for", "10.9.9.9"),
+                ("x_custom", "1"),
+                ("x-custom", "2"),
+            ]);
+            let removed = rewrite_with(&mut h, policy, false);
+            let cgi: Vec<String> = h.keys().map(|k| k.as_str().replace('_', "-")).collect();
+            assert_eq!(h["x-keygate-tenant"], "acme", "{policy:?}");
+            assert_eq!(
+                cgi.iter().filter(|k| k.starts_with("x-keygate-")).count(),
+                5,
+                "{policy:?}: {cgi:?}"
+            );
+            assert_eq!(
+                cgi.iter().filter(|k| *k == "x-forwarded-for").count(),
+                1,
+                "{policy:?}: {cgi:?}"
+            );
+            assert_eq!(h["x-custom"], "2");
+            assert_eq!(removed.identity, 3, "{policy:?}");
+            let custom_kept = h.contains_key("x_custom");
+            assert_eq!(custom_kept, policy == UnderscoreHeaders::Allow);
+            assert_eq!(removed.underscore, if custom_kept { 1 } else { 2 });
+        }
+    }
+
+    #[test]
+    fn a_scan_without_matches_asks_for_nothing() {
+        let h = headers(&[("user-agent", "x"), ("accept", "*/*"), ("host", "a")]);
+        let scan = scan_request_headers(&h, "x-keygate-", UnderscoreHeaders::Reject);
+        assert_eq!((scan.hop, scan.found), (0, 0));
+        assert!(scan.refusal().is_none());
+        let h = headers(&[("a_b", "1")]);
+        let scan = scan_request_headers(&h, "x-keygate-", UnderscoreHeaders::Reject);
+        assert_eq!(scan.refusal(), Some(Rejection::InvalidHeader));
+    }
+
+    #[test]
+    fn the_tenant_header_is_set_as_decided_after_connection_tokens() {
+        let mut h = headers(&[
+            ("x-tenant", "acme"),
+            ("x_tenant", "acme"),
+            ("connection", "x-tenant, authorization"),
+            ("authorization", "Bearer k"),
+        ]);
+        let ids = IdentitySettings {
+            forward_authorization: true,
+            ..IdentitySettings::default()
+        };
+        let rid = HeaderValue::from_static("rid-1");
+        let name = HeaderName::from_static("x-tenant");
+        let scan = scan_request_headers(&h, &ids.prefix, UnderscoreHeaders::Allow);
+        rewrite_request_headers(
+            &mut h,
+            Some(&identity()),
+            &ids,
+            &upstream(),
+            &Forwarded {
+                client_ip: &ip_value("192.0.2.7".parse().unwrap()),
+                trusted: false,
+                proto: "http",
+                host: None,
+                request_id: &rid,
+                scan,
+                tenant_header: Some((&name, HeaderValue::from_static("acme"))),
             },
         );
-        h
+        assert_eq!(h.get_all("x-tenant").iter().count(), 1);
+        assert!(!h.contains_key("x_tenant"));
+        assert_eq!(
+            h["authorization"], "Bearer k",
+            "Connection cannot remove it"
+        );
     }
 
     #[test]
@@ -644,11 +960,32 @@ mod tests {
 
     #[test]
     fn forwarded_headers_are_set() {
-        let h = rewrite(&[
+        let claims = [
             ("x-forwarded-for", "198.51.100.1"),
+            ("x-forwarded-for", "198.51.100.2"),
             ("x-forwarded-proto", "https"),
-        ]);
-        assert_eq!(h["x-forwarded-for"], "198.51.100.1, 192.0.2.7");
+            ("x-forwarded-host", "claimed.example"),
+            ("forwarded", "for=198.51.100.1"),
+            ("x-real-ip", "198.51.100.1"),
+            ("x-http-method-override", "DELETE"),
+        ];
+        let mut trusted = headers(&claims);
+        let removed = rewrite_with(&mut trusted, UnderscoreHeaders::Drop, true);
+        assert_eq!(removed.method_override, 1);
+        assert_eq!(
+            trusted["x-forwarded-for"],
+            "198.51.100.1, 198.51.100.2, 192.0.2.7"
+        );
+        assert_eq!(trusted["x-forwarded-proto"], "https");
+        assert_eq!(trusted["x-forwarded-host"], "claimed.example");
+        assert_eq!(trusted["forwarded"], "for=198.51.100.1");
+        assert!(!trusted.contains_key("x-http-method-override"));
+
+        let h = rewrite(&claims);
+        assert_eq!(h["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert!(!h.contains_key("forwarded") && !h.contains_key("x-real-ip"));
+        assert!(!h.contains_key("x-http-method-override"));
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "api.example");
         assert_eq!(h[HOST], "10.0.0.1:3000");
@@ -660,6 +997,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-keygate-tenant", HeaderValue::from_static("evil"));
         let rid = HeaderValue::from_static("rid-1");
+        let scan = scan_request_headers(&h, "x-keygate-", UnderscoreHeaders::Drop);
         rewrite_request_headers(
             &mut h,
             None,
@@ -667,9 +1005,12 @@ mod tests {
             &upstream(),
             &Forwarded {
                 client_ip: &ip_value("192.0.2.7".parse().unwrap()),
+                trusted: false,
                 proto: "http",
                 host: None,
                 request_id: &rid,
+                scan,
+                tenant_header: None,
             },
         );
         assert!(h.keys().all(|k| !k.as_str().starts_with("x-keygate-")));

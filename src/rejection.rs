@@ -34,6 +34,14 @@ pub enum Rejection {
     InvalidPath,
     /// No route matches the request's host, path and method.
     NoRoute,
+    /// The client's request body ended before its declared end, or was malformed (a bad chunk
+    /// size, a reset stream): the client's failure, not the upstream's.
+    InvalidBody,
+    /// A header name contains `_` and `server.headers_with_underscores` is `reject`.
+    InvalidHeader,
+    /// More than one `Host`, an invalid one, none in HTTP/1.1, or an HTTP/2 `Host` that
+    /// differs from `:authority`.
+    InvalidHost,
 }
 
 const REALM: &str = "Bearer realm=\"keygate\"";
@@ -53,6 +61,9 @@ impl Rejection {
             Rejection::UpstreamTimeout => "upstream_timeout",
             Rejection::InvalidPath => "invalid_path",
             Rejection::NoRoute => "no_route",
+            Rejection::InvalidBody => "invalid_body",
+            Rejection::InvalidHeader => "invalid_header",
+            Rejection::InvalidHost => "invalid_host",
         }
     }
 
@@ -71,6 +82,9 @@ impl Rejection {
             Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Rejection::InvalidPath => StatusCode::BAD_REQUEST,
             Rejection::NoRoute => StatusCode::NOT_FOUND,
+            Rejection::InvalidBody | Rejection::InvalidHeader | Rejection::InvalidHost => {
+                StatusCode::BAD_REQUEST
+            }
         }
     }
 
@@ -111,6 +125,15 @@ impl Rejection {
             }
             Rejection::NoRoute => {
                 r#"{"error":"no_route","message":"no route matches this request"}"#
+            }
+            Rejection::InvalidBody => {
+                r#"{"error":"invalid_body","message":"the request body was cut short or malformed"}"#
+            }
+            Rejection::InvalidHeader => {
+                r#"{"error":"invalid_header","message":"header names with '_' are refused: spell them with '-'"}"#
+            }
+            Rejection::InvalidHost => {
+                r#"{"error":"invalid_host","message":"send exactly one valid Host header, naming the host of the request target"}"#
             }
         }
     }
@@ -158,7 +181,7 @@ impl Rejection {
 mod tests {
     use super::*;
 
-    const ALL: [Rejection; 12] = [
+    const ALL: [Rejection; 15] = [
         Rejection::MissingCredentials,
         Rejection::InvalidRequest,
         Rejection::MalformedKey,
@@ -171,6 +194,9 @@ mod tests {
         Rejection::UpstreamTimeout,
         Rejection::InvalidPath,
         Rejection::NoRoute,
+        Rejection::InvalidBody,
+        Rejection::InvalidHeader,
+        Rejection::InvalidHost,
     ];
 
     #[test]

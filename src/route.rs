@@ -16,7 +16,8 @@
 
 use std::borrow::Cow;
 
-use http::{HeaderMap, HeaderName, Method};
+use http::header::HOST;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version};
 
 use crate::rejection::Rejection;
 
@@ -271,6 +272,11 @@ impl TenantFrom {
     /// Parses `header:<name>` or a path template with exactly one `{tenant}` segment.
     pub fn parse(spec: &str) -> Result<TenantFrom, String> {
         if let Some(name) = spec.strip_prefix("header:") {
+            if name.contains('_') {
+                return Err(format!(
+                    "{name:?}: write it with '-' (keygate reads '_' in header names as '-')"
+                ));
+            }
             return HeaderName::from_bytes(name.trim().as_bytes())
                 .map(TenantFrom::Header)
                 .map_err(|_| format!("{name:?} is not a header name"));
@@ -406,15 +412,19 @@ impl<U> Route<U> {
     /// The tenant the request names, for a tenant-bound route: the template's `{tenant}`
     /// segment (without parameters) or the one value of the header. `None` when the request
     /// names none, or names it ambiguously (two headers).
-    pub fn tenant<'a>(&self, path: &'a str, headers: &'a HeaderMap) -> Option<&'a [u8]> {
+    ///
+    /// `underscores` says whether any header name of the request contains `_` (the caller's
+    /// scan of the names knows): only then are the other spellings of the header looked for.
+    pub fn tenant<'a>(
+        &self,
+        path: &'a str,
+        headers: &'a HeaderMap,
+        underscores: bool,
+    ) -> Option<&'a [u8]> {
         match &self.tenant {
             TenantFrom::Unbound => None,
             TenantFrom::Header(name) => {
-                let mut values = headers.get_all(name).iter();
-                match (values.next(), values.next()) {
-                    (Some(v), None) if !v.is_empty() => Some(v.as_bytes()),
-                    _ => None,
-                }
+                tenant_header(headers, name, underscores).map(HeaderValue::as_bytes)
             }
             TenantFrom::Path(template) => {
                 let mut segs = path[1..].split('/').map(segment_name);
@@ -433,10 +443,66 @@ impl<U> Route<U> {
         }
     }
 
+    /// For a route bound to a tenant header: its configured name and the one value the
+    /// request gives it (see [`tenant_header`]).
+    pub fn tenant_header<'h>(
+        &self,
+        headers: &'h HeaderMap,
+        underscores: bool,
+    ) -> Option<(&HeaderName, &'h HeaderValue)> {
+        match &self.tenant {
+            TenantFrom::Header(name) => {
+                tenant_header(headers, name, underscores).map(|v| (name, v))
+            }
+            _ => None,
+        }
+    }
+
     /// Whether requests must name the key's tenant.
     pub fn binds_tenant(&self) -> bool {
         self.tenant != TenantFrom::Unbound
     }
+}
+
+/// The one value of the tenant header `name`, in any spelling: `x_tenant` counts as
+/// `x-tenant`, since upstreams that read headers as CGI variables (`HTTP_X_TENANT`) cannot
+/// tell them apart, so a request with both is ambiguous, not decided by the one keygate reads.
+/// `underscores`: whether any name in `headers` contains `_` (if none, only `name` can match).
+pub fn tenant_header<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+    underscores: bool,
+) -> Option<&'a HeaderValue> {
+    fn only<'a>(mut values: impl Iterator<Item = &'a HeaderValue>) -> Option<&'a HeaderValue> {
+        let one = values.next()?;
+        (values.next().is_none() && !one.is_empty()).then_some(one)
+    }
+    if underscores {
+        only(
+            headers
+                .iter()
+                .filter(|(n, _)| same_header_name(n.as_str(), name.as_str()))
+                .map(|(_, v)| v),
+        )
+    } else {
+        only(headers.get_all(name).iter())
+    }
+}
+
+/// Whether two lower-case header names are the same to an upstream that maps names to CGI
+/// variables: equal, with `_` and `-` counted as one character.
+pub fn same_header_name(a: &str, b: &str) -> bool {
+    a.len() == b.len() && starts_with_header_name(a, b)
+}
+
+/// Whether lower-case header name `name` starts with `prefix`, `_` and `-` counted as one.
+pub fn starts_with_header_name(name: &str, prefix: &str) -> bool {
+    let dash = |c: u8| if c == b'_' { b'-' } else { c };
+    name.len() >= prefix.len()
+        && name
+            .bytes()
+            .zip(prefix.bytes())
+            .all(|(a, b)| dash(a) == dash(b))
 }
 
 /// The routes, most specific first.
@@ -495,6 +561,93 @@ impl<U> RouteTable<U> {
                 .collect(),
         }
     }
+}
+
+/// The host a request is for, as its `Host` value (RFC 9112 §3.2, RFC 9113 §8.3.1), or the
+/// refusal `400 invalid_host`:
+/// - more than one `Host`, or one that is not [`valid_host`], is refused;
+/// - an authority in the request target wins over `Host`: the absolute form of HTTP/1.1
+///   (`GET http://b.example/ HTTP/1.1`, where `Host` is ignored) and `:authority` of HTTP/2
+///   (where a `Host` that names another host makes the request malformed);
+/// - an HTTP/1.1 request without `Host` is refused; HTTP/1.0 and HTTP/2 may name no host.
+pub fn request_host(
+    version: Version,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<Option<HeaderValue>, Rejection> {
+    let mut hosts = headers.get_all(HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() || host.is_some_and(|h| !valid_host(h.as_bytes())) {
+        return Err(Rejection::InvalidHost);
+    }
+    if let Some(authority) = uri.authority() {
+        let target = authority.as_str();
+        if !valid_host(target.as_bytes()) {
+            return Err(Rejection::InvalidHost);
+        }
+        let conflict = host.is_some_and(|h| !h.as_bytes().eq_ignore_ascii_case(target.as_bytes()));
+        if (version == Version::HTTP_11 && host.is_none())
+            || (version == Version::HTTP_2 && conflict)
+        {
+            return Err(Rejection::InvalidHost);
+        }
+        return HeaderValue::from_str(target)
+            .map(Some)
+            .map_err(|_| Rejection::InvalidHost);
+    }
+    if host.is_none() && version == Version::HTTP_11 {
+        return Err(Rejection::InvalidHost);
+    }
+    Ok(host.cloned())
+}
+
+/// Whether a `Host` value (or a request target's authority) is a host keygate routes: a name
+/// of letters, digits and `-._~`, an IPv4 address, or an IPv6 literal in brackets, then an
+/// optional port of at most 65535. Stricter than RFC 3986's `reg-name` on purpose: no escapes,
+/// no user information (`evil@host`), no `,;=!$&'()*+` that upstreams split or decode
+/// differently.
+pub fn valid_host(host: &[u8]) -> bool {
+    let (name, port) = if let Some(rest) = host.strip_prefix(b"[") {
+        let Some(end) = rest.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &rest[..end];
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return false;
+        }
+        match &rest[end + 1..] {
+            [] => (literal, None),
+            [b':', port @ ..] => (literal, Some(port)),
+            _ => return false,
+        }
+    } else {
+        let (name, port) = match host.iter().position(|&b| b == b':') {
+            Some(i) => (&host[..i], Some(&host[i + 1..])),
+            None => (host, None),
+        };
+        if name.is_empty()
+            || name.len() > 253
+            || !name
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+        {
+            return false;
+        }
+        (name, port)
+    };
+    debug_assert!(!name.is_empty());
+    port.is_none_or(|p| {
+        (1..=5).contains(&p.len())
+            && p.iter().all(u8::is_ascii_digit)
+            && std::str::from_utf8(p)
+                .ok()
+                .and_then(|p| p.parse::<u16>().ok())
+                .is_some()
+    })
 }
 
 /// The host name of a `Host` value: without port and trailing dot. `None` if not text.
@@ -640,6 +793,71 @@ mod tests {
     }
 
     #[test]
+    fn hosts_are_validated() {
+        for ok in [
+            "a.example",
+            "A.Example:8080",
+            "192.0.2.1",
+            "192.0.2.1:1",
+            "[::1]",
+            "[::1]:65535",
+            "[2001:db8::1]",
+            "under_score.example",
+            "a.example.",
+        ] {
+            assert!(valid_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            ":80",
+            "a.example:",
+            "a.example:65536",
+            "a.example:80x",
+            "a.example:123456",
+            "u@a.example",
+            "a.example,b.example",
+            "a b",
+            "a/b",
+            "a%2eb",
+            "[::1",
+            "[]",
+            "[::1]x",
+            "[::1]:",
+            "[fe80::1%eth0]",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_request_target_authority_wins_over_host() {
+        let mut h = HeaderMap::new();
+        let origin: Uri = "/x".parse().unwrap();
+        let absolute: Uri = "http://b.example/x".parse().unwrap();
+        assert_eq!(
+            request_host(Version::HTTP_11, &origin, &h),
+            Err(Rejection::InvalidHost)
+        );
+        assert_eq!(request_host(Version::HTTP_10, &origin, &h), Ok(None));
+        assert_eq!(request_host(Version::HTTP_2, &origin, &h), Ok(None));
+        h.insert(HOST, HeaderValue::from_static("a.example"));
+        let host = |v, uri: &Uri, h: &HeaderMap| request_host(v, uri, h).map(|o| o.unwrap());
+        assert_eq!(host(Version::HTTP_11, &origin, &h).unwrap(), "a.example");
+        assert_eq!(host(Version::HTTP_11, &absolute, &h).unwrap(), "b.example");
+        assert_eq!(
+            request_host(Version::HTTP_2, &absolute, &h),
+            Err(Rejection::InvalidHost)
+        );
+        h.insert(HOST, HeaderValue::from_static("B.example"));
+        assert_eq!(host(Version::HTTP_2, &absolute, &h).unwrap(), "b.example");
+        h.append(HOST, HeaderValue::from_static("B.example"));
+        assert_eq!(
+            request_host(Version::HTTP_11, &origin, &h),
+            Err(Rejection::InvalidHost)
+        );
+    }
+
+    #[test]
     fn method_sets_hold_their_methods() {
         let get = MethodSet::parse("GET").unwrap();
         assert!(get.contains(&Method::GET));
@@ -703,19 +921,31 @@ mod tests {
         let mut r = route(None, "/tenants", 0);
         r.tenant = TenantFrom::parse("/tenants/{tenant}").unwrap();
         let h = HeaderMap::new();
-        assert_eq!(r.tenant("/tenants/acme/x", &h), Some(&b"acme"[..]));
-        assert_eq!(r.tenant("/tenants/acme;v=1", &h), Some(&b"acme"[..]));
-        assert_eq!(r.tenant("/tenants", &h), None);
-        assert_eq!(r.tenant("/tenants/", &h), None);
-        assert_eq!(r.tenant("/other/acme", &h), None);
+        assert_eq!(r.tenant("/tenants/acme/x", &h, false), Some(&b"acme"[..]));
+        assert_eq!(r.tenant("/tenants/acme;v=1", &h, false), Some(&b"acme"[..]));
+        assert_eq!(r.tenant("/tenants", &h, false), None);
+        assert_eq!(r.tenant("/tenants/", &h, false), None);
+        assert_eq!(r.tenant("/other/acme", &h, false), None);
 
         r.tenant = TenantFrom::parse("header:X-Tenant").unwrap();
         let mut h = HeaderMap::new();
-        assert_eq!(r.tenant("/", &h), None);
+        assert_eq!(r.tenant("/", &h, false), None);
         h.append("x-tenant", "acme".parse().unwrap());
-        assert_eq!(r.tenant("/", &h), Some(&b"acme"[..]));
+        assert_eq!(r.tenant("/", &h, false), Some(&b"acme"[..]));
         h.append("x-tenant", "other".parse().unwrap());
-        assert_eq!(r.tenant("/", &h), None, "two tenants are ambiguous");
+        assert_eq!(r.tenant("/", &h, false), None, "two tenants are ambiguous");
+
+        // Every spelling of the header counts: one value in any spelling is the tenant, two
+        // are ambiguous.
+        let mut h = HeaderMap::new();
+        h.append("x_tenant", "acme".parse().unwrap());
+        assert_eq!(r.tenant("/", &h, true), Some(&b"acme"[..]));
+        h.append("x-tenant", "acme".parse().unwrap());
+        assert_eq!(r.tenant("/", &h, true), None);
+        assert!(same_header_name("x_keygate-tenant", "x-keygate-tenant"));
+        assert!(!same_header_name("x-keygate-tenant", "x-keygate-tenants"));
+        assert!(starts_with_header_name("x_keygate_role", "x-keygate-"));
+        assert!(!starts_with_header_name("x-keygat", "x-keygate-"));
     }
 
     #[test]
@@ -742,6 +972,7 @@ mod tests {
             "/t//{tenant}",
             "/../{tenant}",
             "header:bad header",
+            "header:x_tenant",
         ] {
             assert!(TenantFrom::parse(t).is_err(), "{t}");
         }

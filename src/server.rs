@@ -4,35 +4,36 @@
 //! credential and verdict, policy, header rewrite, forward, error mapping, access log. It runs
 //! on the proxy workers: one thread each, with its own single-threaded event loop and upstream
 //! pools, all accepting on the same socket. The accept loops keep going through accept errors
-//! (EMFILE must not kill the process) and run each connection in its own task with hyper's
-//! header read timeout and size limits. Shutdown is a sequence: readiness goes false, the
-//! listeners close, in-flight requests get up to `shutdown_grace` to finish.
+//! (EMFILE must not kill the process; `/readyz` says so for a few seconds), refuse connections
+//! past the listener's cap at once, and run each admitted connection in its own task under
+//! its deadlines (`server/connection.rs`: a first request head within `header_read_timeout` of
+//! accept, no idling past `idle_timeout`) and hyper's size limits. Shutdown is a sequence:
+//! readiness goes false, the listeners close, in-flight requests get up to `shutdown_grace`
+//! to finish.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::HOST;
 use http::{HeaderValue, Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use prometheus::IntGauge;
-use tokio::net::TcpListener;
+use prometheus::IntCounter;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
 
-use crate::config::{IdentitySettings, Settings};
-use crate::metrics::{Metrics, RouteMetrics};
+use crate::config::{IdentitySettings, IpNet, Settings, UnderscoreHeaders};
+use crate::metrics::{ListenerMetrics, Metrics, RouteMetrics};
 use crate::proxy::{self, Forwarded, Upstream, X_REQUEST_ID};
 use crate::rejection::Rejection;
 use crate::route::{self, RouteTable};
@@ -40,19 +41,94 @@ use crate::store::{self, now_unix, Store, StoreError};
 use crate::verify::Verifier;
 use crate::{admin, auth, policy};
 
+mod connection;
+
+use connection::{Activity, Cap, Deadlines, Drain, Expirations, Tracked, Watched};
+
 /// The body of every proxy response: the upstream's, streamed, or a small synthetic one.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
+/// How long a refused connection or a failed accept keeps `/readyz` unready.
+pub const CONNECTION_TROUBLE_WINDOW: Duration = Duration::from_secs(5);
+
 /// Process-wide state shared by the proxy and admin listeners.
-#[derive(Default)]
 pub struct State {
     draining: AtomicBool,
+    started: Instant,
+    /// The proxy listener's cap (all workers together).
+    proxy_cap: Arc<Cap>,
+    /// The admin listener's own cap.
+    admin_cap: Arc<Cap>,
+    /// When the proxy listener last refused a connection at its cap: milliseconds after
+    /// `started`, plus one (0: never).
+    refused_at: AtomicU64,
+    /// The last failed accept on either listener, and when.
+    accept_failure: Mutex<Option<(Instant, String)>>,
 }
 
 impl State {
+    fn new(proxy_cap: Arc<Cap>, admin_cap: Arc<Cap>) -> Self {
+        State {
+            draining: AtomicBool::new(false),
+            started: Instant::now(),
+            proxy_cap,
+            admin_cap,
+            refused_at: AtomicU64::new(0),
+            accept_failure: Mutex::new(None),
+        }
+    }
+
     /// Whether shutdown has begun.
     pub fn draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    fn refused(&self) {
+        let ms = self.started.elapsed().as_millis() as u64 + 1;
+        self.refused_at.store(ms, Ordering::Relaxed);
+    }
+
+    fn accept_failed(&self, err: &std::io::Error) {
+        let mut last = self
+            .accept_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *last = Some((Instant::now(), err.to_string()));
+    }
+
+    /// Why the listeners cannot take new connections now, for `/readyz`: connections refused
+    /// at the cap, or accepts failing, within the last [`CONNECTION_TROUBLE_WINDOW`].
+    pub fn connection_trouble(&self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        let refused = self.refused_at.load(Ordering::Relaxed);
+        if refused > 0 {
+            let ago = self
+                .started
+                .elapsed()
+                .saturating_sub(Duration::from_millis(refused - 1));
+            if ago < CONNECTION_TROUBLE_WINDOW {
+                reasons.push(format!(
+                    "connections: the proxy listener refused a connection {:.1}s ago ({} open, server.max_connections = {})",
+                    ago.as_secs_f64(),
+                    self.proxy_cap.open(),
+                    self.proxy_cap.max(),
+                ));
+            }
+        }
+        let last = self
+            .accept_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((at, err)) = &*last {
+            let ago = at.elapsed();
+            if ago < CONNECTION_TROUBLE_WINDOW {
+                reasons.push(format!(
+                    "accept: accepting a connection failed {:.1}s ago: {err}",
+                    ago.as_secs_f64()
+                ));
+            }
+        }
+        reasons
     }
 }
 
@@ -84,17 +160,54 @@ pub struct App {
     pub operator_tenant: String,
     /// The roles a key may be given through the API.
     pub roles: crate::policy::Roles,
+    /// What happens to request headers whose names contain `_`.
+    pub underscores: UnderscoreHeaders,
+    /// Peers whose forwarding headers are kept.
+    pub trusted_proxies: Box<[IpNet]>,
+}
+
+/// The client end of a proxy connection, worked out once per connection.
+pub struct Peer {
+    /// Its address, as an `X-Forwarded-For` value.
+    pub ip: HeaderValue,
+    /// Whether it is a trusted proxy (`server.trusted_proxies`).
+    pub trusted: bool,
+}
+
+impl Peer {
+    /// The peer at `ip`, trusted if a trusted network contains it.
+    pub fn new(ip: std::net::IpAddr, trusted: &[IpNet]) -> Self {
+        Peer {
+            ip: proxy::ip_value(ip),
+            trusted: trusted.iter().any(|net| net.contains(ip)),
+        }
+    }
 }
 
 /// The `route` label and log field of requests that matched no route.
 const UNROUTED: &str = "-";
 
+/// A request hyper handed over, counted as abandoned unless it is answered: hyper drops a
+/// request's handling when the client closes the connection or resets the stream first (even
+/// before [`handle`] has run at all, for a stream reset as soon as it was opened).
+struct Unanswered(Option<IntCounter>);
+
+impl Unanswered {
+    fn answered(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(abandoned) = &self.0 {
+            abandoned.inc();
+        }
+    }
+}
+
 /// The request path.
-pub async fn handle(
-    app: &App,
-    mut req: Request<Incoming>,
-    client_ip: &HeaderValue,
-) -> Response<ProxyBody> {
+pub async fn handle(app: &App, mut req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
     let started = Instant::now();
     let request_id = proxy::client_request_id(req.headers())
         .cloned()
@@ -112,12 +225,15 @@ pub async fn handle(
     let mut matched: Option<&RouteTarget> = None;
     let mut upstream_time = None;
 
+    // One pass over the header names, for every header rule of the request.
+    let scan = proxy::scan_request_headers(req.headers(), &app.identity.prefix, app.underscores);
+    let mut removed = proxy::Removed::default();
+
     let outcome = async {
-        let host = req.headers().get(HOST).cloned().or_else(|| {
-            req.uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        if let Some(refusal) = scan.refusal() {
+            return Err(refusal);
+        }
+        let host = route::request_host(req.version(), req.uri(), req.headers())?;
         let path = route::normalize(req.uri().path())?;
         let route = app
             .routes
@@ -129,12 +245,17 @@ pub async fn handle(
             .ok_or(Rejection::NoRoute)?;
         span.record("route", &*route.name);
         matched = Some(&route.upstream);
+        let mut tenant_header = None;
         let identity = if route.auth {
             let identity = auth::check(&app.verifier, req.headers(), now_unix()).await?;
             span.record("key_id", identity.key_id());
             span.record("tenant", identity.tenant());
-            let tenant = route.tenant(&path, req.headers());
+            let tenant = route.tenant(&path, req.headers(), scan.underscores());
             policy::authorize(route, &identity, req.method(), tenant)?;
+            // The upstream gets the tenant header as it was decided on.
+            tenant_header = route
+                .tenant_header(req.headers(), scan.underscores())
+                .map(|(name, value)| (name, value.clone()));
             Some(identity)
         } else {
             None
@@ -144,13 +265,16 @@ pub async fn handle(
             proxy::set_path(req.uri_mut(), &normal)?;
         }
         let fwd = Forwarded {
-            client_ip,
+            client_ip: &peer.ip,
+            trusted: peer.trusted,
             proto: "http",
             host,
             request_id: &request_id,
+            scan,
+            tenant_header,
         };
         let upstream = &route.upstream.upstream;
-        proxy::rewrite_request_headers(
+        removed = proxy::rewrite_request_headers(
             req.headers_mut(),
             identity.as_deref(),
             &app.identity,
@@ -181,6 +305,13 @@ pub async fn handle(
     let status = resp.status().as_u16();
     let took = started.elapsed();
     app.metrics.decision(decision);
+    if removed != proxy::Removed::default() {
+        app.metrics.headers_removed(
+            removed.identity,
+            removed.underscore,
+            removed.method_override,
+        );
+    }
     series.observe(status, took, upstream_time);
     if matched.is_none() {
         span.record("route", UNROUTED);
@@ -275,18 +406,16 @@ impl Server {
         settings: Settings,
         store: Arc<dyn Store>,
     ) -> Result<Self, ServerError> {
-        let bind = |listener: Listener, addr: SocketAddr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServerError::Bind {
-                    listener,
-                    addr,
-                    source,
-                })
+        let bind = |listener: Listener, addr: SocketAddr| {
+            listen(addr).map_err(|source| ServerError::Bind {
+                listener,
+                addr,
+                source,
+            })
         };
-        let admin = bind(Listener::Admin, settings.admin_listen).await?;
+        let admin = bind(Listener::Admin, settings.admin_listen)?;
         // Every proxy worker accepts on the same socket, from its own event loop.
-        let proxy = bind(Listener::Proxy, settings.listen).await?;
+        let proxy = bind(Listener::Proxy, settings.listen)?;
         let shared = |r: std::io::Result<std::net::TcpListener>| {
             r.map_err(|source| ServerError::Bind {
                 listener: Listener::Proxy,
@@ -300,6 +429,7 @@ impl Server {
             proxy.push(shared(first.try_clone())?);
         }
         proxy.push(first);
+        let (proxy_cap, admin_cap) = connection_caps(&settings);
         let metrics = Arc::new(Metrics::new());
         let verifier = Arc::new(
             Verifier::new(store.clone(), &settings.cache, metrics.clone())
@@ -333,9 +463,11 @@ impl Server {
             verifier,
             routes,
             identity: settings.identity.clone(),
-            state: State::default(),
+            state: State::new(proxy_cap, admin_cap),
             operator_tenant: settings.operator_tenant.clone(),
             roles: settings.roles.clone(),
+            underscores: settings.headers_with_underscores,
+            trusted_proxies: settings.trusted_proxies.clone(),
         });
         Ok(Server {
             app,
@@ -392,10 +524,16 @@ impl Server {
             let (done_tx, done_rx) = oneshot::channel::<()>();
             let (app, builder, stop) = (app.clone(), builder.clone(), stop_rx.clone());
             let grace = settings.shutdown_grace;
+            let rules = ListenerRules::new(
+                &app.state.proxy_cap,
+                &app.metrics.proxy_listener,
+                &settings,
+                true,
+            );
             let spawned = std::thread::Builder::new()
                 .name(format!("keygate-worker-{index}"))
                 .spawn(move || {
-                    proxy_worker(index, listener, app, builder, stop, grace);
+                    proxy_worker(index, listener, app, builder, rules, stop, grace);
                     let _ = done_tx.send(());
                 });
             match spawned {
@@ -404,19 +542,30 @@ impl Server {
             }
         }
 
-        let graceful = GracefulShutdown::new();
+        let drain = Drain::default();
         let admin_app = app.clone();
+        let admin_rules = ListenerRules::new(
+            &app.state.admin_cap,
+            &app.metrics.admin_listener,
+            &settings,
+            false,
+        );
         let admin_loop = accept_loop(
             admin,
             builder,
-            &graceful,
+            &drain,
             stop_rx,
-            app.metrics.admin_connections.clone(),
-            move |_| {
+            admin_rules,
+            &app.state,
+            move |_, activity| {
                 let app = admin_app.clone();
-                service_fn(move |req| {
+                service_fn(move |req: Request<Incoming>| {
                     let app = app.clone();
-                    async move { Ok::<_, Infallible>(admin::handle(&app, req).await) }
+                    let in_flight = activity.begin(req.version());
+                    async move {
+                        let resp = admin::handle(&app, req).await;
+                        Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, in_flight)))
+                    }
                 })
             },
         );
@@ -432,7 +581,7 @@ impl Server {
         // listener. `stop_tx` lives until then, so no worker mistakes a dropped sender for a
         // stop before it was asked to.
         let (drained, _) = tokio::join!(
-            drain(graceful, settings.shutdown_grace),
+            drain_within(drain, settings.shutdown_grace),
             futures_util::future::join_all(workers)
         );
         if drained {
@@ -442,13 +591,107 @@ impl Server {
     }
 }
 
+/// Completed handshakes the kernel may hold for a listener before keygate accepts them (it
+/// caps this at `net.core.somaxconn`). Deep, as Go's is, so a burst of connections waits
+/// there to be admitted or refused at once instead of in TCP's retransmission backoff.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listening socket on `addr` (with `SO_REUSEADDR`, as `TcpListener::bind` sets it).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Descriptors kept for everything but client and upstream connections: the listeners, the
+/// runtimes' own, the store's connections, the keys file and its watcher, logs.
+const RESERVED_DESCRIPTORS: usize = 64;
+
+/// Descriptors kept per proxy worker (its event loop's own).
+const DESCRIPTORS_PER_WORKER: usize = 4;
+
+/// The caps of the proxy and admin listeners. The process's soft descriptor limit is raised
+/// to its hard limit first (as nginx and Go do), and an unset `server.max_connections` is
+/// derived from it: each proxied connection may hold an upstream connection too, so half of
+/// what is left once the admin listener's cap and the reserve are set aside.
+fn connection_caps(settings: &Settings) -> (Arc<Cap>, Arc<Cap>) {
+    let limit = raise_descriptor_limit();
+    let admin = settings.admin_max_connections;
+    let fits = limit.map(|l| connections_that_fit(l, settings.workers, admin));
+    let proxy = match (settings.max_connections, fits) {
+        (0, Some(fits)) => fits.max(1),
+        (0, None) => 1 << 20,
+        (n, Some(fits)) if n > fits => {
+            tracing::warn!(
+                max_connections = n,
+                descriptor_limit = limit,
+                fits,
+                "server.max_connections is more than the descriptor limit allows: accepts and upstream connections may fail with \"Too many open files\"; raise the limit (ulimit -n) or lower the setting"
+            );
+            n
+        }
+        (n, _) => n,
+    };
+    tracing::info!(
+        max_connections = proxy,
+        admin_max_connections = admin,
+        descriptor_limit = limit,
+        "connection caps"
+    );
+    (Cap::new(proxy), Cap::new(admin))
+}
+
+/// The proxy connections `limit` descriptors allow: half of what is left once the admin
+/// listener's cap and the reserve are set aside (a proxied connection may hold an upstream
+/// connection too).
+fn connections_that_fit(limit: usize, workers: usize, admin: usize) -> usize {
+    let reserve = RESERVED_DESCRIPTORS + DESCRIPTORS_PER_WORKER * workers + admin;
+    limit.saturating_sub(reserve) / 2
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit; the soft limit after that (`None`:
+/// unlimited, or unknown).
+fn raise_descriptor_limit() -> Option<usize> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    if limit.rlim_cur == libc::RLIM_INFINITY {
+        return None;
+    }
+    usize::try_from(limit.rlim_cur).ok()
+}
+
 /// The HTTP/1.1 and HTTP/2 server settings shared by both listeners.
 fn http_builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Head and idle deadlines are kept per connection by `connection::serve`, on both
+    // protocols; hyper's own HTTP/1.1 header timer would also cut idle keep-alive connections
+    // at the head deadline.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
+        .header_read_timeout(None)
         .max_buf_size(settings.max_header_bytes);
     builder
         .http2()
@@ -459,6 +702,35 @@ fn http_builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+/// One listener's connection rules: its cap, the deadlines, and its series.
+#[derive(Clone)]
+struct ListenerRules {
+    cap: Arc<Cap>,
+    deadlines: Deadlines,
+    metrics: ListenerMetrics,
+    expired: Expirations,
+    /// Whether refusals make the instance unready (the proxy listener's do).
+    proxy: bool,
+}
+
+impl ListenerRules {
+    fn new(cap: &Arc<Cap>, metrics: &ListenerMetrics, settings: &Settings, proxy: bool) -> Self {
+        ListenerRules {
+            cap: cap.clone(),
+            deadlines: Deadlines {
+                head: settings.header_read_timeout,
+                idle: settings.idle_timeout,
+            },
+            expired: Expirations {
+                head: metrics.timed_out_head.clone(),
+                idle: metrics.timed_out_idle.clone(),
+            },
+            metrics: metrics.clone(),
+            proxy,
+        }
+    }
+}
+
 /// One proxy worker: its own single-threaded runtime, accepting on the shared socket until
 /// `stop`, then draining its connections for up to `grace`.
 fn proxy_worker(
@@ -466,6 +738,7 @@ fn proxy_worker(
     listener: std::net::TcpListener,
     app: Arc<App>,
     builder: auto::Builder<TokioExecutor>,
+    rules: ListenerRules,
     stop: watch::Receiver<bool>,
     grace: Duration,
 ) {
@@ -491,26 +764,41 @@ fn proxy_worker(
                 return;
             }
         };
-        let graceful = GracefulShutdown::new();
-        let open = app.metrics.proxy_connections.clone();
-        accept_loop(listener, builder, &graceful, stop, open, move |peer| {
-            let app = app.clone();
-            // Formatted once per connection, shared by its requests.
-            let client_ip = proxy::ip_value(peer.ip());
-            service_fn(move |req| {
-                let (app, client_ip) = (app.clone(), client_ip.clone());
-                async move { Ok::<_, Infallible>(handle(&app, req, &client_ip).await) }
+        let drain = Drain::default();
+        let service_app = app.clone();
+        let make_service = move |peer: SocketAddr, activity: Arc<Activity>| {
+            let app = service_app.clone();
+            // Worked out once per connection, shared by its requests.
+            let peer = Arc::new(Peer::new(peer.ip(), &app.trusted_proxies));
+            service_fn(move |req: Request<Incoming>| {
+                let (app, peer) = (app.clone(), peer.clone());
+                let in_flight = activity.begin(req.version());
+                let unanswered = Unanswered(Some(app.metrics.requests_abandoned.clone()));
+                async move {
+                    let resp = handle(&app, req, &peer).await;
+                    unanswered.answered();
+                    Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, in_flight)))
+                }
             })
-        })
+        };
+        accept_loop(
+            listener,
+            builder,
+            &drain,
+            stop,
+            rules,
+            &app.state,
+            make_service,
+        )
         .await;
-        drain(graceful, grace).await;
+        drain_within(drain, grace).await;
     });
 }
 
-/// Lets the watched connections finish for up to `grace`; whether they all did.
-async fn drain(graceful: GracefulShutdown, grace: Duration) -> bool {
-    let open = graceful.count();
-    match tokio::time::timeout(grace, graceful.shutdown()).await {
+/// Lets the listener's connections finish for up to `grace`; whether they all did.
+async fn drain_within(drain: Drain, grace: Duration) -> bool {
+    let open = drain.count();
+    match tokio::time::timeout(grace, drain.shutdown()).await {
         Ok(()) => true,
         Err(_) => {
             tracing::warn!(
@@ -523,14 +811,16 @@ async fn drain(graceful: GracefulShutdown, grace: Duration) -> bool {
     }
 }
 
-/// Accepts connections until `stop` turns true; every connection is watched by `graceful`.
+/// Accepts connections until `stop` turns true. Each admitted connection runs in its own task
+/// under `rules` and is watched by `drain`; one over the cap is closed at once, unread.
 async fn accept_loop<S, B>(
     listener: TcpListener,
     builder: auto::Builder<TokioExecutor>,
-    graceful: &GracefulShutdown,
+    drain: &Drain,
     mut stop: watch::Receiver<bool>,
-    open: IntGauge,
-    make_service: impl Fn(SocketAddr) -> S,
+    rules: ListenerRules,
+    state: &State,
+    make_service: impl Fn(SocketAddr, Arc<Activity>) -> S,
 ) where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Send
@@ -549,24 +839,61 @@ async fn accept_loop<S, B>(
             Ok(a) => a,
             Err(err) => {
                 // Out of file descriptors or a connection reset before accept: keep serving,
-                // but do not spin.
+                // say so in /readyz, and do not spin.
+                rules.metrics.accept_errors.inc();
+                state.accept_failed(&err);
                 tracing::warn!(error = %err, "accept failed");
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
         };
+        let Some(admitted) = rules.cap.admit() else {
+            // At the cap: closing at once keeps the backlog moving and tells the client now,
+            // while the connections already admitted keep being served.
+            rules.metrics.refused.inc();
+            if rules.proxy {
+                state.refused();
+            }
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
+        let activity = Activity::new();
+        let io = TokioIo::new(Watched::new(stream, activity.clone()));
         let conn = builder
-            .serve_connection(TokioIo::new(stream), make_service(peer))
+            .serve_connection(io, make_service(peer, activity.clone()))
             .into_owned();
-        let conn = graceful.watch(conn);
-        let open = open.clone();
-        open.inc();
+        let (watcher, rules) = (drain.watcher(), rules.clone());
+        rules.metrics.open.inc();
         tokio::spawn(async move {
-            if let Err(err) = conn.await {
+            let ended = connection::serve(
+                conn,
+                |c| c.graceful_shutdown(),
+                activity,
+                rules.deadlines,
+                watcher,
+                &rules.expired,
+            )
+            .await;
+            if let Err(err) = ended {
                 tracing::debug!(error = %err, %peer, "connection ended with an error");
             }
-            open.dec();
+            rules.metrics.open.dec();
+            drop(admitted);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_cap_leaves_room_for_upstream_connections_and_the_rest() {
+        // The figure config/keygate.toml and the README give.
+        assert_eq!(connections_that_fit(1024, 2, 64), 444);
+        assert_eq!(connections_that_fit(65536, 8, 64), 32_688);
+        assert_eq!(connections_that_fit(100, 2, 64), 0);
+        assert!(raise_descriptor_limit().is_some_and(|l| l > 0));
     }
 }

@@ -575,3 +575,120 @@ async fn a_replayable_request_lost_in_a_closing_connection_is_sent_again() {
     assert_eq!(counts.opened.load(std::sync::atomic::Ordering::SeqCst), 2);
     assert_eq!(pool_metric(&keygate, "retries", &url).await, 1.0);
 }
+
+/// A request body the client cuts short is the client's failure: never a 502, never counted
+/// against the upstream (whose error alert it would otherwise trip).
+#[tokio::test]
+async fn an_upload_cut_short_by_the_client_is_a_client_error() {
+    let r = rig().await;
+    let key = create_key(&*r.store, "acme", "admin").await;
+    let head = |framing: &str| {
+        format!(
+            "POST /upload HTTP/1.1\r\nhost: api.example\r\nauthorization: Bearer {}\r\n{framing}\r\n\r\n",
+            key.secret.expose()
+        )
+    };
+    // A Content-Length never reached: the client stops sending and closes its side.
+    let short = format!("{}0123456789", head("content-length: 100000"));
+    // A chunk size that is not hexadecimal.
+    let bad_chunk = format!(
+        "{}5\r\nhello\r\nZZ\r\nmore\r\n",
+        head("transfer-encoding: chunked")
+    );
+    for (what, bytes, close_write) in [("short", short, true), ("bad chunk", bad_chunk, false)] {
+        let answer = raw_exchange(
+            r.keygate.proxy,
+            bytes.as_bytes(),
+            close_write,
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(
+            answer.starts_with("HTTP/1.1 400 "),
+            "{what}: answered {answer:?}"
+        );
+        assert!(
+            answer.contains("\"error\":\"invalid_body\""),
+            "{what}: {answer}"
+        );
+    }
+    let m = r.keygate.scrape().await;
+    let outcome = |o: &str| m.get(&format!("keygate_auth_decisions_total{{outcome=\"{o}\"}}"));
+    assert_eq!(outcome("invalid_body"), 2.0, "{}", m.text);
+    assert_eq!(outcome("upstream_unavailable"), 0.0);
+    for kind in ["unavailable", "timeout"] {
+        let series = format!("keygate_upstream_errors_total{{kind=\"{kind}\",route=\"default\"}}");
+        assert_eq!(m.get(&series), 0.0, "{series}");
+    }
+}
+
+/// Over HTTP/2: a client that resets its stream mid-upload is the client's failure too.
+#[tokio::test]
+async fn an_http2_upload_reset_by_the_client_is_a_client_error() {
+    use bytes::Bytes;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+
+    let r = rig().await;
+    let key = create_key(&*r.store, "acme", "admin").await;
+    let stream = tokio::net::TcpStream::connect(r.keygate.proxy)
+        .await
+        .unwrap();
+    let (mut h2, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // A first chunk; once the upstream has the request, the body fails and hyper's client
+    // resets the stream.
+    let (fail, failed) = tokio::sync::oneshot::channel::<()>();
+    let first = futures_util::stream::once(async { Ok(Frame::data(Bytes::from_static(b"first"))) });
+    let then_fail = futures_util::stream::once(async move {
+        let _ = failed.await;
+        Err(std::io::Error::other("client gave up"))
+    });
+    let frames = Box::pin(futures_util::StreamExt::chain(first, then_fail));
+    let req = http::Request::post(r.keygate.url("/upload"))
+        .header("authorization", format!("Bearer {}", key.secret.expose()))
+        .body(StreamBody::new(frames))
+        .unwrap();
+    let sent = tokio::spawn(async move { h2.send_request(req).await });
+    let upstream = &r.upstream;
+    eventually(
+        Duration::from_secs(5),
+        "the upload reaches the upstream",
+        || async move { !upstream.requests().is_empty() },
+    )
+    .await;
+    fail.send(()).unwrap();
+    let answer = within(Duration::from_secs(5), "the stream ends", sent)
+        .await
+        .unwrap();
+    assert!(
+        answer.is_err(),
+        "the client reset its own stream: {answer:?}"
+    );
+    // Whichever comes first decides how it is counted, the client's either way: keygate's
+    // exchange fails on the body (400 invalid_body, which the reset stream never receives), or
+    // hyper sees the reset and drops the request (abandoned).
+    let keygate = &r.keygate;
+    let client_side = |m: &Scrape| {
+        m.get("keygate_auth_decisions_total{outcome=\"invalid_body\"}")
+            + m.get("keygate_requests_abandoned_total")
+    };
+    eventually(
+        Duration::from_secs(5),
+        "the refusal is counted",
+        || async move { client_side(&keygate.scrape().await) == 1.0 },
+    )
+    .await;
+    let m = r.keygate.scrape().await;
+    assert_eq!(
+        m.get("keygate_auth_decisions_total{outcome=\"upstream_unavailable\"}"),
+        0.0
+    );
+    let unavailable = "keygate_upstream_errors_total{kind=\"unavailable\",route=\"default\"}";
+    assert_eq!(m.get(unavailable), 0.0);
+}

@@ -839,3 +839,224 @@ pub fn output_within(cmd: &mut Command, within: Duration) -> std::process::Outpu
         stderr: err.join().unwrap().unwrap(),
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Deadlines and raw connections
+
+/// Awaits `fut`, failing the test if it takes longer than `limit`.
+pub async fn within<F: std::future::Future>(limit: Duration, what: &str, fut: F) -> F::Output {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("timed out after {limit:?} waiting for: {what}"),
+    }
+}
+
+/// Sends raw bytes to `addr` (then half-closes when `close_write`) and reads until the peer
+/// closes or `limit` passes: what came back, as text.
+pub async fn raw_exchange(
+    addr: SocketAddr,
+    bytes: &[u8],
+    close_write: bool,
+    limit: Duration,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut out = Vec::new();
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(bytes).await?;
+        if close_write {
+            s.shutdown().await?;
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return Ok::<_, std::io::Error>(()),
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(limit, exchange).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// keygate as a child process, with its own file descriptor limit
+
+/// The `keygate serve` binary as a child process, killed on drop.
+pub struct KeygateProcess {
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub pid: u32,
+    child: Child,
+}
+
+impl KeygateProcess {
+    /// Starts `keygate serve ARGS` with `env`, its descriptor limit (soft and hard) set to
+    /// `nofile` before it runs, and waits (up to 30 s) for it to log its listeners.
+    pub fn start(args: &[&str], env: &[(&str, &str)], nofile: u64) -> Self {
+        use std::io::BufRead;
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
+        cmd.arg("serve")
+            .args(args)
+            .env("KEYGATE__LOG__FORMAT", "json")
+            .env("KEYGATE__LOG__ACCESS", "false")
+            .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: between fork and exec this only calls setrlimit, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: nofile as libc::rlim_t,
+                    rlim_max: nofile as libc::rlim_t,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().expect("the keygate binary starts");
+        let pid = child.id();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        // Keeps reading after the listeners are known, so the child never blocks on its stderr.
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return };
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(line) => line,
+                Err(_) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("keygate did not log its listeners:\n{}", seen.join("\n"));
+                }
+            };
+            let fields = serde_json::from_str::<serde_json::Value>(&line)
+                .map(|v| v["fields"].clone())
+                .unwrap_or_default();
+            if fields["message"] == "keygate serving" {
+                let addr = |f: &str| fields[f].as_str().unwrap().parse().unwrap();
+                return KeygateProcess {
+                    proxy: addr("listen"),
+                    admin: addr("admin"),
+                    pid,
+                    child,
+                };
+            }
+            seen.push(line);
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+}
+
+impl Drop for KeygateProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 keep-alive connection: every request goes over it, or fails.
+pub struct KeptAlive {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    conn: Option<tokio::task::JoinHandle<Result<(), hyper::Error>>>,
+}
+
+impl KeptAlive {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        let stream = within(
+            Duration::from_secs(5),
+            "a keep-alive connection",
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        .unwrap();
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        let conn = Some(tokio::spawn(conn));
+        KeptAlive { sender, conn }
+    }
+
+    /// A GET on this connection within `limit`: its status and body, or why not.
+    pub async fn get(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+        limit: Duration,
+    ) -> Result<(StatusCode, Bytes), String> {
+        let mut req = Request::get(path).header("host", "keygate.test");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(Bytes::new())).unwrap();
+        let exchange = async {
+            self.sender.ready().await.map_err(|e| e.to_string())?;
+            let resp = self
+                .sender
+                .send_request(req)
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok((status, body.to_bytes()))
+        };
+        tokio::time::timeout(limit, exchange)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
+    }
+}
+
+/// How long until the peer of `stream` closes it (reads end), or `None` if it stays open past
+/// `limit`. Bytes the peer sends are read and ignored.
+pub async fn closed_within(
+    stream: &mut tokio::net::TcpStream,
+    limit: Duration,
+) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    let read_to_end = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, read_to_end)
+        .await
+        .ok()
+        .map(|()| started.elapsed())
+}
+
+impl KeptAlive {
+    /// Resolves when the connection has ended (the peer closed it).
+    pub async fn closed(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let _ = conn.await;
+        }
+    }
+}
