@@ -179,6 +179,8 @@ pub struct RedisSettings {
 pub struct RedisStore {
     client: redis::Client,
     conn: ConnectionManager,
+    /// `host:port` (or socket path) of the server, for error messages; never the password.
+    addr: String,
     ns: String,
     timeout: Duration,
     health_check_interval: Duration,
@@ -201,11 +203,13 @@ impl RedisStore {
             .set_response_timeout(Some(settings.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
+        let addr = client.get_connection_info().addr().to_string();
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            .map_err(|e| StoreError::Unavailable(format!("{addr}: {e}")))?;
         Ok(RedisStore {
             client,
             conn,
+            addr,
             ns: settings.namespace.clone(),
             timeout: settings.timeout,
             health_check_interval: settings.health_check_interval,
@@ -274,19 +278,22 @@ impl RedisStore {
 
     /// Runs an idempotent call, once more if the connection had dropped: the connection
     /// manager reconnects after the first failure (e.g. after a Redis restart), so the retry
-    /// spares the caller a needless `503`.
+    /// spares the caller a needless `503`. The call and its retry share one deadline, so the
+    /// whole takes at most `store.timeout`; a call that timed out is not retried (a slow
+    /// Redis is not a dropped connection).
     async fn idempotent<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
         F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        match tokio::time::timeout(self.timeout, f(self.conn.clone())).await {
-            Ok(Err(e)) if e.is_connection_dropped() || e.is_io_error() => {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        match tokio::time::timeout_at(deadline, f(self.conn.clone())).await {
+            Ok(Err(e)) if !e.is_timeout() && (e.is_connection_dropped() || e.is_io_error()) => {
                 tracing::debug!(error = %e, "redis connection dropped; retrying once");
             }
             first => return self.outcome(first),
         }
-        self.call(f(self.conn.clone())).await
+        self.outcome(tokio::time::timeout_at(deadline, f(self.conn.clone())).await)
     }
 
     fn outcome<T>(
@@ -295,10 +302,10 @@ impl RedisStore {
     ) -> Result<T, StoreError> {
         match r {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(StoreError::Unavailable(e.to_string())),
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!("{}: {e}", self.addr))),
             Err(_) => Err(StoreError::Unavailable(format!(
-                "no answer within {:?}",
-                self.timeout
+                "{}: no answer within {:?}",
+                self.addr, self.timeout
             ))),
         }
     }
@@ -628,6 +635,7 @@ impl Store for RedisStore {
         sink.link(false);
         tokio::spawn(subscriber::run(
             self.client.clone(),
+            self.addr.clone(),
             self.channel(),
             self.timeout,
             self.health_check_interval,

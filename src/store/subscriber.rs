@@ -26,6 +26,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Follows the invalidation channel forever.
 pub(super) async fn run(
     client: redis::Client,
+    addr: String,
     channel: String,
     connect_timeout: Duration,
     health_check_interval: Duration,
@@ -41,11 +42,11 @@ pub(super) async fn run(
                 tracing::info!(%channel, "invalidation subscription up; cache flushed");
                 let reason = follow(&mut conn, &mut messages, health_check_interval, &*sink).await;
                 sink.link(false);
-                tracing::warn!(%reason, "invalidation subscription lost; reconnecting");
+                tracing::warn!(%reason, %addr, "invalidation subscription lost; reconnecting");
             }
             Err(err) => {
                 sink.link(false);
-                tracing::warn!(error = %err, "cannot subscribe to invalidations; retrying");
+                tracing::warn!(error = %err, %addr, "cannot subscribe to invalidations; retrying");
             }
         }
         // Full jitter over the upper half of the current backoff.
