@@ -854,22 +854,42 @@ pub fn keygate_json(redis_url: &str, ns: &str, args: &[&str]) -> serde_json::Val
     })
 }
 
-/// Every value stored under `ns:`, read with the command its type needs, as one string.
+/// Every value stored under `ns:`, read with the command its type needs, as one string in a
+/// canonical order (keys, set members and hash fields sorted), so that two dumps of unchanged
+/// data are equal however Redis happens to order its tables.
 pub fn dump_redis(redis: &RedisServer, ns: &str) -> String {
-    let keys: Vec<String> = redis.cmd(&["KEYS", &format!("{ns}:*")]);
+    let mut keys: Vec<String> = redis.cmd(&["KEYS", &format!("{ns}:*")]);
+    keys.sort();
     let mut out = String::new();
     for k in keys {
         let kind: String = redis.cmd(&["TYPE", &k]);
-        let value: redis::Value = match kind.as_str() {
-            "string" => redis.cmd(&["GET", &k]),
-            "hash" => redis.cmd(&["HGETALL", &k]),
-            "set" => redis.cmd(&["SMEMBERS", &k]),
-            "zset" => redis.cmd(&["ZRANGE", &k, "0", "-1", "WITHSCORES"]),
-            "list" => redis.cmd(&["LRANGE", &k, "0", "-1"]),
-            "stream" => redis.cmd(&["XRANGE", &k, "-", "+"]),
+        let value = match kind.as_str() {
+            "string" => format!("{:?}", redis.cmd::<redis::Value>(&["GET", &k])),
+            "hash" => {
+                let mut fields: Vec<(String, String)> = redis
+                    .cmd::<HashMap<String, String>>(&["HGETALL", &k])
+                    .into_iter()
+                    .collect();
+                fields.sort();
+                format!("{fields:?}")
+            }
+            "set" => {
+                let mut members: Vec<String> = redis.cmd(&["SMEMBERS", &k]);
+                members.sort();
+                format!("{members:?}")
+            }
+            "zset" => format!(
+                "{:?}",
+                redis.cmd::<redis::Value>(&["ZRANGE", &k, "0", "-1", "WITHSCORES"])
+            ),
+            "list" => format!(
+                "{:?}",
+                redis.cmd::<redis::Value>(&["LRANGE", &k, "0", "-1"])
+            ),
+            "stream" => format!("{:?}", redis.cmd::<redis::Value>(&["XRANGE", &k, "-", "+"])),
             other => panic!("unexpected type {other} of {k}"),
         };
-        out.push_str(&format!("{k} {value:?}\n"));
+        out.push_str(&format!("{k} {kind} {value}\n"));
     }
     out
 }
