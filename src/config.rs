@@ -412,6 +412,25 @@ impl Config {
             None => None,
         };
         let identity = IdentitySettings::new(&self.identity)?;
+        let store = self.store_settings()?;
+        let trust_while_unsubscribed = duration(
+            "cache.trust_while_unsubscribed",
+            &self.cache.trust_while_unsubscribed,
+        )?;
+        // Cached verdicts are trusted only this long after the subscription last answered a
+        // health check, so the checks must come more often or the cache would keep lapsing.
+        if let StoreSettings::Redis(r) = &store {
+            if trust_while_unsubscribed <= r.health_check_interval {
+                return Err(field_err(
+                    "cache.trust_while_unsubscribed",
+                    format!(
+                        "{:?} must be longer than store.health_check_interval ({:?}): cached \
+                         verdicts are trusted only this long after the last answered health check",
+                        trust_while_unsubscribed, r.health_check_interval
+                    ),
+                ));
+            }
+        }
         Ok(Settings {
             listen: addr("server.listen", &s.listen)?,
             admin_listen: addr("server.admin_listen", &s.admin_listen)?,
@@ -429,16 +448,13 @@ impl Config {
             },
             upstream,
             routes,
-            store: self.store_settings()?,
+            store,
             cache: CacheSettings {
                 capacity: bounded("cache.capacity", self.cache.capacity as usize, 1, 1 << 30)?
                     as u64,
                 ttl: nonzero("cache.ttl", &self.cache.ttl)?,
                 negative_ttl: nonzero("cache.negative_ttl", &self.cache.negative_ttl)?,
-                trust_while_unsubscribed: duration(
-                    "cache.trust_while_unsubscribed",
-                    &self.cache.trust_while_unsubscribed,
-                )?,
+                trust_while_unsubscribed,
             },
             identity,
             log: self.log_settings()?,

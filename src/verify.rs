@@ -226,16 +226,26 @@ impl Generations {
     }
 }
 
-/// Whether cached verdicts can be trusted: they can while the invalidation subscription is up,
-/// and for a short bound after it went down (messages sent meanwhile are lost).
+/// Whether cached verdicts can be trusted.
+///
+/// Invariant (trust bound): with a store that reports when its invalidation feed was last
+/// known good ([`InvalidationSink::synced`]), a cached verdict is used only while less than
+/// `cache.trust_while_unsubscribed` has passed since that moment, whether or not the feed is
+/// (yet) known to be down: a half-open link is noticed only later, and the bound must not wait
+/// for that. The check reads the clock on every request for this reason. Other stores (none
+/// reports a feed) keep the looser rule: trusted while up, and for the bound after going down.
+/// Tested by `a_half_open_subscription_is_distrusted_within_the_bound` in tests/revocation.rs.
 struct Link {
     base: Instant,
     /// Milliseconds after `base` when the link went down; `UP` while it is up.
     down_since_ms: AtomicU64,
+    /// Microseconds after `base` when the feed was last known good; `NEVER` until reported.
+    synced_us: AtomicU64,
     trust_for: Duration,
 }
 
 const UP: u64 = u64::MAX;
+const NEVER: u64 = u64::MAX;
 
 impl Link {
     fn down_for(&self) -> Option<Duration> {
@@ -246,7 +256,32 @@ impl Link {
     }
 
     fn trusted(&self) -> bool {
+        self.trusted_at(Instant::now())
+    }
+
+    fn trusted_at(&self, now: Instant) -> bool {
+        let synced = self.synced_us.load(Ordering::SeqCst);
+        if synced != NEVER {
+            let now = now.saturating_duration_since(self.base).as_micros() as u64;
+            return Duration::from_micros(now.saturating_sub(synced)) < self.trust_for;
+        }
         self.down_for().is_none_or(|d| d <= self.trust_for)
+    }
+
+    fn synced(&self, at: Instant) {
+        // Reports come from the store's feed, started after the verifier: never before `base`.
+        let at = at.saturating_duration_since(self.base).as_micros() as u64;
+        // Never moves back (NEVER is the largest value, so the first report replaces it).
+        let mut cur = self.synced_us.load(Ordering::SeqCst);
+        while cur == NEVER || cur < at {
+            match self
+                .synced_us
+                .compare_exchange_weak(cur, at, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return,
+                Err(seen) => cur = seen,
+            }
+        }
     }
 }
 
@@ -309,6 +344,7 @@ impl Verifier {
             link: Link {
                 base: Instant::now(),
                 down_since_ms: AtomicU64::new(UP),
+                synced_us: AtomicU64::new(NEVER),
                 trust_for: settings.trust_while_unsubscribed,
             },
             metrics,
@@ -503,6 +539,10 @@ impl InvalidationSink for Verifier {
             );
         }
         self.metrics.subscription_up.set(up as i64);
+    }
+
+    fn synced(&self, at: Instant) {
+        self.link.synced(at);
     }
 }
 
@@ -703,6 +743,47 @@ mod tests {
         v.link(true);
         v.verify(k.digest, 10).await.unwrap();
         assert_eq!(store.lookups.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn the_trust_bound_counts_from_when_the_feed_was_last_known_good() {
+        let base = Instant::now();
+        let link = Link {
+            base,
+            down_since_ms: AtomicU64::new(UP),
+            synced_us: AtomicU64::new(NEVER),
+            trust_for: Duration::from_secs(3),
+        };
+        let at = |ms: u64| base + Duration::from_millis(ms);
+        link.synced(at(1_000));
+        // Up all along (no failure noticed): trusted for the bound after the report, no longer.
+        assert!(link.trusted_at(at(3_999)));
+        assert!(!link.trusted_at(at(4_001)));
+        // A later report extends it; an older one (reordered) does not shorten it.
+        link.synced(at(2_000));
+        link.synced(at(1_500));
+        assert!(link.trusted_at(at(4_999)));
+        assert!(!link.trusted_at(at(5_001)));
+    }
+
+    #[tokio::test]
+    async fn a_feed_that_stops_vouching_ends_the_trust_while_still_up() {
+        let store = Arc::new(FakeStore::default());
+        let k = generate(KeyKind::User);
+        store.insert(&record(k.digest, None)).await.unwrap();
+        let v = Verifier::new(store.clone(), &settings(), Arc::new(Metrics::default()));
+        v.link(true);
+        v.synced(Instant::now());
+        v.verify(k.digest, 10).await.unwrap();
+        v.verify(k.digest, 10).await.unwrap();
+        assert_eq!(
+            store.lookups.load(Ordering::SeqCst),
+            1,
+            "the cache was not used"
+        );
+        // Four seconds on, with no newer report, the 3 s bound has passed: the store is asked.
+        assert!(!v.link.trusted_at(Instant::now() + Duration::from_secs(4)));
+        assert!(v.unsubscribed_for().is_none(), "no failure was noticed");
     }
 
     #[test]

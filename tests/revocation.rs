@@ -5,12 +5,13 @@ mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use common::*;
 use keygate::config::Config;
 use keygate::key::{generate, KeyDigest, KeyKind};
+use keygate::manage;
 use keygate::store::redis::RedisStore;
 use keygate::store::{now_unix, InvalidationSink, KeyRecord, Store, StoreError};
 use tokio::sync::oneshot;
@@ -212,6 +213,56 @@ async fn ready_status(http: &Http, kg: &Keygate) -> (u16, String) {
     (r.status.as_u16(), r.text())
 }
 
+/// A new key, cached live on `kg` after its creation message was processed (so that only a
+/// later invalidation, flush or distrust can end the cached verdict).
+async fn cached_key(store: &RedisStore, http: &Http, kg: &Keygate) -> manage::CreatedKey {
+    let seen = kg.invalidations();
+    let key = create_key(store, "acme", "admin").await;
+    wait_invalidations(kg, seen + 1).await;
+    assert_eq!(status_of(http, kg, key.secret.expose()).await.0, 200);
+    key
+}
+
+/// `cache.trust_while_unsubscribed` in [`config`].
+const BOUND: Duration = Duration::from_secs(1);
+/// Slack for the test's own clock reading around the moment the link broke.
+const EPSILON: Duration = Duration::from_millis(100);
+
+/// Requests `key` back to back until `run_for` after `t0`: when each request started (after
+/// `t0`) and its status.
+async fn statuses_until(
+    http: &Http,
+    kg: &Keygate,
+    key: &str,
+    t0: Instant,
+    run_for: Duration,
+) -> Vec<(Duration, u16)> {
+    let mut seen = Vec::new();
+    while t0.elapsed() < run_for {
+        let started = t0.elapsed();
+        seen.push((started, status_of(http, kg, key).await.0));
+    }
+    seen
+}
+
+/// No request that started more than [`BOUND`] + [`EPSILON`] after `t0` (when the link was
+/// last known good, at the latest) was answered 200; some did start then, and the last answer
+/// is `last`.
+fn assert_bound_held(seen: &[(Duration, u16)], last: u16) {
+    let late: Vec<_> = seen
+        .iter()
+        .filter(|(at, _)| *at > BOUND + EPSILON)
+        .collect();
+    assert!(!late.is_empty(), "no request after the bound: {seen:?}");
+    for (at, status) in &late {
+        assert_ne!(
+            *status, 200,
+            "a cached verdict was served {at:?} after the link was last known good (bound {BOUND:?})"
+        );
+    }
+    assert_eq!(seen.last().unwrap().1, last, "{seen:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_missed_while_unsubscribed_is_enforced_within_the_bound() {
     let redis = RedisServer::start();
@@ -221,9 +272,8 @@ async fn a_revocation_missed_while_unsubscribed_is_enforced_within_the_bound() {
     let kg = Keygate::start(config(&redis.url(), &ns, &upstream.url())).await;
     kg.wait_ready().await;
     let http = Http::new();
-    let key = create_key(&*store, "acme", "admin").await;
+    let key = cached_key(&store, &http, &kg).await;
     let secret = key.secret.expose();
-    assert_eq!(status_of(&http, &kg, secret).await.0, 200);
 
     // Connections that exist keep working; new ones (the subscriber's reconnects) are refused.
     let mut admin = redis.conn();
@@ -236,35 +286,25 @@ async fn a_revocation_missed_while_unsubscribed_is_enforced_within_the_bound() {
     };
     run(&["CONFIG", "SET", "requirepass", "test-only-password"]);
     let killed = run(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    // The subscription was last known good before the kill, so before now.
+    let t0 = Instant::now();
     assert!(
         matches!(killed, redis::Value::Int(n) if n >= 1),
         "no subscriber to kill"
     );
-    eventually(
-        PROPAGATION,
-        "/readyz reports the subscription down",
-        || async {
-            let (status, body) = ready_status(&http, &kg).await;
-            status == 503 && body.contains("subscription")
-        },
-    )
-    .await;
 
-    // Published while the subscriber is away: the message is lost.
+    // Published while the subscriber is away: the message is lost. The cached "live" verdict
+    // may be served until the bound, never after it.
     store.revoke(&key.record.id, now_unix()).await.unwrap();
-    wait_for_status(
-        &http,
-        &kg,
-        secret,
-        401,
-        "the key is rejected after the bound",
-    )
-    .await;
+    let seen = statuses_until(&http, &kg, secret, t0, BOUND + Duration::from_millis(600)).await;
+    assert_bound_held(&seen, 401);
     assert_eq!(
         status_of(&http, &kg, secret).await,
         (401, "key_revoked".into())
     );
     assert!(kg.app.metrics.unsynced_lookups.get() > 0);
+    let (status, body) = ready_status(&http, &kg).await;
+    assert!(status == 503 && body.contains("subscription"), "{body}");
 
     run(&["CONFIG", "SET", "requirepass", ""]);
     eventually(
@@ -286,27 +326,35 @@ async fn a_revocation_missed_while_unsubscribed_is_enforced_within_the_bound() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_half_open_subscription_is_noticed_and_the_cache_distrusted() {
+async fn a_half_open_subscription_is_distrusted_within_the_bound() {
     let redis = RedisServer::start();
     let relay = Relay::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
     let upstream = Upstream::start().await;
     let ns = namespace("halfopen");
     let store = redis_store(&redis, &ns);
-    let kg = Keygate::start(config(&relay.url(), &ns, &upstream.url())).await;
+    // A dead link is noticed only two health-check intervals after it last answered; the
+    // bound must hold anyway, counted from that last answer.
+    let mut c = config(&relay.url(), &ns, &upstream.url());
+    c.store.health_check_interval = "400ms".into();
+    let kg = Keygate::start(c).await;
     kg.wait_ready().await;
     let http = Http::new();
-    let key = create_key(&*store, "acme", "admin").await;
+    let key = cached_key(&store, &http, &kg).await;
     let secret = key.secret.expose();
-    wait_for_status(&http, &kg, secret, 200, "the key is accepted").await;
 
     relay.pause();
-    eventually(PROPAGATION, "the dead link is noticed", || async {
-        kg.app.verifier.unsubscribed_for().is_some()
-    })
-    .await;
-    // Past the trust bound every request goes to Redis, which cannot answer through the dead
+    // No byte moves through the relay from here on: the link was last known good before now.
+    let t0 = Instant::now();
+    // The revocation reaches Redis (directly) but not the instance (through the dead link).
+    store.revoke(&key.record.id, now_unix()).await.unwrap();
+    // Past the bound every request goes to Redis, which cannot answer through the dead
     // link: the instance fails closed instead of serving its cache.
-    wait_for_status(&http, &kg, secret, 503, "the cache is no longer trusted").await;
+    let seen = statuses_until(&http, &kg, secret, t0, BOUND + Duration::from_millis(600)).await;
+    assert_bound_held(&seen, 503);
+    assert!(
+        kg.app.verifier.unsubscribed_for().is_some(),
+        "the dead link was not noticed"
+    );
     assert_eq!(ready_status(&http, &kg).await.0, 503);
 
     relay.resume();
@@ -314,7 +362,11 @@ async fn a_half_open_subscription_is_noticed_and_the_cache_distrusted() {
         ready_status(&http, &kg).await.0 == 200
     })
     .await;
-    wait_for_status(&http, &kg, secret, 200, "the key works again").await;
+    // The resubscribe flushed the cache: the revocation it missed is enforced.
+    assert_eq!(
+        status_of(&http, &kg, secret).await,
+        (401, "key_revoked".into())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -404,4 +456,22 @@ async fn redis_restart_under_load_never_lets_a_revoked_key_through() {
         0,
         "a revoked key was accepted"
     );
+}
+
+#[test]
+fn a_trust_bound_within_one_health_check_is_refused() {
+    let mut c = config("redis://127.0.0.1:6390", "n", "http://127.0.0.1:1");
+    c.store.health_check_interval = "1s".into();
+    c.cache.trust_while_unsubscribed = "1s".into();
+    let Err(err) = c.serve_settings() else {
+        panic!("a bound within one health check was accepted")
+    };
+    let err = err.to_string();
+    assert!(
+        err.contains("cache.trust_while_unsubscribed")
+            && err.contains("store.health_check_interval"),
+        "{err}"
+    );
+    c.cache.trust_while_unsubscribed = "1500ms".into();
+    assert!(c.serve_settings().is_ok());
 }

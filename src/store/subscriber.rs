@@ -5,16 +5,23 @@
 //! - Messages published while the subscription is down are lost, so every (re)subscribe
 //!   flushes the whole cache *after* SUBSCRIBE is confirmed: anything cached before then may
 //!   have missed a message, anything read after it will be followed by any later message.
-//! - A silently dead link (half-open TCP, a middlebox dropping idle connections) is noticed by
-//!   a PING on the subscribed connection every `health_check_interval`; no answer within the
-//!   same interval counts as a disconnect.
-//! - While down, the sink is told so; it stops trusting cached verdicts after a short bound.
+//! - The sink is told when the feed was last known good ([`InvalidationSink::synced`]): the
+//!   moment the confirmed SUBSCRIBE, or the latest answered PING, was sent. Redis answers on
+//!   one connection in order, so an answer proves that every message published before its
+//!   command was sent has been delivered; they are applied before the sink is told. The sink
+//!   trusts cached verdicts only for a bound after that moment, so a silently dead link cannot
+//!   stretch the trust however late it is noticed.
+//! - A silently dead link (half-open TCP, a frozen Redis, a middlebox dropping idle
+//!   connections) is noticed by a PING on the subscribed connection every
+//!   `health_check_interval`; a PING still unanswered at the next one counts as a disconnect.
 //! - Reconnects back off exponentially with jitter, so a fleet does not stampede Redis.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use redis::aio::{PubSubSink, PubSubStream};
 
 use super::InvalidationSink;
@@ -34,13 +41,17 @@ pub(super) async fn run(
 ) {
     let mut backoff = BACKOFF_MIN;
     loop {
+        let attempted = Instant::now();
         match subscribe(&client, &channel, connect_timeout).await {
-            Ok((mut conn, mut messages)) => {
+            Ok((conn, mut messages)) => {
+                // Flush, then report the feed good as of the attempt: nothing cached from
+                // before the flush is trusted on the strength of this subscription.
                 sink.invalidate_all();
                 sink.link(true);
+                sink.synced(attempted);
                 backoff = BACKOFF_MIN;
                 tracing::info!(%channel, "invalidation subscription up; cache flushed");
-                let reason = follow(&mut conn, &mut messages, health_check_interval, &*sink).await;
+                let reason = follow(&conn, &mut messages, health_check_interval, &*sink).await;
                 sink.link(false);
                 tracing::warn!(%reason, %addr, "invalidation subscription lost; reconnecting");
             }
@@ -73,9 +84,11 @@ async fn subscribe(
     }
 }
 
+type Pong = Pin<Box<dyn Future<Output = redis::RedisResult<redis::Value>> + Send>>;
+
 /// Applies messages until the link fails; returns why it failed.
 async fn follow(
-    conn: &mut PubSubSink,
+    conn: &PubSubSink,
     messages: &mut PubSubStream,
     interval: Duration,
     sink: &dyn InvalidationSink,
@@ -83,27 +96,57 @@ async fn follow(
     let mut health = tokio::time::interval(interval);
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     health.tick().await;
+    // The PING in flight and when it was sent. It runs beside the messages, so a health check
+    // never delays an invalidation.
+    let mut ping: Option<(Instant, Pong)> = None;
     loop {
         tokio::select! {
+            biased;
             msg = messages.next() => {
                 let Some(msg) = msg else { return "connection closed".into() };
-                let payload = msg.get_payload_bytes();
-                match std::str::from_utf8(payload).ok().and_then(KeyDigest::from_hex) {
-                    Some(digest) => sink.invalidate(&digest).await,
-                    None => {
-                        // Not a digest: be safe and forget everything.
-                        tracing::warn!(len = payload.len(), "unreadable invalidation message; flushing the cache");
-                        sink.invalidate_all();
-                    }
+                apply(&msg, sink).await;
+            }
+            pong = async { ping.as_mut().expect("guarded by the condition").1.as_mut().await },
+                if ping.is_some() =>
+            {
+                let (sent, _) = ping.take().expect("guarded by the condition");
+                if let Err(e) = pong {
+                    return format!("health check failed: {e}");
                 }
+                // Every message that arrived before the answer is queued by now: apply them
+                // all before vouching for the feed as of `sent`.
+                while let Some(msg) = messages.next().now_or_never() {
+                    let Some(msg) = msg else { return "connection closed".into() };
+                    apply(&msg, sink).await;
+                }
+                sink.synced(sent);
             }
             _ = health.tick() => {
-                match tokio::time::timeout(interval, conn.ping::<redis::Value>()).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return format!("health check failed: {e}"),
-                    Err(_) => return format!("no answer to a health check within {interval:?}"),
+                if ping.is_some() {
+                    return format!("no answer to a health check within {interval:?}");
                 }
+                let mut conn = conn.clone();
+                ping = Some((Instant::now(), Box::pin(async move { conn.ping().await })));
             }
+        }
+    }
+}
+
+/// Applies one message: a digest hex evicts that key's verdicts; anything else flushes.
+async fn apply(msg: &redis::Msg, sink: &dyn InvalidationSink) {
+    let payload = msg.get_payload_bytes();
+    match std::str::from_utf8(payload)
+        .ok()
+        .and_then(KeyDigest::from_hex)
+    {
+        Some(digest) => sink.invalidate(&digest).await,
+        None => {
+            // Not a digest: be safe and forget everything.
+            tracing::warn!(
+                len = payload.len(),
+                "unreadable invalidation message; flushing the cache"
+            );
+            sink.invalidate_all();
         }
     }
 }
