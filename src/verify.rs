@@ -15,6 +15,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 use moka::future::Cache;
 use moka::notification::RemovalCause;
+use moka::ops::compute::Op;
 use moka::Expiry;
 
 use crate::config::CacheSettings;
@@ -36,8 +37,6 @@ pub struct Identity {
     pub kind: KeyKind,
     /// Expiry, Unix seconds.
     pub expires_at: Option<u64>,
-    /// Whether the key was revoked.
-    pub revoked: bool,
     /// When this entry last queued a last-used note (Unix seconds): the rate limit that makes
     /// recording use cost one atomic load on most requests.
     last_noted: AtomicU64,
@@ -87,7 +86,6 @@ impl Identity {
             ends,
             kind: r.kind,
             expires_at: r.expires_at,
-            revoked: r.revoked_at.is_some(),
             last_noted: AtomicU64::new(0),
         })
     }
@@ -138,7 +136,10 @@ impl Identity {
 /// What the cache knows of a digest.
 #[derive(Clone, Debug)]
 enum Verdict {
+    /// A key that is not revoked (it may have expired since).
     Known(Arc<Identity>),
+    /// A revoked key. Final: no operation un-revokes a key.
+    Revoked,
     Unknown,
 }
 
@@ -147,6 +148,15 @@ enum Verdict {
 struct Entry {
     verdict: Verdict,
     stamp: Stamp,
+}
+
+impl Entry {
+    /// Whether the verdict may be used when the generations are `now`: if no invalidation of
+    /// its stripe, and no flush, came after its store read began; a revoked verdict always
+    /// (it is final, so it cannot be stale).
+    fn usable(&self, now: Stamp) -> bool {
+        matches!(self.verdict, Verdict::Revoked) || self.stamp == now
+    }
 }
 
 /// Why a key was refused.
@@ -172,6 +182,7 @@ impl Expiry<KeyDigest, Entry> for VerdictExpiry {
     fn expire_after_create(&self, _: &KeyDigest, e: &Entry, _: Instant) -> Option<Duration> {
         Some(match &e.verdict {
             Verdict::Unknown => self.negative_ttl,
+            Verdict::Revoked => self.ttl,
             Verdict::Known(id) => match id.expires_at {
                 // Until the expiry the verdict is "valid"; after it, "expired" stays true.
                 Some(exp) => {
@@ -431,6 +442,13 @@ impl Verifier {
     pub async fn verify(&self, digest: KeyDigest, now: u64) -> Result<Arc<Identity>, VerifyError> {
         let verdict = if self.link.trusted() {
             self.cached(digest).await?
+        } else if let Some(Entry {
+            verdict: Verdict::Revoked,
+            ..
+        }) = self.cache.get(&digest).await
+        {
+            // Final, so still true however many invalidations were missed.
+            Verdict::Revoked
         } else {
             // Invalidations may have been missed: every request asks the store.
             self.metrics.unsynced_lookups.inc();
@@ -438,7 +456,7 @@ impl Verifier {
         };
         match verdict {
             Verdict::Unknown => Err(VerifyError::Unknown),
-            Verdict::Known(id) if id.revoked => Err(VerifyError::Revoked),
+            Verdict::Revoked => Err(VerifyError::Revoked),
             Verdict::Known(id) if id.expires_at.is_some_and(|e| now >= e) => {
                 Err(VerifyError::Expired)
             }
@@ -466,11 +484,15 @@ impl Verifier {
             };
             // Invariant (no stale window): a cached verdict is used only if no invalidation of
             // its stripe, and no flush, was processed after its store read began. Invalidation
-            // bumps the generation before evicting, and a fill stamps the generations before
-            // reading, so a fill that read a record before a revocation carries an old stamp
-            // however late moka inserts it, and is discarded here. Tested by
-            // `a_lookup_racing_a_revocation_is_never_cached` in tests/revocation.rs.
-            if entry.stamp == self.generations.stamp(&digest) {
+            // bumps the generation before evicting (or before caching "revoked"), and a fill
+            // stamps the generations before reading, so a fill that read a record before a
+            // revocation carries an old stamp however late moka inserts it (even over the
+            // "revoked" entry), and is discarded here. Only a revoked verdict skips the check:
+            // it is final. Tested by `a_lookup_racing_a_revocation_is_never_cached` (fill vs.
+            // revocation) and `a_fill_across_a_resubscribe_is_discarded` (fill vs. flush) in
+            // tests/revocation.rs.
+            let now = self.generations.stamp(&digest);
+            if entry.usable(now) {
                 if hit {
                     self.metrics.cache_hits.inc();
                     if matches!(entry.verdict, Verdict::Unknown) {
@@ -480,7 +502,15 @@ impl Verifier {
                 return Ok(entry.verdict);
             }
             self.metrics.stale_fills.inc();
-            self.cache.invalidate(&digest).await;
+            // Remove the stale entry, but not one that replaced it meanwhile (say the
+            // "revoked" of the very invalidation that made this one stale).
+            self.cache
+                .entry(digest)
+                .and_compute_with(|cached| {
+                    let keep = cached.is_none_or(|e| e.value().usable(now));
+                    std::future::ready(if keep { Op::Nop } else { Op::Remove })
+                })
+                .await;
         }
         // Invalidations keep racing this key's fills: answer from the store directly.
         Ok(self.lookup(digest).await.map_err(store_error)?.verdict)
@@ -493,6 +523,7 @@ impl Verifier {
         self.metrics.store_lookup(started.elapsed(), found.is_ok());
         let verdict = match found? {
             None => Verdict::Unknown,
+            Some(record) if record.revoked_at.is_some() => Verdict::Revoked,
             Some(record) => Verdict::Known(Arc::new(Identity::from_record(&record)?)),
         };
         Ok(Entry { verdict, stamp })
@@ -516,6 +547,22 @@ impl InvalidationSink for Verifier {
         // Bump first: from here on, any entry filled from an older read is refused.
         self.generations.slot(digest).fetch_add(1, Ordering::SeqCst);
         self.cache.invalidate(digest).await;
+        self.metrics.invalidations.inc();
+    }
+
+    async fn revoked(&self, digest: &KeyDigest) {
+        // Bump first, as for any invalidation: a fill that read the record before the
+        // revocation carries an older stamp and is refused, even if moka inserts it over the
+        // entry below.
+        self.generations.slot(digest).fetch_add(1, Ordering::SeqCst);
+        let stamp = self.generations.stamp(digest);
+        // Final, so cached at once: no request has to read the record to learn it, and a
+        // flood of requests with the key costs the store nothing.
+        let entry = Entry {
+            verdict: Verdict::Revoked,
+            stamp,
+        };
+        self.cache.insert(*digest, entry).await;
         self.metrics.invalidations.inc();
     }
 
@@ -713,6 +760,41 @@ mod tests {
         v.invalidate(&k.digest).await;
         v.cache.insert(k.digest, stale).await;
         store.records.lock().unwrap()[0].revoked_at = Some(5);
+        assert!(matches!(
+            v.verify(k.digest, 10).await,
+            Err(VerifyError::Revoked)
+        ));
+        assert_eq!(v.metrics.stale_fills.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_revocation_announced_as_such_needs_no_store_lookup() {
+        let store = Arc::new(FakeStore::default());
+        let k = generate(KeyKind::User);
+        store.insert(&record(k.digest, None)).await.unwrap();
+        let v = Verifier::new(store.clone(), &settings(), Arc::new(Metrics::default()));
+        v.verify(k.digest, 10).await.unwrap();
+        // A fill that read the live record just before the revocation.
+        let stale = v.lookup(k.digest).await.unwrap();
+        store.records.lock().unwrap()[0].revoked_at = Some(5);
+        v.revoked(&k.digest).await;
+        let lookups = store.lookups.load(Ordering::SeqCst);
+        for _ in 0..3 {
+            assert!(matches!(
+                v.verify(k.digest, 10).await,
+                Err(VerifyError::Revoked)
+            ));
+        }
+        assert_eq!(store.lookups.load(Ordering::SeqCst), lookups);
+        // Final: a later invalidation of the same stripe does not make it stale.
+        v.generations.slot(&k.digest).fetch_add(1, Ordering::SeqCst);
+        assert!(matches!(
+            v.verify(k.digest, 10).await,
+            Err(VerifyError::Revoked)
+        ));
+        assert_eq!(store.lookups.load(Ordering::SeqCst), lookups);
+        // The stale fill lands over it late: it is refused, never served.
+        v.cache.insert(k.digest, stale).await;
         assert!(matches!(
             v.verify(k.digest, 10).await,
             Err(VerifyError::Revoked)

@@ -80,6 +80,62 @@ async fn revoked_key_is_rejected_on_every_instance() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_with_a_just_revoked_key_costs_redis_nothing() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let ns = namespace("flood");
+    let store = redis_store(&redis, &ns);
+    let a = Keygate::start(config(&redis.url(), &ns, &upstream.url())).await;
+    let b = Keygate::start(config(&redis.url(), &ns, &upstream.url())).await;
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let http = Http::new();
+    // Cached live on `a`; never seen by `b`.
+    let key = cached_key(&store, &http, &a).await;
+    let secret = key.secret.expose();
+
+    let (seen_a, seen_b) = (a.invalidations(), b.invalidations());
+    store.revoke(&key.record.id, now_unix()).await.unwrap();
+    wait_invalidations(&a, seen_a + 1).await;
+    wait_invalidations(&b, seen_b + 1).await;
+    redis.reset_stats();
+    for kg in [&a, &b] {
+        for _ in 0..100 {
+            assert_eq!(
+                status_of(&http, kg, secret).await,
+                (401, "key_revoked".into())
+            );
+        }
+    }
+    // The announcement said "revoked": no instance had to read the record to learn it.
+    let calls = redis.command_calls();
+    assert_eq!(calls.get("hgetall"), None, "record reads: {calls:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_announcement_flushes_the_cache() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let ns = namespace("unreadable");
+    let kg = Keygate::start(config(&redis.url(), &ns, &upstream.url())).await;
+    kg.wait_ready().await;
+    let channel = format!("{ns}:invalidate");
+    let hex = generate(KeyKind::User).digest.to_hex();
+    for (i, payload) in ["garbage".to_owned(), format!("{hex}:renamed")]
+        .into_iter()
+        .enumerate()
+    {
+        let flushes = kg.app.metrics.cache_flushes.get();
+        let _: i64 = redis.cmd(&["PUBLISH", &channel, &payload]);
+        eventually(PROPAGATION, "the cache is flushed", || async {
+            kg.app.metrics.cache_flushes.get() > flushes
+        })
+        .await;
+        assert_eq!(kg.invalidations(), 0, "payload {i} was read as a digest");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_key_is_announced_so_no_unknown_verdict_outlives_it() {
     let redis = RedisServer::start();
     let upstream = Upstream::start().await;

@@ -299,6 +299,11 @@ pub fn check_name(v: &str) -> Result<(), String> {
 pub trait InvalidationSink: Send + Sync + 'static {
     /// One key's record changed (created, revoked, edited or removed).
     async fn invalidate(&self, digest: &KeyDigest);
+    /// One key was revoked. A revocation is final, so the sink may hold the verdict itself
+    /// instead of reading the record again; by default it just evicts.
+    async fn revoked(&self, digest: &KeyDigest) {
+        self.invalidate(digest).await
+    }
     /// Any record may have changed (e.g. invalidations were missed while disconnected).
     fn invalidate_all(&self);
     /// The store's invalidation feed went up or down.

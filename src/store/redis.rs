@@ -15,7 +15,11 @@
 //! - `ns:audit`: a stream of audit entries (`time`, `actor`, `action`, `target`, `tenant`,
 //!   `outcome`), trimmed to about [`AUDIT_MAX_LEN`] entries.
 //! - `ns:invalidate`: the pub/sub channel; every mutation publishes the changed key's digest
-//!   hex in the same Lua script that writes it, so no write is ever left unannounced.
+//!   hex in the same Lua script that writes it, so no write is ever left unannounced. A
+//!   revocation (revoke, rotate without grace, account removal) publishes `<hex>:revoked`
+//!   instead: a revocation is final, so instances can hold the verdict without reading the
+//!   record. Anything else on the channel makes instances flush their caches (so an older
+//!   instance receiving the revoked form flushes, which is safe).
 //!
 //! The service-account scripts derive some key names from their arguments (a key's record from
 //! its id), as the revoke script does: fine on a standalone Redis, to be revisited for Cluster.
@@ -74,7 +78,7 @@ if not is_digest(hex) then return refuse('the id index is not a digest') end
 local rk = ARGV[1] .. hex
 if redis.call('TYPE', rk).ok ~= 'hash' then return refuse('the id index points at no key record') end
 redis.call('HSETNX', rk, 'revoked_at', ARGV[2])
-redis.call('PUBLISH', ARGV[3], hex)
+redis.call('PUBLISH', ARGV[3], hex .. ':revoked')
 return hex
 "#
 );
@@ -157,10 +161,13 @@ end
 for _, k in ipairs(live) do
   if ARGV[4] == 'revoke' then
     redis.call('HSET', k[1], 'revoked_at', ARGV[5])
-  elseif (not k[3]) or tonumber(k[3]) > tonumber(ARGV[5]) then
-    redis.call('HSET', k[1], 'expires_at', ARGV[5])
+    redis.call('PUBLISH', ARGV[3], k[2] .. ':revoked')
+  else
+    if (not k[3]) or tonumber(k[3]) > tonumber(ARGV[5]) then
+      redis.call('HSET', k[1], 'expires_at', ARGV[5])
+    end
+    redis.call('PUBLISH', ARGV[3], k[2])
   end
-  redis.call('PUBLISH', ARGV[3], k[2])
 end
 redis.call('HSET', KEYS[3], unpack(ARGV, 10))
 redis.call('SET', KEYS[4], ARGV[7])
@@ -205,7 +212,7 @@ for _, kid in ipairs(redis.call('SMEMBERS', KEYS[2])) do
 end
 for _, k in ipairs(found) do
   redis.call('HSETNX', k[1], 'revoked_at', ARGV[4])
-  redis.call('PUBLISH', ARGV[3], k[2])
+  redis.call('PUBLISH', ARGV[3], k[2] .. ':revoked')
 end
 if redis.call('HGET', KEYS[3], ARGV[5]) == ARGV[6] then redis.call('HDEL', KEYS[3], ARGV[5]) end
 redis.call('DEL', KEYS[1], KEYS[2])

@@ -1,5 +1,6 @@
 //! The invalidation subscriber: one per instance, on its own Redis connection, following
-//! `<namespace>:invalidate` and evicting every announced digest from the cache.
+//! `<namespace>:invalidate`: every announced digest is evicted from the cache, or, when
+//! announced as revoked (`<hex>:revoked`), held as revoked at once.
 //!
 //! Invariants kept here:
 //! - Messages published while the subscription is down are lost, so every (re)subscribe
@@ -132,21 +133,65 @@ async fn follow(
     }
 }
 
-/// Applies one message: a digest hex evicts that key's verdicts; anything else flushes.
+/// What a message on the channel announces.
+#[derive(Debug, PartialEq, Eq)]
+enum Announcement {
+    /// `<hex>`: the key's record changed (created, edited, expiry moved).
+    Changed(KeyDigest),
+    /// `<hex>:revoked`: the key was revoked, for good.
+    Revoked(KeyDigest),
+}
+
+fn parse(payload: &[u8]) -> Option<Announcement> {
+    let text = std::str::from_utf8(payload).ok()?;
+    match text.split_once(':') {
+        None => KeyDigest::from_hex(text).map(Announcement::Changed),
+        Some((hex, "revoked")) => KeyDigest::from_hex(hex).map(Announcement::Revoked),
+        Some(_) => None,
+    }
+}
+
+/// Applies one message: a changed key's verdicts are evicted, a revoked key's replaced by
+/// "revoked"; anything unreadable flushes the whole cache.
 async fn apply(msg: &redis::Msg, sink: &dyn InvalidationSink) {
     let payload = msg.get_payload_bytes();
-    match std::str::from_utf8(payload)
-        .ok()
-        .and_then(KeyDigest::from_hex)
-    {
-        Some(digest) => sink.invalidate(&digest).await,
+    match parse(payload) {
+        Some(Announcement::Changed(digest)) => sink.invalidate(&digest).await,
+        Some(Announcement::Revoked(digest)) => sink.revoked(&digest).await,
         None => {
-            // Not a digest: be safe and forget everything.
+            // Not an announcement this version knows: be safe and forget everything.
             tracing::warn!(
                 len = payload.len(),
                 "unreadable invalidation message; flushing the cache"
             );
             sink.invalidate_all();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announcements_are_read_strictly() {
+        let d = KeyDigest([0xab; 32]);
+        let hex = d.to_hex();
+        assert_eq!(parse(hex.as_bytes()), Some(Announcement::Changed(d)));
+        assert_eq!(
+            parse(format!("{hex}:revoked").as_bytes()),
+            Some(Announcement::Revoked(d))
+        );
+        for bad in [
+            format!("{hex}:"),
+            format!("{hex}:revoked:x"),
+            format!("{hex}:REVOKED"),
+            ":revoked".to_owned(),
+            hex[1..].to_owned(),
+            "garbage".to_owned(),
+        ] {
+            assert_eq!(parse(bad.as_bytes()), None, "{bad}");
+        }
+        assert_eq!(parse(b"\xff\xfe"), None);
     }
 }
