@@ -26,6 +26,23 @@ fn config(redis_url: &str, ns: &str, upstream: &str) -> Config {
     c
 }
 
+/// What an instance's `/metrics` says about how it followed the invalidation feed.
+#[derive(Debug, PartialEq)]
+struct Feed {
+    invalidations: f64,
+    flushes: f64,
+    unsynced: f64,
+}
+
+async fn feed(kg: &Keygate) -> Feed {
+    let m = kg.scrape().await;
+    Feed {
+        invalidations: m.get("keygate_invalidations_received_total"),
+        flushes: m.get("keygate_cache_flushes_total"),
+        unsynced: m.get("keygate_unsynced_lookups_total"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_key_is_rejected_on_every_instance() {
     let redis = RedisServer::start();
@@ -37,10 +54,15 @@ async fn revoked_key_is_rejected_on_every_instance() {
     a.wait_ready().await;
     b.wait_ready().await;
     let http = Http::new();
+    let (seen_a, seen_b) = (a.invalidations(), b.invalidations());
     let key = create_key(&*store, "acme", "admin").await;
+    wait_invalidations(&a, seen_a + 1).await;
+    wait_invalidations(&b, seen_b + 1).await;
     let secret = key.secret.expose();
+    let mut before = Vec::new();
     for kg in [&a, &b] {
         assert_eq!(status_of(&http, kg, secret).await.0, 200);
+        before.push(feed(kg).await);
     }
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
@@ -60,7 +82,7 @@ async fn revoked_key_is_rejected_on_every_instance() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    for kg in [&a, &b] {
+    for (kg, before) in [&a, &b].into_iter().zip(before) {
         wait_for_status(
             &http,
             kg,
@@ -76,6 +98,17 @@ async fn revoked_key_is_rejected_on_every_instance() {
                 "a revoked key was accepted again"
             );
         }
+        // The 401 came from the announcement itself: one invalidation applied, and neither a
+        // flush (a flapping subscription) nor distrust (a dead one) played a part.
+        let after = feed(kg).await;
+        assert_eq!(
+            after,
+            Feed {
+                invalidations: before.invalidations + 1.0,
+                ..before
+            },
+            "the revocation did not arrive as one invalidation"
+        );
     }
 }
 
@@ -425,6 +458,19 @@ async fn a_half_open_subscription_is_distrusted_within_the_bound() {
     );
 }
 
+/// Arguments for a restarted `redis-server` whose default user may not SUBSCRIBE: the
+/// instances' store connections work, their subscriptions cannot come back.
+const NO_SUBSCRIBE: &[&str] = &[
+    "--user",
+    "default",
+    "on",
+    "nopass",
+    "~*",
+    "&*",
+    "+@all",
+    "-subscribe",
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_under_load_never_lets_a_revoked_key_through() {
     let mut redis = RedisServer::start();
@@ -436,27 +482,23 @@ async fn redis_restart_under_load_never_lets_a_revoked_key_through() {
     a.wait_ready().await;
     b.wait_ready().await;
     let http = Http::new();
+    let (seen_a, seen_b) = (a.invalidations(), b.invalidations());
     let revoked = create_key(&*store, "acme", "admin").await;
     let live = create_key(&*store, "acme", "admin").await;
+    wait_invalidations(&a, seen_a + 2).await;
+    wait_invalidations(&b, seen_b + 2).await;
+    // Both keys cached live on both instances.
     for kg in [&a, &b] {
         assert_eq!(status_of(&http, kg, revoked.secret.expose()).await.0, 200);
         assert_eq!(status_of(&http, kg, live.secret.expose()).await.0, 200);
     }
-    store.revoke(&revoked.record.id, now_unix()).await.unwrap();
-    for kg in [&a, &b] {
-        wait_for_status(
-            &http,
-            kg,
-            revoked.secret.expose(),
-            401,
-            "revoked everywhere",
-        )
-        .await;
-    }
 
-    // Load: both keys on both instances, until told to stop.
+    // Load: both keys on both instances, until told to stop. A 200 for `revoked` to a request
+    // that started after `forbidden_after` (microseconds on `clock`) is a leak.
+    let clock = Instant::now();
+    let forbidden_after = Arc::new(AtomicU64::new(u64::MAX));
     let stop = Arc::new(AtomicBool::new(false));
-    let leaked = Arc::new(AtomicU64::new(0));
+    let leaked = Arc::new(Mutex::new(Vec::new()));
     let sent = Arc::new(AtomicU64::new(0));
     let mut load = Vec::new();
     for kg in [a.clone(), b.clone()] {
@@ -464,32 +506,71 @@ async fn redis_restart_under_load_never_lets_a_revoked_key_through() {
             revoked.secret.expose().to_owned(),
             live.secret.expose().to_owned(),
         ] {
-            let (kg, http, stop, leaked, sent) = (
+            let (kg, http, stop, leaked, sent, forbidden_after) = (
                 kg.clone(),
                 http.clone(),
                 stop.clone(),
                 leaked.clone(),
                 sent.clone(),
+                forbidden_after.clone(),
             );
             let is_revoked = secret == revoked.secret.expose();
             load.push(tokio::spawn(async move {
                 while !stop.load(Ordering::SeqCst) {
+                    let started = clock.elapsed().as_micros() as u64;
                     let (status, _) = status_of(&http, &kg, &secret).await;
                     sent.fetch_add(1, Ordering::SeqCst);
-                    if is_revoked && status == 200 {
-                        leaked.fetch_add(1, Ordering::SeqCst);
+                    if is_revoked
+                        && status == 200
+                        && started > forbidden_after.load(Ordering::SeqCst)
+                    {
+                        leaked.lock().unwrap().push(Duration::from_micros(started));
                     }
                 }
             }));
         }
     }
 
+    // Redis goes away and comes back refusing SUBSCRIBE: both subscribers stay down while
+    // the key is revoked, so its message is lost.
     redis.stop();
-    redis.restart();
+    let down = clock.elapsed();
+    redis.restart_with(NO_SUBSCRIBE);
+    store.revoke(&revoked.record.id, now_unix()).await.unwrap();
+    // From now on a cached "live" may be served only within the trust bound of the moment
+    // the links were last known good (before Redis went away).
+    let revoked_at = clock.elapsed();
+    forbidden_after.store(
+        revoked_at.max(down + BOUND + EPSILON).as_micros() as u64,
+        Ordering::SeqCst,
+    );
+    for kg in [&a, &b] {
+        wait_for_status(
+            &http,
+            kg,
+            revoked.secret.expose(),
+            401,
+            "refused while down",
+        )
+        .await;
+        assert!(
+            kg.app.verifier.unsubscribed_for().is_some(),
+            "the subscription came back too early for this test"
+        );
+    }
+
+    // The subscribers come back; each must flush what it cached before.
+    let _: () = redis.cmd(&["ACL", "SETUSER", "default", "+subscribe"]);
     for kg in [&a, &b] {
         kg.wait_ready().await;
         wait_for_status(&http, kg, live.secret.expose(), 200, "service resumes").await;
     }
+    // Load on the cached path again for a while.
+    let resumed = sent.load(Ordering::SeqCst);
+    eventually(PROPAGATION, "more load after the resubscribe", || async {
+        sent.load(Ordering::SeqCst) > resumed + 200
+    })
+    .await;
     // Revocation keeps working after the restart, on both instances.
     store.revoke(&live.record.id, now_unix()).await.unwrap();
     for kg in [&a, &b] {
@@ -507,11 +588,80 @@ async fn redis_restart_under_load_never_lets_a_revoked_key_through() {
         task.await.unwrap();
     }
     assert!(sent.load(Ordering::SeqCst) > 100, "the load did not run");
-    assert_eq!(
-        leaked.load(Ordering::SeqCst),
-        0,
-        "a revoked key was accepted"
+    let leaked = leaked.lock().unwrap();
+    assert!(
+        leaked.is_empty(),
+        "a revoked key was accepted {} times, first {:?} after the start (down at {down:?}, \
+         revoked at {revoked_at:?})",
+        leaked.len(),
+        leaked.first()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_across_a_resubscribe_is_discarded() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let ns = namespace("epoch");
+    let store = redis_store(&redis, &ns);
+    let gated = Arc::new(GatedStore {
+        inner: redis_store(&redis, &ns),
+        gate: Mutex::new(None),
+    });
+    let kg = Arc::new(
+        Keygate::start_with_store(config(&redis.url(), &ns, &upstream.url()), gated.clone()).await,
+    );
+    kg.wait_ready().await;
+    let http = Http::new();
+    let seen = kg.invalidations();
+    let key = create_key(&*store, "acme", "admin").await;
+    wait_invalidations(&kg, seen + 1).await;
+    let secret = key.secret.expose().to_owned();
+
+    // A fill reads the live record and is held there.
+    let (read_done_tx, read_done) = oneshot::channel();
+    let (release, release_rx) = oneshot::channel();
+    *gated.gate.lock().unwrap() = Some((read_done_tx, release_rx));
+    let first = tokio::spawn({
+        let (http, kg, secret) = (http.clone(), kg.clone(), secret.clone());
+        async move { status_of(&http, &kg, &secret).await }
+    });
+    read_done.await.unwrap();
+
+    // The subscription drops and cannot come back while the key is revoked: the message is
+    // lost, so only the resubscribe's flush can tell that the held fill is stale.
+    let _: () = redis.cmd(&["ACL", "SETUSER", "default", "-subscribe"]);
+    let killed: i64 = redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert!(killed >= 1, "no subscriber to kill");
+    eventually(PROPAGATION, "the subscription is down", || async {
+        kg.app.verifier.unsubscribed_for().is_some()
+    })
+    .await;
+    let flushes = kg.app.metrics.cache_flushes.get();
+    store.revoke(&key.record.id, now_unix()).await.unwrap();
+    let _: () = redis.cmd(&["ACL", "SETUSER", "default", "+subscribe"]);
+    eventually(
+        Duration::from_secs(10),
+        "resubscribed and flushed",
+        || async {
+            kg.app.metrics.cache_flushes.get() > flushes
+                && kg.app.verifier.unsubscribed_for().is_none()
+        },
+    )
+    .await;
+    assert_eq!(kg.invalidations(), seen + 1, "the revocation was not lost");
+
+    // The held fill completes now, after the flush, carrying what it read before it.
+    release.send(()).unwrap();
+    let (status, _) = first.await.unwrap();
+    assert!(status == 200 || status == 401, "{status}");
+    for _ in 0..20 {
+        assert_eq!(
+            status_of(&http, &kg, &secret).await,
+            (401, "key_revoked".into()),
+            "the fill that straddled the resubscribe was used"
+        );
+    }
 }
 
 #[test]

@@ -100,12 +100,12 @@ impl RedisServer {
             dir: temp_dir("redis"),
             child: None,
         };
-        r.spawn().map(|()| r)
+        r.spawn(&[]).map(|()| r)
     }
 
     /// Spawns the server and waits until it answers as itself: the `process_id` of `INFO
     /// server` must be the child's, or the answer came from someone else's server on that port.
-    fn spawn(&mut self) -> Result<(), String> {
+    fn spawn(&mut self, extra: &[&str]) -> Result<(), String> {
         let mut child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
@@ -114,6 +114,7 @@ impl RedisServer {
             .args(["--dbfilename", "dump.rdb"])
             .arg("--dir")
             .arg(&self.dir)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -224,8 +225,13 @@ impl RedisServer {
 
     /// Starts again on the same port and directory, reloading the saved dataset.
     pub fn restart(&mut self) {
+        self.restart_with(&[]);
+    }
+
+    /// [`RedisServer::restart`] with more `redis-server` arguments (config directives).
+    pub fn restart_with(&mut self, extra: &[&str]) {
         assert!(self.child.is_none(), "stop() first");
-        if let Err(why) = self.spawn() {
+        if let Err(why) = self.spawn(extra) {
             panic!("redis-server did not restart on port {}: {why}", self.port);
         }
     }
