@@ -551,18 +551,20 @@ impl InvalidationSink for Verifier {
     }
 
     async fn revoked(&self, digest: &KeyDigest) {
-        // Bump first, as for any invalidation: a fill that read the record before the
-        // revocation carries an older stamp and is refused, even if moka inserts it over the
-        // entry below.
-        self.generations.slot(digest).fetch_add(1, Ordering::SeqCst);
-        let stamp = self.generations.stamp(digest);
-        // Final, so cached at once: no request has to read the record to learn it, and a
-        // flood of requests with the key costs the store nothing.
-        let entry = Entry {
+        // Final, so cached at once (a revoked verdict is used whatever its stamp): no request
+        // has to read the record to learn it, and a flood of requests with the key costs the
+        // store nothing. Cached *before* the bump, so that no request finds the stripe bumped
+        // over the old entry (which it would discard and refill from the store).
+        let revoked = || Entry {
             verdict: Verdict::Revoked,
-            stamp,
+            stamp: self.generations.stamp(digest),
         };
-        self.cache.insert(*digest, entry).await;
+        self.cache.insert(*digest, revoked()).await;
+        // Then, as for any invalidation: a fill that read the record before the revocation
+        // carries an older stamp and is refused from here on, even if moka inserts it over
+        // the entry above; cache "revoked" again in case one landed in between.
+        self.generations.slot(digest).fetch_add(1, Ordering::SeqCst);
+        self.cache.insert(*digest, revoked()).await;
         self.metrics.invalidations.inc();
     }
 
