@@ -313,6 +313,7 @@ enum Report {
 }
 
 /// One poller: hammers instance `i` with the current key, back to back, over one connection.
+/// Returns the round trips (microseconds) of its requests answered 200 (the cached path).
 fn poller(
     i: usize,
     addr: SocketAddr,
@@ -321,60 +322,76 @@ fn poller(
     flood: usize,
     spin: bool,
     out: Sender<Report>,
-) {
-    let fail = |out: &Sender<Report>, e: String| {
+) -> Vec<u32> {
+    let mut round_trips = Vec::with_capacity(1 << 20);
+    if let Err(e) = poll(
+        i,
+        &mut round_trips,
+        addr,
+        &requests,
+        &current,
+        flood,
+        spin,
+        &out,
+    ) {
         let _ = out.send(Report::Failed(format!("poller {}: {e}", i + 1)));
-    };
-    let mut conn = match Conn::open(addr, spin) {
-        Ok(c) => c,
-        Err(e) => return fail(&out, e),
-    };
+    }
+    round_trips
+}
+
+#[allow(clippy::too_many_arguments)]
+fn poll(
+    i: usize,
+    round_trips: &mut Vec<u32>,
+    addr: SocketAddr,
+    requests: &[Vec<u8>],
+    current: &AtomicUsize,
+    flood: usize,
+    spin: bool,
+    out: &Sender<Report>,
+) -> Outcome<()> {
+    let mut conn = Conn::open(addr, spin)?;
     let (mut live, mut done) = (IDLE, IDLE);
     loop {
         let k = current.load(Ordering::Acquire);
         if k == STOP {
-            return;
+            return Ok(());
         }
         if k == IDLE || k == done {
             thread::park_timeout(Duration::from_millis(5));
             continue;
         }
-        match conn.exchange(&requests[k]) {
-            Ok((200, _, _)) if live != k => {
-                live = k;
-                let _ = out.send(Report::Live(k));
+        let sent = Instant::now();
+        match conn.exchange(&requests[k])? {
+            (200, _, at) => {
+                round_trips.push((at - sent).as_micros() as u32);
+                if live != k {
+                    live = k;
+                    let _ = out.send(Report::Live(k));
+                }
             }
-            Ok((200, _, _)) => {}
-            Ok((401, body, at)) if live == k && find(&body, b"key_revoked").is_some() => {
+            (401, body, at) if live == k && find(&body, b"key_revoked").is_some() => {
                 let _ = out.send(Report::Refused(i, k, at));
                 for _ in 0..flood {
-                    match conn.exchange(&requests[k]) {
-                        Ok((401, _, _)) => {}
-                        Ok((s, body, _)) => {
-                            return fail(
-                                &out,
-                                format!(
-                                    "{s} in the flood after the revocation: {}",
-                                    String::from_utf8_lossy(&body)
-                                ),
-                            )
+                    match conn.exchange(&requests[k])? {
+                        (401, _, _) => {}
+                        (s, body, _) => {
+                            return Err(format!(
+                                "{s} in the flood after the revocation: {}",
+                                String::from_utf8_lossy(&body)
+                            ))
                         }
-                        Err(e) => return fail(&out, e),
                     }
                 }
                 done = k;
                 let _ = out.send(Report::Flooded(k));
             }
-            Ok((s, body, _)) => {
-                return fail(
-                    &out,
-                    format!(
-                        "unexpected {s} for key {k}: {}",
-                        String::from_utf8_lossy(&body)
-                    ),
-                )
+            (s, body, _) => {
+                return Err(format!(
+                    "unexpected {s} for key {k}: {}",
+                    String::from_utf8_lossy(&body)
+                ))
             }
-            Err(e) => return fail(&out, e),
         }
     }
 }
@@ -529,7 +546,7 @@ struct Bench<'a> {
     /// Prefix of record keys (`<namespace>:key:`).
     record_prefix: String,
     current: Arc<AtomicUsize>,
-    pollers: Vec<JoinHandle<()>>,
+    pollers: Vec<JoinHandle<Vec<u32>>>,
     reports: Receiver<Report>,
     published: Receiver<(String, Instant)>,
 }
@@ -683,12 +700,15 @@ impl Bench<'_> {
         })
     }
 
-    fn stop(self) {
+    /// Stops the pollers; returns their round trips of 200s, all together.
+    fn stop(self) -> Vec<u32> {
         self.current.store(STOP, Ordering::Release);
+        let mut round_trips = Vec::new();
         for p in self.pollers {
             p.thread().unpark();
-            let _ = p.join();
+            round_trips.extend(p.join().unwrap_or_default());
         }
+        round_trips
     }
 }
 
@@ -802,7 +822,7 @@ fn run(plan: &Plan) -> Outcome<()> {
 
     let current = Arc::new(AtomicUsize::new(IDLE));
     let (reports_tx, reports) = mpsc::channel();
-    let pollers: Vec<JoinHandle<()>> = instances
+    let pollers: Vec<JoinHandle<Vec<u32>>> = instances
         .iter()
         .enumerate()
         .map(|(i, kg)| {
@@ -831,7 +851,7 @@ fn run(plan: &Plan) -> Outcome<()> {
         published,
     };
     let outcome = bench.measure(&calibration, &keys);
-    bench.stop();
+    let mut round_trips = bench.stop();
     let found = outcome?;
 
     let mut counters = Vec::new();
@@ -859,6 +879,14 @@ fn run(plan: &Plan) -> Outcome<()> {
         all.extend(s);
     }
     print_row("all", &mut all);
+    let mut round_trips: Vec<i64> = round_trips.drain(..).map(i64::from).collect();
+    if !round_trips.is_empty() {
+        print_row("(200 rtt)", &mut round_trips);
+        println!(
+            "(200 rtt: a poller's round trip for a cached, forwarded request during the run, {} requests)",
+            round_trips.len()
+        );
+    }
     println!(
         "record reads (HGETALL) of the revoked keys after their revocation, through the floods \
          ({} requests per poller after its first 401), less the revoker's own read-back ({} per \
