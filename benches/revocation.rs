@@ -19,13 +19,14 @@
 //! and overall. Settings by environment: `REVOCATIONS` (default 1,000), `FLOOD` (requests per
 //! poller after its first 401, default 20), `REVOKE_VIA` (`api` or `store`), `WORKERS` (the
 //! instances' `server.workers`), `RUNTIME_THREADS` (the instances' `TOKIO_WORKER_THREADS`: the
-//! runtime of the subscriber and the admin listener), `POLLER` (`block`: blocking reads, woken
-//! by the kernel; `spin`: non-blocking reads in a loop), `KEYGATE_WRAP` (a command put before
-//! each instance, e.g. `nice -n -5` or `taskset -c 1`).
+//! runtime of the subscriber and the admin listener), `POLLER` (`threads`: a thread each, the
+//! default; `one`: all on one thread, so one wake-up serves whichever answers), `KEYGATE_WRAP`
+//! (a command put before each instance, e.g. `nice -n -5` or `taskset -c 1`), `KEYGATE_BIN`
+//! (another keygate binary, to compare builds).
 //!
 //! Under `cargo test` it runs a short smoke pass (20 revocations, 5 flood requests) and exits
 //! non-zero if anything fails: an answer other than 200 before the revocation or 401 after it,
-//! no 401 within 5 s, a publish not seen, or any store lookup by an instance.
+//! no 401 within 5 s, a publish not seen, or any read of a revoked record by an instance.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -80,11 +81,11 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
-        spin: match env_or("POLLER", "block").as_str() {
-            "block" => false,
-            "spin" => true,
+        one_thread: match env_or("POLLER", "threads").as_str() {
+            "threads" => false,
+            "one" => true,
             other => {
-                eprintln!("POLLER={other}: expected block or spin");
+                eprintln!("POLLER={other}: expected threads or one");
                 return ExitCode::FAILURE;
             }
         },
@@ -102,7 +103,8 @@ struct Plan {
     revocations: usize,
     flood: usize,
     via_api: bool,
-    spin: bool,
+    /// All pollers on one thread (else a thread each).
+    one_thread: bool,
 }
 
 /// The fast upstream, as its own process, on one thread.
@@ -157,7 +159,8 @@ fn start_instance(
     let (proxy, admin) = (loopback(free_port()), loopback(free_port()));
     let wrap = env_or("KEYGATE_WRAP", "");
     let mut words: Vec<&str> = wrap.split_whitespace().collect();
-    let keygate = env!("CARGO_BIN_EXE_keygate");
+    let keygate = std::env::var("KEYGATE_BIN").unwrap_or(env!("CARGO_BIN_EXE_keygate").into());
+    let keygate = keygate.as_str();
     words.push(keygate);
     let mut cmd = Command::new(words[0]);
     cmd.args(&words[1..])
@@ -194,7 +197,7 @@ fn start_instance(
                 std::fs::read_to_string(log).unwrap_or_default()
             )
         })?;
-        if let Ok(mut c) = Conn::open(admin, false) {
+        if let Ok(mut c) = Conn::open(admin) {
             if let Ok((200, _, _)) = c.exchange(b"GET /readyz HTTP/1.1\r\nhost: kg\r\n\r\n") {
                 return Ok(instance);
             }
@@ -212,22 +215,19 @@ fn start_instance(
 /// A keep-alive HTTP/1.1 client connection that reads each response whole.
 struct Conn {
     stream: TcpStream,
-    spin: bool,
     buf: Vec<u8>,
 }
 
 impl Conn {
-    fn open(addr: SocketAddr, spin: bool) -> Outcome<Conn> {
+    fn open(addr: SocketAddr) -> Outcome<Conn> {
         let stream =
             TcpStream::connect_timeout(&addr, DEADLINE).map_err(|e| format!("{addr}: {e}"))?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
         stream
             .set_read_timeout(Some(DEADLINE))
             .map_err(|e| e.to_string())?;
-        stream.set_nonblocking(spin).map_err(|e| e.to_string())?;
         Ok(Conn {
             stream,
-            spin,
             buf: Vec::with_capacity(4096),
         })
     }
@@ -235,66 +235,88 @@ impl Conn {
     /// Sends a request and reads its response: the status, the body, and the moment the last
     /// byte was read.
     fn exchange(&mut self, request: &[u8]) -> Outcome<(u16, Vec<u8>, Instant)> {
-        self.write_all(request)?;
+        self.stream
+            .write_all(request)
+            .map_err(|e| format!("write: {e}"))?;
         self.buf.clear();
-        let started = Instant::now();
         loop {
-            if let Some(head_end) = find(&self.buf, b"\r\n\r\n") {
-                let head = std::str::from_utf8(&self.buf[..head_end]).map_err(|e| e.to_string())?;
-                let status: u16 = head
-                    .get(9..12)
-                    .and_then(|s| s.parse().ok())
-                    .ok_or_else(|| format!("not an HTTP response: {head:?}"))?;
-                let length = head
-                    .lines()
-                    .find_map(|l| {
-                        let (name, value) = l.split_once(':')?;
-                        name.eq_ignore_ascii_case("content-length")
-                            .then(|| value.trim().parse::<usize>().ok())?
-                    })
-                    .ok_or_else(|| format!("no content-length: {head:?}"))?;
-                let total = head_end + 4 + length;
-                while self.buf.len() < total {
-                    self.read_more(started)?;
+            if let Some((status, body, total)) = parse_response(&self.buf)? {
+                if self.buf.len() >= total {
+                    return Ok((status, self.buf[body..total].to_vec(), Instant::now()));
                 }
-                let at = Instant::now();
-                let body = self.buf[head_end + 4..total].to_vec();
-                return Ok((status, body, at));
             }
-            self.read_more(started)?;
-        }
-    }
-
-    fn write_all(&mut self, mut bytes: &[u8]) -> Outcome<()> {
-        while !bytes.is_empty() {
-            match self.stream.write(bytes) {
-                Ok(n) => bytes = &bytes[n..],
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::hint::spin_loop(),
-                Err(e) => return Err(format!("write: {e}")),
-            }
-        }
-        Ok(())
-    }
-
-    fn read_more(&mut self, started: Instant) -> Outcome<()> {
-        let mut chunk = [0u8; 4096];
-        loop {
+            let mut chunk = [0u8; 4096];
             match self.stream.read(&mut chunk) {
                 Ok(0) => return Err("connection closed".into()),
-                Ok(n) => {
-                    self.buf.extend_from_slice(&chunk[..n]);
-                    return Ok(());
-                }
-                Err(e) if self.spin && e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if started.elapsed() > DEADLINE {
-                        return Err(format!("no response within {DEADLINE:?}"));
-                    }
-                    std::hint::spin_loop();
-                }
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 Err(e) => return Err(format!("read: {e}")),
             }
         }
     }
+}
+
+/// The same over tokio, for the pollers.
+struct AsyncConn {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+impl AsyncConn {
+    async fn open(addr: SocketAddr) -> Outcome<AsyncConn> {
+        let stream = tokio::time::timeout(DEADLINE, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| format!("{addr}: no connection within {DEADLINE:?}"))?
+            .map_err(|e| format!("{addr}: {e}"))?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        Ok(AsyncConn {
+            stream,
+            buf: Vec::with_capacity(4096),
+        })
+    }
+
+    async fn exchange(&mut self, request: &[u8]) -> Outcome<(u16, Vec<u8>, Instant)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.stream
+            .write_all(request)
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        self.buf.clear();
+        loop {
+            if let Some((status, body, total)) = parse_response(&self.buf)? {
+                if self.buf.len() >= total {
+                    return Ok((status, self.buf[body..total].to_vec(), Instant::now()));
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            match tokio::time::timeout(DEADLINE, self.stream.read(&mut chunk)).await {
+                Err(_) => return Err(format!("no response within {DEADLINE:?}")),
+                Ok(Ok(0)) => return Err("connection closed".into()),
+                Ok(Ok(n)) => self.buf.extend_from_slice(&chunk[..n]),
+                Ok(Err(e)) => return Err(format!("read: {e}")),
+            }
+        }
+    }
+}
+
+/// A response's status, where its body starts and where it ends, once its head is complete.
+fn parse_response(buf: &[u8]) -> Outcome<Option<(u16, usize, usize)>> {
+    let Some(head_end) = find(buf, b"\r\n\r\n") else {
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&buf[..head_end]).map_err(|e| e.to_string())?;
+    let status: u16 = head
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("not an HTTP response: {head:?}"))?;
+    let length = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())?
+        })
+        .ok_or_else(|| format!("no content-length: {head:?}"))?;
+    Ok(Some((status, head_end + 4, head_end + 4 + length)))
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -312,57 +334,56 @@ enum Report {
     Failed(String),
 }
 
+/// What every poller shares: the key being polled and the signal that it changed.
+#[derive(Clone)]
+struct Turn {
+    current: Arc<AtomicUsize>,
+    changed: tokio::sync::watch::Receiver<()>,
+}
+
 /// One poller: hammers instance `i` with the current key, back to back, over one connection.
 /// Returns the round trips (microseconds) of its requests answered 200 (the cached path).
-fn poller(
+async fn poller(
     i: usize,
     addr: SocketAddr,
     requests: Arc<Vec<Vec<u8>>>,
-    current: Arc<AtomicUsize>,
+    turn: Turn,
     flood: usize,
-    spin: bool,
     out: Sender<Report>,
 ) -> Vec<u32> {
-    let mut round_trips = Vec::with_capacity(1 << 20);
-    if let Err(e) = poll(
-        i,
-        &mut round_trips,
-        addr,
-        &requests,
-        &current,
-        flood,
-        spin,
-        &out,
-    ) {
+    let mut round_trips = Vec::with_capacity(1 << 18);
+    if let Err(e) = poll(i, &mut round_trips, addr, &requests, turn, flood, &out).await {
         let _ = out.send(Report::Failed(format!("poller {}: {e}", i + 1)));
     }
     round_trips
 }
 
-#[allow(clippy::too_many_arguments)]
-fn poll(
+async fn poll(
     i: usize,
     round_trips: &mut Vec<u32>,
     addr: SocketAddr,
     requests: &[Vec<u8>],
-    current: &AtomicUsize,
+    mut turn: Turn,
     flood: usize,
-    spin: bool,
     out: &Sender<Report>,
 ) -> Outcome<()> {
-    let mut conn = Conn::open(addr, spin)?;
+    let mut conn = AsyncConn::open(addr).await?;
     let (mut live, mut done) = (IDLE, IDLE);
     loop {
-        let k = current.load(Ordering::Acquire);
+        turn.changed.borrow_and_update();
+        let k = turn.current.load(Ordering::Acquire);
         if k == STOP {
             return Ok(());
         }
         if k == IDLE || k == done {
-            thread::park_timeout(Duration::from_millis(5));
+            // A change after the load above is not missed: it marks the receiver changed.
+            if turn.changed.changed().await.is_err() {
+                return Ok(());
+            }
             continue;
         }
         let sent = Instant::now();
-        match conn.exchange(&requests[k])? {
+        match conn.exchange(&requests[k]).await? {
             (200, _, at) => {
                 round_trips.push((at - sent).as_micros() as u32);
                 if live != k {
@@ -373,7 +394,7 @@ fn poll(
             (401, body, at) if live == k && find(&body, b"key_revoked").is_some() => {
                 let _ = out.send(Report::Refused(i, k, at));
                 for _ in 0..flood {
-                    match conn.exchange(&requests[k])? {
+                    match conn.exchange(&requests[k]).await? {
                         (401, _, _) => {}
                         (s, body, _) => {
                             return Err(format!(
@@ -393,6 +414,47 @@ fn poll(
                 ))
             }
         }
+    }
+}
+
+/// Starts the pollers, each on a thread of its own or all on one, on single-threaded
+/// runtimes.
+fn start_pollers(
+    plan: &Plan,
+    instances: &[Instance],
+    requests: &Arc<Vec<Vec<u8>>>,
+    turn: &Turn,
+    out: &Sender<Report>,
+) -> Vec<JoinHandle<Vec<u32>>> {
+    let tasks: Vec<_> = instances
+        .iter()
+        .enumerate()
+        .map(|(i, kg)| {
+            poller(
+                i,
+                kg.proxy,
+                requests.clone(),
+                turn.clone(),
+                plan.flood,
+                out.clone(),
+            )
+        })
+        .collect();
+    let on_thread = |tasks: Vec<_>| {
+        thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("poller runtime");
+            runtime
+                .block_on(futures_util::future::join_all(tasks))
+                .concat()
+        })
+    };
+    if plan.one_thread {
+        vec![on_thread(tasks)]
+    } else {
+        tasks.into_iter().map(|t| on_thread(vec![t])).collect()
     }
 }
 
@@ -433,7 +495,7 @@ struct Counters {
 
 impl Counters {
     fn scrape(admin: SocketAddr) -> Outcome<Counters> {
-        let mut c = Conn::open(admin, false)?;
+        let mut c = Conn::open(admin)?;
         let (status, body, _) = c.exchange(b"GET /metrics HTTP/1.1\r\nhost: kg\r\n\r\n")?;
         if status != 200 {
             return Err(format!("/metrics answered {status}"));
@@ -546,6 +608,8 @@ struct Bench<'a> {
     /// Prefix of record keys (`<namespace>:key:`).
     record_prefix: String,
     current: Arc<AtomicUsize>,
+    /// Tells the pollers that `current` changed.
+    changed: tokio::sync::watch::Sender<()>,
     pollers: Vec<JoinHandle<Vec<u32>>>,
     reports: Receiver<Report>,
     published: Receiver<(String, Instant)>,
@@ -658,9 +722,7 @@ impl Bench<'_> {
             .collect();
         for (k, key) in keys.iter().enumerate() {
             self.current.store(k, Ordering::Release);
-            for p in &self.pollers {
-                p.thread().unpark();
-            }
+            self.changed.send_replace(());
             for _ in 0..INSTANCES {
                 match self.next_report("200 for the key before its revocation")? {
                     Report::Live(kk) if kk == k => {}
@@ -685,6 +747,7 @@ impl Bench<'_> {
                 }
             }
             self.current.store(IDLE, Ordering::Release);
+            self.changed.send_replace(());
         }
         let seen = self.monitored()?;
         let flood_reads = keys
@@ -703,9 +766,9 @@ impl Bench<'_> {
     /// Stops the pollers; returns their round trips of 200s, all together.
     fn stop(self) -> Vec<u32> {
         self.current.store(STOP, Ordering::Release);
+        self.changed.send_replace(());
         let mut round_trips = Vec::new();
         for p in self.pollers {
-            p.thread().unpark();
             round_trips.extend(p.join().unwrap_or_default());
         }
         round_trips
@@ -769,7 +832,7 @@ fn run(plan: &Plan) -> Outcome<()> {
             .collect(),
     );
     for kg in &instances {
-        let mut c = Conn::open(kg.proxy, false)?;
+        let mut c = Conn::open(kg.proxy)?;
         for (k, request) in requests.iter().enumerate() {
             let (status, body, _) = c.exchange(request)?;
             if status != 200 {
@@ -781,7 +844,7 @@ fn run(plan: &Plan) -> Outcome<()> {
         }
     }
     // The revoker's admin key too (the admin API verifies it like any key).
-    let mut revoker = Conn::open(instances[0].admin, false)?;
+    let mut revoker = Conn::open(instances[0].admin)?;
     let show = format!(
         "GET /v1/keys/{} HTTP/1.1\r\nhost: kg\r\nauthorization: Bearer {}\r\n\r\n",
         admin_key.record.id,
@@ -821,21 +884,13 @@ fn run(plan: &Plan) -> Outcome<()> {
         .map_err(|_| "the command monitor did not start".to_owned())?;
 
     let current = Arc::new(AtomicUsize::new(IDLE));
+    let (changed, changed_rx) = tokio::sync::watch::channel(());
     let (reports_tx, reports) = mpsc::channel();
-    let pollers: Vec<JoinHandle<Vec<u32>>> = instances
-        .iter()
-        .enumerate()
-        .map(|(i, kg)| {
-            let (requests, current, out, addr) = (
-                requests.clone(),
-                current.clone(),
-                reports_tx.clone(),
-                kg.proxy,
-            );
-            let (flood, spin) = (plan.flood, plan.spin);
-            thread::spawn(move || poller(i, addr, requests, current, flood, spin, out))
-        })
-        .collect();
+    let turn = Turn {
+        current: current.clone(),
+        changed: changed_rx,
+    };
+    let pollers = start_pollers(plan, &instances, &requests, &turn, &reports_tx);
     let mut bench = Bench {
         plan,
         admin_key: &admin_key.secret,
@@ -846,6 +901,7 @@ fn run(plan: &Plan) -> Outcome<()> {
         monitored,
         record_prefix: format!("{ns}:key:"),
         current,
+        changed,
         pollers,
         reports,
         published,
@@ -863,10 +919,10 @@ fn run(plan: &Plan) -> Outcome<()> {
     }
 
     println!(
-        "revocation propagation over {} revocations, {INSTANCES} keygate processes (revoked via {}, {} pollers{}{}{})",
+        "revocation propagation over {} revocations, {INSTANCES} keygate processes (revoked via {}, pollers {}{}{}{})",
         plan.revocations,
         if plan.via_api { "the admin API" } else { "the store's Lua script" },
-        if plan.spin { "spinning" } else { "blocking" },
+        if plan.one_thread { "all on one thread" } else { "a thread each" },
         std::env::var("WORKERS").map(|w| format!(", workers {w}")).unwrap_or_default(),
         std::env::var("RUNTIME_THREADS").map(|t| format!(", runtime threads {t}")).unwrap_or_default(),
         std::env::var("KEYGATE_WRAP").map(|w| format!(", wrapped in `{w}`")).unwrap_or_default(),
