@@ -19,8 +19,9 @@
 //! and overall. Settings by environment: `REVOCATIONS` (default 1,000), `FLOOD` (requests per
 //! poller after its first 401, default 20), `REVOKE_VIA` (`api` or `store`), `WORKERS` (the
 //! instances' `server.workers`), `RUNTIME_THREADS` (the instances' `TOKIO_WORKER_THREADS`: the
-//! runtime of the subscriber and the admin listener), `POLLER` (`threads`: a thread each, the
-//! default; `one`: all on one thread, so one wake-up serves whichever answers), `KEYGATE_WRAP`
+//! runtime of the subscriber and the admin listener), `POLLER` (`threads`: a thread each,
+//! blocking in its reads, the default; `one`: all on one thread, so one wake-up serves
+//! whichever answers), `KEYGATE_WRAP`
 //! (a command put before each instance, e.g. `nice -n -5` or `taskset -c 1`), `KEYGATE_BIN`
 //! (another keygate binary, to compare builds).
 //!
@@ -255,7 +256,20 @@ impl Conn {
     }
 }
 
-/// The same over tokio, for the pollers.
+/// A poller's connection: one request at a time, each response read whole.
+trait Exchange {
+    async fn exchange(&mut self, request: &[u8]) -> Outcome<(u16, Vec<u8>, Instant)>;
+}
+
+/// The blocking connection, for a poller alone on its thread: its runtime has no other task,
+/// so blocking in the read is just a blocking read (one syscall per response).
+impl Exchange for Conn {
+    async fn exchange(&mut self, request: &[u8]) -> Outcome<(u16, Vec<u8>, Instant)> {
+        Conn::exchange(self, request)
+    }
+}
+
+/// A non-blocking connection, for pollers that share a thread.
 struct AsyncConn {
     stream: tokio::net::TcpStream,
     buf: Vec<u8>,
@@ -273,7 +287,9 @@ impl AsyncConn {
             buf: Vec::with_capacity(4096),
         })
     }
+}
 
+impl Exchange for AsyncConn {
     async fn exchange(&mut self, request: &[u8]) -> Outcome<(u16, Vec<u8>, Instant)> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         self.stream
@@ -327,8 +343,9 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 enum Report {
     /// A poller saw key `k` answered 200 (once per key).
     Live(usize),
-    /// Poller `i`'s first 401 for key `k`, read in full at this moment.
-    Refused(usize, usize, Instant),
+    /// Poller `i`'s first 401 for key `k`: when the request was sent, and when its response
+    /// was read in full.
+    Refused(usize, usize, Instant, Instant),
     /// A poller finished the flood after key `k`'s first 401.
     Flooded(usize),
     Failed(String),
@@ -346,28 +363,40 @@ struct Turn {
 async fn poller(
     i: usize,
     addr: SocketAddr,
+    blocking: bool,
     requests: Arc<Vec<Vec<u8>>>,
     turn: Turn,
     flood: usize,
     out: Sender<Report>,
 ) -> Vec<u32> {
     let mut round_trips = Vec::with_capacity(1 << 18);
-    if let Err(e) = poll(i, &mut round_trips, addr, &requests, turn, flood, &out).await {
+    let polled = if blocking {
+        match Conn::open(addr) {
+            Ok(conn) => poll(i, conn, &mut round_trips, &requests, turn, flood, &out).await,
+            Err(e) => Err(e),
+        }
+    } else {
+        match AsyncConn::open(addr).await {
+            Ok(conn) => poll(i, conn, &mut round_trips, &requests, turn, flood, &out).await,
+            Err(e) => Err(e),
+        }
+    };
+    if let Err(e) = polled {
         let _ = out.send(Report::Failed(format!("poller {}: {e}", i + 1)));
     }
     round_trips
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn poll(
     i: usize,
+    mut conn: impl Exchange,
     round_trips: &mut Vec<u32>,
-    addr: SocketAddr,
     requests: &[Vec<u8>],
     mut turn: Turn,
     flood: usize,
     out: &Sender<Report>,
 ) -> Outcome<()> {
-    let mut conn = AsyncConn::open(addr).await?;
     let (mut live, mut done) = (IDLE, IDLE);
     loop {
         turn.changed.borrow_and_update();
@@ -392,7 +421,7 @@ async fn poll(
                 }
             }
             (401, body, at) if live == k && find(&body, b"key_revoked").is_some() => {
-                let _ = out.send(Report::Refused(i, k, at));
+                let _ = out.send(Report::Refused(i, k, sent, at));
                 for _ in 0..flood {
                     match conn.exchange(&requests[k]).await? {
                         (401, _, _) => {}
@@ -417,8 +446,8 @@ async fn poll(
     }
 }
 
-/// Starts the pollers, each on a thread of its own or all on one, on single-threaded
-/// runtimes.
+/// Starts the pollers on single-threaded runtimes: each on a thread of its own, reading
+/// with blocking calls, or all on one thread, reading without blocking.
 fn start_pollers(
     plan: &Plan,
     instances: &[Instance],
@@ -430,13 +459,15 @@ fn start_pollers(
         .iter()
         .enumerate()
         .map(|(i, kg)| {
+            let (requests, turn, out) = (requests.clone(), turn.clone(), out.clone());
             poller(
                 i,
                 kg.proxy,
-                requests.clone(),
-                turn.clone(),
+                !plan.one_thread,
+                requests,
+                turn,
                 plan.flood,
-                out.clone(),
+                out,
             )
         })
         .collect();
@@ -619,6 +650,9 @@ struct Bench<'a> {
 struct Found {
     /// Per instance: microseconds from the outside subscriber's receipt to the first 401.
     samples: Vec<Vec<i64>>,
+    /// Microseconds from the outside subscriber's receipt to the sending of each first 401's
+    /// request (negative: sent before it).
+    sent_after: Vec<i64>,
     /// Reads of the revoked keys' records after their revocation, less the revoker's own.
     flood_reads: u64,
     /// The revoker's own reads of a record after revoking it (measured with no poller running).
@@ -717,6 +751,7 @@ impl Bench<'_> {
         let revoker_reads =
             reads_after_revocation(&self.monitored()?, &self.record_key(calibration));
 
+        let mut sent_after = Vec::with_capacity(keys.len() * INSTANCES);
         let mut samples: Vec<Vec<i64>> = (0..INSTANCES)
             .map(|_| Vec::with_capacity(keys.len()))
             .collect();
@@ -734,13 +769,9 @@ impl Bench<'_> {
             let mut flooded = 0;
             while flooded < INSTANCES {
                 match self.next_report("401 after the revocation")? {
-                    Report::Refused(i, kk, at) if kk == k => {
-                        let micros = if at >= zero {
-                            (at - zero).as_micros() as i64
-                        } else {
-                            -((zero - at).as_micros() as i64)
-                        };
-                        samples[i].push(micros);
+                    Report::Refused(i, kk, sent, at) if kk == k => {
+                        samples[i].push(micros_between(zero, at));
+                        sent_after.push(micros_between(zero, sent));
                     }
                     Report::Flooded(kk) if kk == k => flooded += 1,
                     _ => return Err("a poller reported out of turn".into()),
@@ -758,6 +789,7 @@ impl Bench<'_> {
             .sum();
         Ok(Found {
             samples,
+            sent_after,
             flood_reads,
             revoker_reads,
         })
@@ -935,14 +967,17 @@ fn run(plan: &Plan) -> Outcome<()> {
         all.extend(s);
     }
     print_row("all", &mut all);
+    let mut sent_after = found.sent_after;
+    print_row("(sent)", &mut sent_after);
     let mut round_trips: Vec<i64> = round_trips.drain(..).map(i64::from).collect();
     if !round_trips.is_empty() {
         print_row("(200 rtt)", &mut round_trips);
-        println!(
-            "(200 rtt: a poller's round trip for a cached, forwarded request during the run, {} requests)",
-            round_trips.len()
-        );
     }
+    println!(
+        "(sent: when the request answered with the first 401 was sent, after time zero; 200 rtt: \
+         a poller's round trip for a cached, forwarded request during the run, {} requests)",
+        round_trips.len()
+    );
     println!(
         "record reads (HGETALL) of the revoked keys after their revocation, through the floods \
          ({} requests per poller after its first 401), less the revoker's own read-back ({} per \
@@ -962,6 +997,15 @@ fn run(plan: &Plan) -> Outcome<()> {
         ));
     }
     Ok(())
+}
+
+/// Microseconds from `from` to `to`, negative if `to` came first.
+fn micros_between(from: Instant, to: Instant) -> i64 {
+    if to >= from {
+        (to - from).as_micros() as i64
+    } else {
+        -((from - to).as_micros() as i64)
+    }
 }
 
 fn print_row(label: &str, samples: &mut [i64]) {
