@@ -75,9 +75,7 @@ async fn sigterm_lets_the_slow_request_finish_then_exits_zero() {
         let http = http.clone();
         async move { http.get_with_key(&url, &secret).await }
     });
-    tokio::time::timeout(Duration::from_secs(10), upstream.held_request_arrived())
-        .await
-        .expect("the held request did not reach the upstream within 10s");
+    upstream.held_request_arrived().await;
 
     let pid = child.0.id().to_string();
     assert!(Command::new("kill")

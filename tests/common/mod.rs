@@ -368,9 +368,14 @@ impl Upstream {
         self.seen.lock().unwrap().clone()
     }
 
-    /// Resolves when a `/hold` request has arrived.
+    /// Resolves when a `/hold` request has arrived; fails the test if none does within 10 s.
     pub async fn held_request_arrived(&self) {
-        self.arrived.notified().await
+        if tokio::time::timeout(Duration::from_secs(10), self.arrived.notified())
+            .await
+            .is_err()
+        {
+            panic!("no /hold request reached the upstream within 10s");
+        }
     }
 
     /// Lets every held request answer.
