@@ -484,11 +484,11 @@ impl Verifier {
             };
             // Invariant (no stale window): a cached verdict is used only if no invalidation of
             // its stripe, and no flush, was processed after its store read began. Invalidation
-            // bumps the generation before evicting (or before caching "revoked"), and a fill
-            // stamps the generations before reading, so a fill that read a record before a
-            // revocation carries an old stamp however late moka inserts it (even over the
-            // "revoked" entry), and is discarded here. Only a revoked verdict skips the check:
-            // it is final. Tested by `a_lookup_racing_a_revocation_is_never_cached` (fill vs.
+            // bumps the generation before evicting (a revocation caches "revoked" before and
+            // after the bump), and a fill stamps the generations before reading, so a fill that
+            // read a record before a revocation carries an old stamp however late moka inserts
+            // it (even over the "revoked" entry), and is discarded here. Only a revoked verdict
+            // skips the check: it is final. Tested by `a_lookup_racing_a_revocation_is_never_cached` (fill vs.
             // revocation) and `a_fill_across_a_resubscribe_is_discarded` (fill vs. flush) in
             // tests/revocation.rs.
             let now = self.generations.stamp(&digest);
