@@ -720,7 +720,26 @@ impl Config {
         let trust_while_unsubscribed = c.ok(duration(
             "cache.trust_while_unsubscribed",
             &self.cache.trust_while_unsubscribed,
-        ));
+        )
+        .and_then(|trust| {
+            // Cached verdicts are trusted only this long after the subscription last answered
+            // a health check, so the checks must come more often or the cache would keep
+            // lapsing.
+            match &store {
+                Some(StoreSettings::Redis(r)) if trust <= r.health_check_interval => {
+                    Err(field_err(
+                        "cache.trust_while_unsubscribed",
+                        format!(
+                            "{trust:?} must be longer than store.health_check_interval ({:?}): \
+                             cached verdicts are trusted only this long after the last answered \
+                             health check",
+                            r.health_check_interval
+                        ),
+                    ))
+                }
+                _ => Ok(trust),
+            }
+        }));
         let log = c.ok(self.log_settings());
         let last_used_interval =
             c.ok(

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 use moka::future::Cache;
 use moka::notification::RemovalCause;
+use moka::ops::compute::Op;
 use moka::Expiry;
 
 use crate::config::CacheSettings;
@@ -36,8 +37,6 @@ pub struct Identity {
     pub kind: KeyKind,
     /// Expiry, Unix seconds.
     pub expires_at: Option<u64>,
-    /// Whether the key was revoked.
-    pub revoked: bool,
     /// When this entry last queued a last-used note (Unix seconds): the rate limit that makes
     /// recording use cost one atomic load on most requests.
     last_noted: AtomicU64,
@@ -87,7 +86,6 @@ impl Identity {
             ends,
             kind: r.kind,
             expires_at: r.expires_at,
-            revoked: r.revoked_at.is_some(),
             last_noted: AtomicU64::new(0),
         })
     }
@@ -138,7 +136,10 @@ impl Identity {
 /// What the cache knows of a digest.
 #[derive(Clone, Debug)]
 enum Verdict {
+    /// A key that is not revoked (it may have expired since).
     Known(Arc<Identity>),
+    /// A revoked key. Final: no operation un-revokes a key.
+    Revoked,
     Unknown,
 }
 
@@ -147,6 +148,15 @@ enum Verdict {
 struct Entry {
     verdict: Verdict,
     stamp: Stamp,
+}
+
+impl Entry {
+    /// Whether the verdict may be used when the generations are `now`: if no invalidation of
+    /// its stripe, and no flush, came after its store read began; a revoked verdict always
+    /// (it is final, so it cannot be stale).
+    fn usable(&self, now: Stamp) -> bool {
+        matches!(self.verdict, Verdict::Revoked) || self.stamp == now
+    }
 }
 
 /// Why a key was refused.
@@ -172,6 +182,7 @@ impl Expiry<KeyDigest, Entry> for VerdictExpiry {
     fn expire_after_create(&self, _: &KeyDigest, e: &Entry, _: Instant) -> Option<Duration> {
         Some(match &e.verdict {
             Verdict::Unknown => self.negative_ttl,
+            Verdict::Revoked => self.ttl,
             Verdict::Known(id) => match id.expires_at {
                 // Until the expiry the verdict is "valid"; after it, "expired" stays true.
                 Some(exp) => {
@@ -226,16 +237,26 @@ impl Generations {
     }
 }
 
-/// Whether cached verdicts can be trusted: they can while the invalidation subscription is up,
-/// and for a short bound after it went down (messages sent meanwhile are lost).
+/// Whether cached verdicts can be trusted.
+///
+/// Invariant (trust bound): with a store that reports when its invalidation feed was last
+/// known good ([`InvalidationSink::synced`]), a cached verdict is used only while less than
+/// `cache.trust_while_unsubscribed` has passed since that moment, whether or not the feed is
+/// (yet) known to be down: a half-open link is noticed only later, and the bound must not wait
+/// for that. The check reads the clock on every request for this reason. Other stores (none
+/// reports a feed) keep the looser rule: trusted while up, and for the bound after going down.
+/// Tested by `a_half_open_subscription_is_distrusted_within_the_bound` in tests/revocation.rs.
 struct Link {
     base: Instant,
     /// Milliseconds after `base` when the link went down; `UP` while it is up.
     down_since_ms: AtomicU64,
+    /// Microseconds after `base` when the feed was last known good; `NEVER` until reported.
+    synced_us: AtomicU64,
     trust_for: Duration,
 }
 
 const UP: u64 = u64::MAX;
+const NEVER: u64 = u64::MAX;
 
 impl Link {
     fn down_for(&self) -> Option<Duration> {
@@ -246,7 +267,32 @@ impl Link {
     }
 
     fn trusted(&self) -> bool {
+        self.trusted_at(Instant::now())
+    }
+
+    fn trusted_at(&self, now: Instant) -> bool {
+        let synced = self.synced_us.load(Ordering::SeqCst);
+        if synced != NEVER {
+            let now = now.saturating_duration_since(self.base).as_micros() as u64;
+            return Duration::from_micros(now.saturating_sub(synced)) < self.trust_for;
+        }
         self.down_for().is_none_or(|d| d <= self.trust_for)
+    }
+
+    fn synced(&self, at: Instant) {
+        // Reports come from the store's feed, started after the verifier: never before `base`.
+        let at = at.saturating_duration_since(self.base).as_micros() as u64;
+        // Never moves back (NEVER is the largest value, so the first report replaces it).
+        let mut cur = self.synced_us.load(Ordering::SeqCst);
+        while cur == NEVER || cur < at {
+            match self
+                .synced_us
+                .compare_exchange_weak(cur, at, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return,
+                Err(seen) => cur = seen,
+            }
+        }
     }
 }
 
@@ -309,6 +355,7 @@ impl Verifier {
             link: Link {
                 base: Instant::now(),
                 down_since_ms: AtomicU64::new(UP),
+                synced_us: AtomicU64::new(NEVER),
                 trust_for: settings.trust_while_unsubscribed,
             },
             metrics,
@@ -395,6 +442,13 @@ impl Verifier {
     pub async fn verify(&self, digest: KeyDigest, now: u64) -> Result<Arc<Identity>, VerifyError> {
         let verdict = if self.link.trusted() {
             self.cached(digest).await?
+        } else if let Some(Entry {
+            verdict: Verdict::Revoked,
+            ..
+        }) = self.cache.get(&digest).await
+        {
+            // Final, so still true however many invalidations were missed.
+            Verdict::Revoked
         } else {
             // Invalidations may have been missed: every request asks the store.
             self.metrics.unsynced_lookups.inc();
@@ -402,7 +456,7 @@ impl Verifier {
         };
         match verdict {
             Verdict::Unknown => Err(VerifyError::Unknown),
-            Verdict::Known(id) if id.revoked => Err(VerifyError::Revoked),
+            Verdict::Revoked => Err(VerifyError::Revoked),
             Verdict::Known(id) if id.expires_at.is_some_and(|e| now >= e) => {
                 Err(VerifyError::Expired)
             }
@@ -430,11 +484,15 @@ impl Verifier {
             };
             // Invariant (no stale window): a cached verdict is used only if no invalidation of
             // its stripe, and no flush, was processed after its store read began. Invalidation
-            // bumps the generation before evicting, and a fill stamps the generations before
-            // reading, so a fill that read a record before a revocation carries an old stamp
-            // however late moka inserts it, and is discarded here. Tested by
-            // `a_lookup_racing_a_revocation_is_never_cached` in tests/revocation.rs.
-            if entry.stamp == self.generations.stamp(&digest) {
+            // bumps the generation before evicting (a revocation caches "revoked" before and
+            // after the bump), and a fill stamps the generations before reading, so a fill that
+            // read a record before a revocation carries an old stamp however late moka inserts
+            // it (even over the "revoked" entry), and is discarded here. Only a revoked verdict
+            // skips the check: it is final. Tested by `a_lookup_racing_a_revocation_is_never_cached` (fill vs.
+            // revocation) and `a_fill_across_a_resubscribe_is_discarded` (fill vs. flush) in
+            // tests/revocation.rs.
+            let now = self.generations.stamp(&digest);
+            if entry.usable(now) {
                 if hit {
                     self.metrics.cache_hits.inc();
                     if matches!(entry.verdict, Verdict::Unknown) {
@@ -444,7 +502,15 @@ impl Verifier {
                 return Ok(entry.verdict);
             }
             self.metrics.stale_fills.inc();
-            self.cache.invalidate(&digest).await;
+            // Remove the stale entry, but not one that replaced it meanwhile (say the
+            // "revoked" of the very invalidation that made this one stale).
+            self.cache
+                .entry(digest)
+                .and_compute_with(|cached| {
+                    let keep = cached.is_none_or(|e| e.value().usable(now));
+                    std::future::ready(if keep { Op::Nop } else { Op::Remove })
+                })
+                .await;
         }
         // Invalidations keep racing this key's fills: answer from the store directly.
         Ok(self.lookup(digest).await.map_err(store_error)?.verdict)
@@ -457,6 +523,7 @@ impl Verifier {
         self.metrics.store_lookup(started.elapsed(), found.is_ok());
         let verdict = match found? {
             None => Verdict::Unknown,
+            Some(record) if record.revoked_at.is_some() => Verdict::Revoked,
             Some(record) => Verdict::Known(Arc::new(Identity::from_record(&record)?)),
         };
         Ok(Entry { verdict, stamp })
@@ -483,6 +550,24 @@ impl InvalidationSink for Verifier {
         self.metrics.invalidations.inc();
     }
 
+    async fn revoked(&self, digest: &KeyDigest) {
+        // Final, so cached at once (a revoked verdict is used whatever its stamp): no request
+        // has to read the record to learn it, and a flood of requests with the key costs the
+        // store nothing. Cached *before* the bump, so that no request finds the stripe bumped
+        // over the old entry (which it would discard and refill from the store).
+        let revoked = || Entry {
+            verdict: Verdict::Revoked,
+            stamp: self.generations.stamp(digest),
+        };
+        self.cache.insert(*digest, revoked()).await;
+        // Then, as for any invalidation: a fill that read the record before the revocation
+        // carries an older stamp and is refused from here on, even if moka inserts it over
+        // the entry above; cache "revoked" again in case one landed in between.
+        self.generations.slot(digest).fetch_add(1, Ordering::SeqCst);
+        self.cache.insert(*digest, revoked()).await;
+        self.metrics.invalidations.inc();
+    }
+
     fn invalidate_all(&self) {
         self.generations.epoch.fetch_add(1, Ordering::SeqCst);
         self.cache.invalidate_all();
@@ -503,6 +588,10 @@ impl InvalidationSink for Verifier {
             );
         }
         self.metrics.subscription_up.set(up as i64);
+    }
+
+    fn synced(&self, at: Instant) {
+        self.link.synced(at);
     }
 }
 
@@ -681,6 +770,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_revocation_announced_as_such_needs_no_store_lookup() {
+        let store = Arc::new(FakeStore::default());
+        let k = generate(KeyKind::User);
+        store.insert(&record(k.digest, None)).await.unwrap();
+        let v = Verifier::new(store.clone(), &settings(), Arc::new(Metrics::default()));
+        v.verify(k.digest, 10).await.unwrap();
+        // A fill that read the live record just before the revocation.
+        let stale = v.lookup(k.digest).await.unwrap();
+        store.records.lock().unwrap()[0].revoked_at = Some(5);
+        v.revoked(&k.digest).await;
+        let lookups = store.lookups.load(Ordering::SeqCst);
+        for _ in 0..3 {
+            assert!(matches!(
+                v.verify(k.digest, 10).await,
+                Err(VerifyError::Revoked)
+            ));
+        }
+        assert_eq!(store.lookups.load(Ordering::SeqCst), lookups);
+        // Final: a later invalidation of the same stripe does not make it stale.
+        v.generations.slot(&k.digest).fetch_add(1, Ordering::SeqCst);
+        assert!(matches!(
+            v.verify(k.digest, 10).await,
+            Err(VerifyError::Revoked)
+        ));
+        assert_eq!(store.lookups.load(Ordering::SeqCst), lookups);
+        // The stale fill lands over it late: it is refused, never served.
+        v.cache.insert(k.digest, stale).await;
+        assert!(matches!(
+            v.verify(k.digest, 10).await,
+            Err(VerifyError::Revoked)
+        ));
+        assert_eq!(v.metrics.stale_fills.get(), 1);
+    }
+
+    #[tokio::test]
     async fn cache_is_bypassed_when_the_link_is_down_past_the_bound() {
         let store = Arc::new(FakeStore::default());
         let k = generate(KeyKind::User);
@@ -703,6 +827,47 @@ mod tests {
         v.link(true);
         v.verify(k.digest, 10).await.unwrap();
         assert_eq!(store.lookups.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn the_trust_bound_counts_from_when_the_feed_was_last_known_good() {
+        let base = Instant::now();
+        let link = Link {
+            base,
+            down_since_ms: AtomicU64::new(UP),
+            synced_us: AtomicU64::new(NEVER),
+            trust_for: Duration::from_secs(3),
+        };
+        let at = |ms: u64| base + Duration::from_millis(ms);
+        link.synced(at(1_000));
+        // Up all along (no failure noticed): trusted for the bound after the report, no longer.
+        assert!(link.trusted_at(at(3_999)));
+        assert!(!link.trusted_at(at(4_001)));
+        // A later report extends it; an older one (reordered) does not shorten it.
+        link.synced(at(2_000));
+        link.synced(at(1_500));
+        assert!(link.trusted_at(at(4_999)));
+        assert!(!link.trusted_at(at(5_001)));
+    }
+
+    #[tokio::test]
+    async fn a_feed_that_stops_vouching_ends_the_trust_while_still_up() {
+        let store = Arc::new(FakeStore::default());
+        let k = generate(KeyKind::User);
+        store.insert(&record(k.digest, None)).await.unwrap();
+        let v = Verifier::new(store.clone(), &settings(), Arc::new(Metrics::default()));
+        v.link(true);
+        v.synced(Instant::now());
+        v.verify(k.digest, 10).await.unwrap();
+        v.verify(k.digest, 10).await.unwrap();
+        assert_eq!(
+            store.lookups.load(Ordering::SeqCst),
+            1,
+            "the cache was not used"
+        );
+        // Four seconds on, with no newer report, the 3 s bound has passed: the store is asked.
+        assert!(!v.link.trusted_at(Instant::now() + Duration::from_secs(4)));
+        assert!(v.unsubscribed_for().is_none(), "no failure was noticed");
     }
 
     #[test]

@@ -4,10 +4,22 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::*;
+
+/// The child process, killed if the test fails before it has exited.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_the_slow_request_finish_then_exits_zero() {
@@ -17,35 +29,44 @@ async fn sigterm_lets_the_slow_request_finish_then_exits_zero() {
     let store = redis_store(&redis, &ns);
     let key = create_key(&*store, "acme", "admin").await;
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--upstream", &upstream.url()])
-        .args(["--redis-url", &redis.url(), "--namespace", &ns])
-        .env("RUST_LOG", "info")
-        .env_remove("KEYGATE__SERVER__LISTEN")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Guard(
+        Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--upstream", &upstream.url()])
+            .args(["--redis-url", &redis.url(), "--namespace", &ns])
+            .env("RUST_LOG", "info")
+            .env_remove("KEYGATE__SERVER__LISTEN")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
 
-    // The startup log line names the bound addresses.
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    // The startup log line names the bound addresses. stderr is read on a thread of its own
+    // (and kept drained, so the child never blocks on a full pipe); the test waits for the
+    // line with a deadline.
+    let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.0.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = line_tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
     let proxy = loop {
-        let line = lines
-            .next()
-            .expect("keygate exited before serving")
-            .unwrap();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = line_rx
+            .recv_timeout(left)
+            .expect("keygate logged no listen address within 10s (or exited)");
         if let Some(rest) = line.split("listen=").nth(1) {
             break rest.split_whitespace().next().unwrap().to_owned();
         }
     };
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
 
     let http = Http::new();
     let url = format!("http://{proxy}/hold");
@@ -56,7 +77,7 @@ async fn sigterm_lets_the_slow_request_finish_then_exits_zero() {
     });
     upstream.held_request_arrived().await;
 
-    let pid = child.id().to_string();
+    let pid = child.0.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
         .status()
@@ -70,7 +91,7 @@ async fn sigterm_lets_the_slow_request_finish_then_exits_zero() {
     })
     .await;
     assert!(
-        child.try_wait().unwrap().is_none(),
+        child.0.try_wait().unwrap().is_none(),
         "exited with a request in flight"
     );
 
@@ -79,8 +100,12 @@ async fn sigterm_lets_the_slow_request_finish_then_exits_zero() {
     assert_eq!(reply.status, 200);
     assert_eq!(reply.text(), "held and released");
 
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
-        .await
-        .unwrap();
+    let mut status = None;
+    eventually(Duration::from_secs(10), "keygate exits", || {
+        status = child.0.try_wait().unwrap();
+        std::future::ready(status.is_some())
+    })
+    .await;
+    let status = status.unwrap();
     assert!(status.success(), "exit status {status:?}");
 }

@@ -299,10 +299,23 @@ pub fn check_name(v: &str) -> Result<(), String> {
 pub trait InvalidationSink: Send + Sync + 'static {
     /// One key's record changed (created, revoked, edited or removed).
     async fn invalidate(&self, digest: &KeyDigest);
+    /// One key was revoked. A revocation is final, so the sink may hold the verdict itself
+    /// instead of reading the record again; by default it just evicts.
+    async fn revoked(&self, digest: &KeyDigest) {
+        self.invalidate(digest).await
+    }
     /// Any record may have changed (e.g. invalidations were missed while disconnected).
     fn invalidate_all(&self);
     /// The store's invalidation feed went up or down.
     fn link(&self, up: bool);
+    /// Every invalidation published before `at` has been applied (or covered by a flush): the
+    /// feed was known good at `at`. A store that reports this promises to keep reporting it
+    /// while the feed is good; from then on cached verdicts are trusted only for
+    /// `cache.trust_while_unsubscribed` after the latest `at`, whether or not a failure has
+    /// been noticed. Stores without such a feed never call it.
+    fn synced(&self, at: std::time::Instant) {
+        let _ = at;
+    }
 }
 
 /// The current time in Unix seconds.

@@ -15,7 +15,11 @@
 //! - `ns:audit`: a stream of audit entries (`time`, `actor`, `action`, `target`, `tenant`,
 //!   `outcome`), trimmed to about [`AUDIT_MAX_LEN`] entries.
 //! - `ns:invalidate`: the pub/sub channel; every mutation publishes the changed key's digest
-//!   hex in the same Lua script that writes it, so no write is ever left unannounced.
+//!   hex in the same Lua script that writes it, so no write is ever left unannounced. A
+//!   revocation (revoke, rotate without grace, account removal) publishes `<hex>:revoked`
+//!   instead: a revocation is final, so instances can hold the verdict without reading the
+//!   record. Anything else on the channel makes instances flush their caches (so an older
+//!   instance receiving the revoked form flushes, which is safe).
 //!
 //! The service-account scripts derive some key names from their arguments (a key's record from
 //! its id), as the revoke script does: fine on a standalone Redis, to be revisited for Cluster.
@@ -37,36 +41,74 @@ use super::{
 };
 use crate::key::{KeyDigest, KeyKind};
 
+/// Lua shared by the scripts that write: every script checks everything it reads and every
+/// key it writes before its first write, because Lua has no rollback: a script that failed
+/// half-way would leave its first writes (and their announcements) in place. A refusal is an
+/// error reply coded `KEYGATE_CORRUPT`, read as [`StoreError::Corrupt`].
+macro_rules! script {
+    ($body:literal) => {
+        concat!(
+            r#"
+local function wrong_type(key, want)
+  local t = redis.call('TYPE', key).ok
+  if t ~= want and t ~= 'none' then return key .. ' holds a ' .. t .. ', not a ' .. want end
+  return nil
+end
+local function is_digest(v) return #v == 64 and v:match('^%x+$') ~= nil end
+local function is_time(v) return v:match('^%d+$') ~= nil end
+local function refuse(why) return redis.error_reply('KEYGATE_CORRUPT ' .. why) end
+"#,
+            $body
+        )
+    };
+}
+
 /// Marks a key revoked by id and announces it, in one atomic step: resolves the id, sets
 /// `revoked_at` unless it is already set, publishes the digest on the invalidation channel,
-/// and returns the digest hex (nil for an unknown id).
+/// and returns the digest hex (nil for an unknown id). An id index that points at no record is
+/// refused: revoking never creates a record.
 /// KEYS: id key. ARGV: record key prefix, time, channel.
-const REVOKE_SCRIPT: &str = r#"
+const REVOKE_SCRIPT: &str = script!(
+    r#"
+local bad = wrong_type(KEYS[1], 'string')
+if bad then return refuse(bad) end
 local hex = redis.call('GET', KEYS[1])
 if not hex then return false end
-redis.call('HSETNX', ARGV[1] .. hex, 'revoked_at', ARGV[2])
-redis.call('PUBLISH', ARGV[3], hex)
+if not is_digest(hex) then return refuse('the id index is not a digest') end
+local rk = ARGV[1] .. hex
+if redis.call('TYPE', rk).ok ~= 'hash' then return refuse('the id index points at no key record') end
+redis.call('HSETNX', rk, 'revoked_at', ARGV[2])
+redis.call('PUBLISH', ARGV[3], hex .. ':revoked')
 return hex
-"#;
+"#
+);
 
 /// Creates a record and announces it (so no instance keeps an "unknown" verdict for it), in
 /// one atomic step; returns 0 if the id is taken.
 /// KEYS: record key, id key, ids key. ARGV: hex, created_at, id, channel, field/value pairs.
-const INSERT_SCRIPT: &str = r#"
+const INSERT_SCRIPT: &str = script!(
+    r#"
 if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local bad = wrong_type(KEYS[3], 'zset')
+if bad then return refuse(bad) end
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('SET', KEYS[2], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3])
 redis.call('PUBLISH', ARGV[4], ARGV[1])
 return 1
-"#;
+"#
+);
 
 /// Creates a service account and its first key and announces the key, in one atomic step;
 /// returns 0 if the tenant has an account of that name, -1 if an id is taken.
 /// KEYS: account, names, account ids, account keys, key record, key id, key ids.
 /// ARGV: name key, account id, created_at, key id, hex, channel, number of account field/value
 /// arguments, the account's field/value pairs, then the key's.
-const CREATE_ACCOUNT_SCRIPT: &str = r#"
+const CREATE_ACCOUNT_SCRIPT: &str = script!(
+    r#"
+local bad = wrong_type(KEYS[2], 'hash') or wrong_type(KEYS[3], 'zset')
+  or wrong_type(KEYS[4], 'set') or wrong_type(KEYS[7], 'zset')
+if bad then return refuse(bad) end
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return 0 end
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[5]) == 1
   or redis.call('EXISTS', KEYS[6]) == 1 then return -1 end
@@ -80,33 +122,51 @@ redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
 redis.call('SADD', KEYS[4], ARGV[4])
 redis.call('PUBLISH', ARGV[6], ARGV[5])
 return 1
-"#;
+"#
+);
 
 /// Rotates a service account in one atomic step: every key of the account not yet revoked is
 /// revoked now (ARGV[4] = 'revoke') or made to expire at ARGV[5] unless it expires sooner (the
 /// grace period), the new key is created and becomes the account's current key, and every
-/// changed key is announced. Returns 0 for an unknown account, -1 if the new id is taken.
+/// changed key is announced. Returns 0 for an unknown account, -1 if the new id is taken. A key
+/// whose record is missing is skipped (nothing to revoke; no record is created); any other
+/// unreadable record refuses the whole rotation before anything is written.
 /// KEYS: account, account keys, new key record, new key id, key ids.
 /// ARGV: key id prefix, key record prefix, channel, mode, time, new key id, new hex,
 /// new created_at, new expires_at ('' = never), the new key's field/value pairs.
-const ROTATE_SCRIPT: &str = r#"
+const ROTATE_SCRIPT: &str = script!(
+    r#"
+local bad = wrong_type(KEYS[1], 'hash') or wrong_type(KEYS[2], 'set') or wrong_type(KEYS[5], 'zset')
+if bad then return refuse(bad) end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('EXISTS', KEYS[4]) == 1 then return -1 end
+local live = {}
 for _, kid in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  local hex = redis.call('GET', ARGV[1] .. kid)
+  local ik = ARGV[1] .. kid
+  bad = wrong_type(ik, 'string')
+  if bad then return refuse(bad) end
+  local hex = redis.call('GET', ik)
   if hex then
+    if not is_digest(hex) then return refuse('the id index of ' .. kid .. ' is not a digest') end
     local rk = ARGV[2] .. hex
-    if redis.call('HEXISTS', rk, 'revoked_at') == 0 then
-      if ARGV[4] == 'revoke' then
-        redis.call('HSET', rk, 'revoked_at', ARGV[5])
-      else
-        local e = redis.call('HGET', rk, 'expires_at')
-        if (not e) or tonumber(e) > tonumber(ARGV[5]) then
-          redis.call('HSET', rk, 'expires_at', ARGV[5])
-        end
-      end
-      redis.call('PUBLISH', ARGV[3], hex)
+    local t = redis.call('TYPE', rk).ok
+    if t ~= 'hash' and t ~= 'none' then return refuse('the record of ' .. kid .. ' is not a hash') end
+    if t == 'hash' and redis.call('HEXISTS', rk, 'revoked_at') == 0 then
+      local e = redis.call('HGET', rk, 'expires_at')
+      if e and not is_time(e) then return refuse('the record of ' .. kid .. ': expires_at is not a time') end
+      live[#live + 1] = {rk, hex, e}
     end
+  end
+end
+for _, k in ipairs(live) do
+  if ARGV[4] == 'revoke' then
+    redis.call('HSET', k[1], 'revoked_at', ARGV[5])
+    redis.call('PUBLISH', ARGV[3], k[2] .. ':revoked')
+  else
+    if (not k[3]) or tonumber(k[3]) > tonumber(ARGV[5]) then
+      redis.call('HSET', k[1], 'expires_at', ARGV[5])
+    end
+    redis.call('PUBLISH', ARGV[3], k[2])
   end
 end
 redis.call('HSET', KEYS[3], unpack(ARGV, 10))
@@ -121,27 +181,45 @@ else
 end
 redis.call('PUBLISH', ARGV[3], ARGV[7])
 return 1
-"#;
+"#
+);
 
 /// Removes a service account in one atomic step: revokes every key of it (keeping earlier
 /// revocation times), announces each, and deletes the account, its name and its key set.
-/// Returns 0 for an unknown account.
+/// Returns 0 for an unknown account. A key whose record is missing is skipped (no record is
+/// created); any other unreadable record refuses the removal before anything is written.
 /// KEYS: account, account keys, names, account ids.
 /// ARGV: key id prefix, key record prefix, channel, time, name key, account id.
-const REMOVE_ACCOUNT_SCRIPT: &str = r#"
+const REMOVE_ACCOUNT_SCRIPT: &str = script!(
+    r#"
+local bad = wrong_type(KEYS[1], 'hash') or wrong_type(KEYS[2], 'set')
+  or wrong_type(KEYS[3], 'hash') or wrong_type(KEYS[4], 'zset')
+if bad then return refuse(bad) end
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local found = {}
 for _, kid in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  local hex = redis.call('GET', ARGV[1] .. kid)
+  local ik = ARGV[1] .. kid
+  bad = wrong_type(ik, 'string')
+  if bad then return refuse(bad) end
+  local hex = redis.call('GET', ik)
   if hex then
-    redis.call('HSETNX', ARGV[2] .. hex, 'revoked_at', ARGV[4])
-    redis.call('PUBLISH', ARGV[3], hex)
+    if not is_digest(hex) then return refuse('the id index of ' .. kid .. ' is not a digest') end
+    local rk = ARGV[2] .. hex
+    local t = redis.call('TYPE', rk).ok
+    if t ~= 'hash' and t ~= 'none' then return refuse('the record of ' .. kid .. ' is not a hash') end
+    if t == 'hash' then found[#found + 1] = {rk, hex} end
   end
+end
+for _, k in ipairs(found) do
+  redis.call('HSETNX', k[1], 'revoked_at', ARGV[4])
+  redis.call('PUBLISH', ARGV[3], k[2] .. ':revoked')
 end
 if redis.call('HGET', KEYS[3], ARGV[5]) == ARGV[6] then redis.call('HDEL', KEYS[3], ARGV[5]) end
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('ZREM', KEYS[4], ARGV[6])
 return 1
-"#;
+"#
+);
 
 /// Records last-used times: for each (hex, time) pair, sets `last_used_at` on an existing
 /// record unless it is already later. Publishes nothing: no verdict depends on it.
@@ -179,6 +257,8 @@ pub struct RedisSettings {
 pub struct RedisStore {
     client: redis::Client,
     conn: ConnectionManager,
+    /// `host:port` (or socket path) of the server, for error messages; never the password.
+    addr: String,
     ns: String,
     timeout: Duration,
     health_check_interval: Duration,
@@ -201,11 +281,13 @@ impl RedisStore {
             .set_response_timeout(Some(settings.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
+        let addr = client.get_connection_info().addr().to_string();
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            .map_err(|e| StoreError::Unavailable(format!("{addr}: {e}")))?;
         Ok(RedisStore {
             client,
             conn,
+            addr,
             ns: settings.namespace.clone(),
             timeout: settings.timeout,
             health_check_interval: settings.health_check_interval,
@@ -274,19 +356,22 @@ impl RedisStore {
 
     /// Runs an idempotent call, once more if the connection had dropped: the connection
     /// manager reconnects after the first failure (e.g. after a Redis restart), so the retry
-    /// spares the caller a needless `503`.
+    /// spares the caller a needless `503`. The call and its retry share one deadline, so the
+    /// whole takes at most `store.timeout`; a call that timed out is not retried (a slow
+    /// Redis is not a dropped connection).
     async fn idempotent<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
         F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        match tokio::time::timeout(self.timeout, f(self.conn.clone())).await {
-            Ok(Err(e)) if e.is_connection_dropped() || e.is_io_error() => {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        match tokio::time::timeout_at(deadline, f(self.conn.clone())).await {
+            Ok(Err(e)) if !e.is_timeout() && (e.is_connection_dropped() || e.is_io_error()) => {
                 tracing::debug!(error = %e, "redis connection dropped; retrying once");
             }
             first => return self.outcome(first),
         }
-        self.call(f(self.conn.clone())).await
+        self.outcome(tokio::time::timeout_at(deadline, f(self.conn.clone())).await)
     }
 
     fn outcome<T>(
@@ -295,10 +380,13 @@ impl RedisStore {
     ) -> Result<T, StoreError> {
         match r {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(StoreError::Unavailable(e.to_string())),
+            Ok(Err(e)) if e.code() == Some("KEYGATE_CORRUPT") => Err(StoreError::Corrupt(
+                e.detail().unwrap_or("refused by a script").to_owned(),
+            )),
+            Ok(Err(e)) => Err(StoreError::Unavailable(format!("{}: {e}", self.addr))),
             Err(_) => Err(StoreError::Unavailable(format!(
-                "no answer within {:?}",
-                self.timeout
+                "{}: no answer within {:?}",
+                self.addr, self.timeout
             ))),
         }
     }
@@ -628,6 +716,7 @@ impl Store for RedisStore {
         sink.link(false);
         tokio::spawn(subscriber::run(
             self.client.clone(),
+            self.addr.clone(),
             self.channel(),
             self.timeout,
             self.health_check_interval,

@@ -1,20 +1,28 @@
 //! The invalidation subscriber: one per instance, on its own Redis connection, following
-//! `<namespace>:invalidate` and evicting every announced digest from the cache.
+//! `<namespace>:invalidate`: every announced digest is evicted from the cache, or, when
+//! announced as revoked (`<hex>:revoked`), held as revoked at once.
 //!
 //! Invariants kept here:
 //! - Messages published while the subscription is down are lost, so every (re)subscribe
 //!   flushes the whole cache *after* SUBSCRIBE is confirmed: anything cached before then may
 //!   have missed a message, anything read after it will be followed by any later message.
-//! - A silently dead link (half-open TCP, a middlebox dropping idle connections) is noticed by
-//!   a PING on the subscribed connection every `health_check_interval`; no answer within the
-//!   same interval counts as a disconnect.
-//! - While down, the sink is told so; it stops trusting cached verdicts after a short bound.
+//! - The sink is told when the feed was last known good ([`InvalidationSink::synced`]): the
+//!   moment the confirmed SUBSCRIBE, or the latest answered PING, was sent. Redis answers on
+//!   one connection in order, so an answer proves that every message published before its
+//!   command was sent has been delivered; they are applied before the sink is told. The sink
+//!   trusts cached verdicts only for a bound after that moment, so a silently dead link cannot
+//!   stretch the trust however late it is noticed.
+//! - A silently dead link (half-open TCP, a frozen Redis, a middlebox dropping idle
+//!   connections) is noticed by a PING on the subscribed connection every
+//!   `health_check_interval`; a PING still unanswered at the next one counts as a disconnect.
 //! - Reconnects back off exponentially with jitter, so a fleet does not stampede Redis.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use redis::aio::{PubSubSink, PubSubStream};
 
 use super::InvalidationSink;
@@ -26,6 +34,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Follows the invalidation channel forever.
 pub(super) async fn run(
     client: redis::Client,
+    addr: String,
     channel: String,
     connect_timeout: Duration,
     health_check_interval: Duration,
@@ -33,19 +42,23 @@ pub(super) async fn run(
 ) {
     let mut backoff = BACKOFF_MIN;
     loop {
+        let attempted = Instant::now();
         match subscribe(&client, &channel, connect_timeout).await {
-            Ok((mut conn, mut messages)) => {
+            Ok((conn, mut messages)) => {
+                // Flush, then report the feed good as of the attempt: nothing cached from
+                // before the flush is trusted on the strength of this subscription.
                 sink.invalidate_all();
                 sink.link(true);
+                sink.synced(attempted);
                 backoff = BACKOFF_MIN;
                 tracing::info!(%channel, "invalidation subscription up; cache flushed");
-                let reason = follow(&mut conn, &mut messages, health_check_interval, &*sink).await;
+                let reason = follow(&conn, &mut messages, health_check_interval, &*sink).await;
                 sink.link(false);
-                tracing::warn!(%reason, "invalidation subscription lost; reconnecting");
+                tracing::warn!(%reason, %addr, "invalidation subscription lost; reconnecting");
             }
             Err(err) => {
                 sink.link(false);
-                tracing::warn!(error = %err, "cannot subscribe to invalidations; retrying");
+                tracing::warn!(error = %err, %addr, "cannot subscribe to invalidations; retrying");
             }
         }
         // Full jitter over the upper half of the current backoff.
@@ -72,9 +85,11 @@ async fn subscribe(
     }
 }
 
+type Pong = Pin<Box<dyn Future<Output = redis::RedisResult<redis::Value>> + Send>>;
+
 /// Applies messages until the link fails; returns why it failed.
 async fn follow(
-    conn: &mut PubSubSink,
+    conn: &PubSubSink,
     messages: &mut PubSubStream,
     interval: Duration,
     sink: &dyn InvalidationSink,
@@ -82,27 +97,101 @@ async fn follow(
     let mut health = tokio::time::interval(interval);
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     health.tick().await;
+    // The PING in flight and when it was sent. It runs beside the messages, so a health check
+    // never delays an invalidation.
+    let mut ping: Option<(Instant, Pong)> = None;
     loop {
         tokio::select! {
+            biased;
             msg = messages.next() => {
                 let Some(msg) = msg else { return "connection closed".into() };
-                let payload = msg.get_payload_bytes();
-                match std::str::from_utf8(payload).ok().and_then(KeyDigest::from_hex) {
-                    Some(digest) => sink.invalidate(&digest).await,
-                    None => {
-                        // Not a digest: be safe and forget everything.
-                        tracing::warn!(len = payload.len(), "unreadable invalidation message; flushing the cache");
-                        sink.invalidate_all();
-                    }
+                apply(&msg, sink).await;
+            }
+            pong = async { ping.as_mut().expect("guarded by the condition").1.as_mut().await },
+                if ping.is_some() =>
+            {
+                let (sent, _) = ping.take().expect("guarded by the condition");
+                if let Err(e) = pong {
+                    return format!("health check failed: {e}");
                 }
+                // Every message that arrived before the answer is queued by now: apply them
+                // all before vouching for the feed as of `sent`.
+                while let Some(msg) = messages.next().now_or_never() {
+                    let Some(msg) = msg else { return "connection closed".into() };
+                    apply(&msg, sink).await;
+                }
+                sink.synced(sent);
             }
             _ = health.tick() => {
-                match tokio::time::timeout(interval, conn.ping::<redis::Value>()).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return format!("health check failed: {e}"),
-                    Err(_) => return format!("no answer to a health check within {interval:?}"),
+                if ping.is_some() {
+                    return format!("no answer to a health check within {interval:?}");
                 }
+                let mut conn = conn.clone();
+                ping = Some((Instant::now(), Box::pin(async move { conn.ping().await })));
             }
         }
+    }
+}
+
+/// What a message on the channel announces.
+#[derive(Debug, PartialEq, Eq)]
+enum Announcement {
+    /// `<hex>`: the key's record changed (created, edited, expiry moved).
+    Changed(KeyDigest),
+    /// `<hex>:revoked`: the key was revoked, for good.
+    Revoked(KeyDigest),
+}
+
+fn parse(payload: &[u8]) -> Option<Announcement> {
+    let text = std::str::from_utf8(payload).ok()?;
+    match text.split_once(':') {
+        None => KeyDigest::from_hex(text).map(Announcement::Changed),
+        Some((hex, "revoked")) => KeyDigest::from_hex(hex).map(Announcement::Revoked),
+        Some(_) => None,
+    }
+}
+
+/// Applies one message: a changed key's verdicts are evicted, a revoked key's replaced by
+/// "revoked"; anything unreadable flushes the whole cache.
+async fn apply(msg: &redis::Msg, sink: &dyn InvalidationSink) {
+    let payload = msg.get_payload_bytes();
+    match parse(payload) {
+        Some(Announcement::Changed(digest)) => sink.invalidate(&digest).await,
+        Some(Announcement::Revoked(digest)) => sink.revoked(&digest).await,
+        None => {
+            // Not an announcement this version knows: be safe and forget everything.
+            tracing::warn!(
+                len = payload.len(),
+                "unreadable invalidation message; flushing the cache"
+            );
+            sink.invalidate_all();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announcements_are_read_strictly() {
+        let d = KeyDigest([0xab; 32]);
+        let hex = d.to_hex();
+        assert_eq!(parse(hex.as_bytes()), Some(Announcement::Changed(d)));
+        assert_eq!(
+            parse(format!("{hex}:revoked").as_bytes()),
+            Some(Announcement::Revoked(d))
+        );
+        for bad in [
+            format!("{hex}:"),
+            format!("{hex}:revoked:x"),
+            format!("{hex}:REVOKED"),
+            ":revoked".to_owned(),
+            hex[1..].to_owned(),
+            "garbage".to_owned(),
+        ] {
+            assert_eq!(parse(bad.as_bytes()), None, "{bad}");
+        }
+        assert_eq!(parse(b"\xff\xfe"), None);
     }
 }

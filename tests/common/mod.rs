@@ -79,18 +79,34 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
+    /// Starts a server on a free port. A port taken between the check and the bind (by another
+    /// test's Redis, say) is noticed by the server's pid and another port is tried.
     pub fn start() -> Self {
+        let mut why = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            match Self::start_on(port) {
+                Ok(r) => return r,
+                Err(e) => why = format!("port {port}: {e}"),
+            }
+        }
+        panic!("redis-server did not start on any of five free ports; last: {why}");
+    }
+
+    /// Starts a server on `port`; an error if it cannot be this server that answers there.
+    pub fn start_on(port: u16) -> Result<Self, String> {
         let mut r = RedisServer {
-            port: free_port(),
+            port,
             dir: temp_dir("redis"),
             child: None,
         };
-        r.spawn();
-        r
+        r.spawn(&[]).map(|()| r)
     }
 
-    fn spawn(&mut self) {
-        let child = Command::new("redis-server")
+    /// Spawns the server and waits until it answers as itself: the `process_id` of `INFO
+    /// server` must be the child's, or the answer came from someone else's server on that port.
+    fn spawn(&mut self, extra: &[&str]) -> Result<(), String> {
+        let mut child = Command::new("redis-server")
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
@@ -98,21 +114,48 @@ impl RedisServer {
             .args(["--dbfilename", "dump.rdb"])
             .arg("--dir")
             .arg(&self.dir)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is not installed: apt-get install -y redis-server redis-tools");
-        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut c) = self.client().get_connection() {
-                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
-                    return;
-                }
+        let outcome = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break Err(format!("exited at start ({status}); port taken?"));
             }
-            assert!(Instant::now() < deadline, "redis-server did not start");
+            if let Some(pid) = self.server_pid() {
+                if pid == child.id() {
+                    break Ok(());
+                }
+                break Err(format!("answered by another server (pid {pid})"));
+            }
+            if Instant::now() >= deadline {
+                break Err("no answer within 10s".into());
+            }
             std::thread::sleep(Duration::from_millis(10));
+        };
+        match outcome {
+            Ok(()) => self.child = Some(child),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
         }
+        outcome
+    }
+
+    /// The `process_id` of whatever answers on the port, if anything does.
+    fn server_pid(&self) -> Option<u32> {
+        let client = self.client();
+        let mut c = client
+            .get_connection_with_timeout(Duration::from_secs(1))
+            .ok()?;
+        c.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+        let info: String = redis::cmd("INFO").arg("server").query(&mut c).ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("process_id:"))
+            .and_then(|v| v.trim().parse().ok())
     }
 
     pub fn url(&self) -> String {
@@ -123,9 +166,16 @@ impl RedisServer {
         redis::Client::open(self.url()).unwrap()
     }
 
-    /// A connection of the test's own (it stays authenticated if a password is set later).
+    /// A connection of the test's own (it stays authenticated if a password is set later);
+    /// a command on it that gets no answer within 10 s fails instead of hanging.
     pub fn conn(&self) -> redis::Connection {
-        self.client().get_connection().unwrap()
+        let c = self
+            .client()
+            .get_connection_with_timeout(Duration::from_secs(10))
+            .unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        c
     }
 
     /// Runs a command on the test's own connection.
@@ -154,20 +204,36 @@ impl RedisServer {
         let _: () = self.cmd(&["CONFIG", "RESETSTAT"]);
     }
 
-    /// Saves the dataset and stops the server (its port then refuses connections).
+    /// Saves the dataset and stops the server (its port then refuses connections); fails the
+    /// test if the server has not exited within 10 s.
     pub fn stop(&mut self) {
         let _ = redis::cmd("SHUTDOWN")
             .arg("SAVE")
             .query::<()>(&mut self.conn());
         if let Some(mut child) = self.child.take() {
-            let _ = child.wait();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() {
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("redis-server did not exit within 10s of SHUTDOWN");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
     }
 
     /// Starts again on the same port and directory, reloading the saved dataset.
     pub fn restart(&mut self) {
+        self.restart_with(&[]);
+    }
+
+    /// [`RedisServer::restart`] with more `redis-server` arguments (config directives).
+    pub fn restart_with(&mut self, extra: &[&str]) {
         assert!(self.child.is_none(), "stop() first");
-        self.spawn();
+        if let Err(why) = self.spawn(extra) {
+            panic!("redis-server did not restart on port {}: {why}", self.port);
+        }
     }
 }
 
@@ -304,9 +370,14 @@ impl Upstream {
         self.seen.lock().unwrap().clone()
     }
 
-    /// Resolves when a `/hold` request has arrived.
+    /// Resolves when a `/hold` request has arrived; fails the test if none does within 10 s.
     pub async fn held_request_arrived(&self) {
-        self.arrived.notified().await
+        if tokio::time::timeout(Duration::from_secs(10), self.arrived.notified())
+            .await
+            .is_err()
+        {
+            panic!("no /hold request reached the upstream within 10s");
+        }
     }
 
     /// Lets every held request answer.
@@ -384,6 +455,9 @@ pub fn zeros(len: u64) -> TestBody {
 
 // ---------------------------------------------------------------------------------------------
 // keygate
+
+/// How long a test's keygate may take to shut down (its `server.shutdown_grace` is 5 s).
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(15);
 
 /// keygate running in-process on port 0.
 pub struct Keygate {
@@ -476,12 +550,17 @@ impl Keygate {
         self.app.metrics.invalidations.get()
     }
 
+    /// Stops keygate and waits for it to finish, failing the test if that takes longer than
+    /// [`SHUTDOWN_DEADLINE`].
     pub async fn shutdown(mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
         if let Some(task) = self.task.take() {
-            task.await.unwrap();
+            match tokio::time::timeout(SHUTDOWN_DEADLINE, task).await {
+                Ok(done) => done.expect("keygate's server task panicked"),
+                Err(_) => panic!("keygate did not shut down within {SHUTDOWN_DEADLINE:?}"),
+            }
         }
     }
 }
@@ -497,7 +576,12 @@ impl Drop for Keygate {
 // ---------------------------------------------------------------------------------------------
 // HTTP client
 
-/// A real HTTP client (HTTP/1.1 by default, or HTTP/2 with prior knowledge).
+/// How long a test's HTTP exchange may take, response head and body: a keygate or upstream
+/// that hangs fails the test with a message instead of hanging it.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A real HTTP client (HTTP/1.1 by default, or HTTP/2 with prior knowledge); every request
+/// has a deadline ([`REQUEST_TIMEOUT`]).
 #[derive(Clone)]
 pub struct Http {
     client: Client<HttpConnector, TestBody>,
@@ -545,7 +629,8 @@ impl Http {
         }
     }
 
-    /// Sends a request and returns the response head with the body still streaming.
+    /// Sends a request and returns the response head (within [`REQUEST_TIMEOUT`]) with the
+    /// body still streaming.
     pub async fn send(
         &self,
         method: &str,
@@ -557,25 +642,22 @@ impl Http {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        self.client
-            .request(req.body(body).unwrap())
-            .await
-            .expect("request reached keygate")
-    }
-
-    pub async fn request(&self, method: &str, url: &str, headers: &[(&str, &str)]) -> Reply {
-        let resp = self
-            .send(method, url, headers, Full::new(Bytes::new()).boxed())
-            .await;
-        let (parts, body) = resp.into_parts();
-        Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body: body.collect().await.unwrap().to_bytes(),
+        match tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            self.client.request(req.body(body).unwrap()),
+        )
+        .await
+        {
+            Ok(resp) => resp.expect("request reached keygate"),
+            Err(_) => panic!("{method} {url}: no response head within {REQUEST_TIMEOUT:?}"),
         }
     }
 
-    /// A request with a body, read whole.
+    pub async fn request(&self, method: &str, url: &str, headers: &[(&str, &str)]) -> Reply {
+        self.request_body(method, url, headers, Bytes::new()).await
+    }
+
+    /// A request with a body, its response read whole, all within [`REQUEST_TIMEOUT`].
     pub async fn request_body(
         &self,
         method: &str,
@@ -583,14 +665,20 @@ impl Http {
         headers: &[(&str, &str)],
         body: impl Into<Bytes>,
     ) -> Reply {
-        let resp = self
-            .send(method, url, headers, Full::new(body.into()).boxed())
-            .await;
-        let (parts, body) = resp.into_parts();
-        Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body: body.collect().await.unwrap().to_bytes(),
+        let exchange = async {
+            let resp = self
+                .send(method, url, headers, Full::new(body.into()).boxed())
+                .await;
+            let (parts, body) = resp.into_parts();
+            Reply {
+                status: parts.status,
+                headers: parts.headers,
+                body: body.collect().await.unwrap().to_bytes(),
+            }
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+            Ok(reply) => reply,
+            Err(_) => panic!("{method} {url}: no complete response within {REQUEST_TIMEOUT:?}"),
         }
     }
 
@@ -779,22 +867,42 @@ pub fn keygate_json(redis_url: &str, ns: &str, args: &[&str]) -> serde_json::Val
     })
 }
 
-/// Every value stored under `ns:`, read with the command its type needs, as one string.
+/// Every value stored under `ns:`, read with the command its type needs, as one string in a
+/// canonical order (keys, set members and hash fields sorted), so that two dumps of unchanged
+/// data are equal however Redis happens to order its tables.
 pub fn dump_redis(redis: &RedisServer, ns: &str) -> String {
-    let keys: Vec<String> = redis.cmd(&["KEYS", &format!("{ns}:*")]);
+    let mut keys: Vec<String> = redis.cmd(&["KEYS", &format!("{ns}:*")]);
+    keys.sort();
     let mut out = String::new();
     for k in keys {
         let kind: String = redis.cmd(&["TYPE", &k]);
-        let value: redis::Value = match kind.as_str() {
-            "string" => redis.cmd(&["GET", &k]),
-            "hash" => redis.cmd(&["HGETALL", &k]),
-            "set" => redis.cmd(&["SMEMBERS", &k]),
-            "zset" => redis.cmd(&["ZRANGE", &k, "0", "-1", "WITHSCORES"]),
-            "list" => redis.cmd(&["LRANGE", &k, "0", "-1"]),
-            "stream" => redis.cmd(&["XRANGE", &k, "-", "+"]),
+        let value = match kind.as_str() {
+            "string" => format!("{:?}", redis.cmd::<redis::Value>(&["GET", &k])),
+            "hash" => {
+                let mut fields: Vec<(String, String)> = redis
+                    .cmd::<HashMap<String, String>>(&["HGETALL", &k])
+                    .into_iter()
+                    .collect();
+                fields.sort();
+                format!("{fields:?}")
+            }
+            "set" => {
+                let mut members: Vec<String> = redis.cmd(&["SMEMBERS", &k]);
+                members.sort();
+                format!("{members:?}")
+            }
+            "zset" => format!(
+                "{:?}",
+                redis.cmd::<redis::Value>(&["ZRANGE", &k, "0", "-1", "WITHSCORES"])
+            ),
+            "list" => format!(
+                "{:?}",
+                redis.cmd::<redis::Value>(&["LRANGE", &k, "0", "-1"])
+            ),
+            "stream" => format!("{:?}", redis.cmd::<redis::Value>(&["XRANGE", &k, "-", "+"])),
             other => panic!("unexpected type {other} of {k}"),
         };
-        out.push_str(&format!("{k} {value:?}\n"));
+        out.push_str(&format!("{k} {kind} {value}\n"));
     }
     out
 }
