@@ -15,16 +15,19 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use keygate::auth::bearer_token;
-use keygate::config::UnderscoreHeaders;
-use keygate::config::{CacheSettings, Config, IdentitySettings};
+use keygate::config::Config;
+use keygate::identity::Identity;
 use keygate::key::{generate, KeyDigest, KeyKind, Token};
 use keygate::metrics::Metrics;
 use keygate::policy::authorize;
-use keygate::proxy::{rewrite_request_headers, scan_request_headers, Forwarded};
+use keygate::proxy::headers::{
+    ip_value, rewrite_request_headers, scan_request_headers, Forwarded, IdentitySettings,
+    UnderscoreHeaders,
+};
 use keygate::route::normalize;
 use keygate::server::Server;
 use keygate::store::{KeyRecord, Store};
-use keygate::verify::{Identity, Verifier};
+use keygate::verify::{CacheSettings, Verifier};
 
 mod support;
 
@@ -109,7 +112,7 @@ fn hot_path(c: &mut Criterion) {
     ] {
         client_headers.insert(k, HeaderValue::from_static(v));
     }
-    let client_ip = keygate::proxy::ip_value([127, 0, 0, 1].into());
+    let client_ip = ip_value([127, 0, 0, 1].into());
     c.bench_function("rewrite_request_headers", |b| {
         b.iter_batched_ref(
             || client_headers.clone(),

@@ -31,11 +31,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{free_port, namespace, redis_store, temp_dir, RedisServer};
-use keygate::config::CacheSettings;
 use keygate::key::{generate, KeyDigest, KeyKind};
 use keygate::manage::{self, NewKey};
 use keygate::metrics::Metrics;
 use keygate::store::{now_unix, KeyRecord};
+use keygate::verify::CacheSettings;
 use keygate::verify::Verifier;
 
 /// Worker threads (and nginx workers): the machine's cores.

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use http::header::AUTHORIZATION;
 use http::HeaderMap;
 
+use crate::identity::Identity;
 use crate::key::Token;
 use crate::rejection::Rejection;
-use crate::verify::{Identity, Verifier, VerifyError};
+use crate::verify::{Verifier, VerifyError};
 
 /// Longest `Authorization` value looked at; anything longer is not a keygate key.
 const MAX_AUTHORIZATION_LEN: usize = 256;

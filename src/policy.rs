@@ -9,9 +9,9 @@
 
 use http::Method;
 
+use crate::identity::Identity;
 use crate::rejection::Rejection;
 use crate::route::{MethodSet, Route};
-use crate::verify::Identity;
 
 /// The organization admin role: every method on the routes, and every operation of the admin
 /// API. A service account can never have it.

@@ -3,8 +3,6 @@
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogSettings;
-
 /// Installs the global subscriber; a second call is a no-op (tests start many servers).
 pub fn init(settings: &LogSettings) {
     let filter = EnvFilter::try_from_default_env()
@@ -19,4 +17,15 @@ pub fn init(settings: &LogSettings) {
     } else {
         builder.try_init()
     };
+}
+
+/// Validated logging settings.
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    /// JSON lines instead of text.
+    pub json: bool,
+    /// `RUST_LOG`-style filter.
+    pub filter: String,
+    /// One access log line per request.
+    pub access: bool,
 }

@@ -355,17 +355,21 @@ fn ser_opt_time<S: serde::Serializer>(t: &Option<u64>, s: S) -> Result<S::Ok, S:
     }
 }
 
+/// Which store to use.
+#[derive(Debug, Clone)]
+pub enum StoreSettings {
+    /// Redis.
+    Redis(redis::RedisSettings),
+    /// The embedded file store at this path.
+    File(std::path::PathBuf),
+}
+
 /// Opens the configured store. A keys file must exist unless `create_file` is set (the
 /// key-management commands create it; `serve` refuses a missing one, so a typo in the path is
 /// not mistaken for an empty key set).
-pub fn open(
-    settings: &crate::config::StoreSettings,
-    create_file: bool,
-) -> Result<Arc<dyn Store>, StoreError> {
+pub fn open(settings: &StoreSettings, create_file: bool) -> Result<Arc<dyn Store>, StoreError> {
     match settings {
-        crate::config::StoreSettings::Redis(r) => Ok(Arc::new(redis::RedisStore::new(r)?)),
-        crate::config::StoreSettings::File(path) => {
-            Ok(Arc::new(file::FileStore::open(path, create_file)?))
-        }
+        StoreSettings::Redis(r) => Ok(Arc::new(redis::RedisStore::new(r)?)),
+        StoreSettings::File(path) => Ok(Arc::new(file::FileStore::open(path, create_file)?)),
     }
 }

@@ -463,7 +463,7 @@ pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(15);
 pub struct Keygate {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
-    pub app: Arc<keygate::server::App>,
+    pub app: Arc<keygate::proxy::App>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }

@@ -28,12 +28,12 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::Admin;
+use crate::identity::Identity;
 use crate::manage::{self, ManageError, NewKey, NewServiceAccount, RotateExpiry};
 use crate::policy::{self, Roles};
 use crate::rejection::Rejection;
-use crate::server::App;
 use crate::store::{self, now_unix, Store, StoreError};
-use crate::verify::Identity;
 
 /// The OpenAPI 3 document of this API.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -235,8 +235,8 @@ fn route<'a>(method: &Method, path: &'a str) -> Result<(Op, Option<&'a str>), Ap
 }
 
 /// Handles a request under `/v1/`.
-pub async fn handle(app: &App, req: Request<Incoming>) -> Resp {
-    match serve(app, req).await {
+pub async fn handle(admin: &Admin, req: Request<Incoming>) -> Resp {
+    match serve(admin, req).await {
         Ok(resp) => resp,
         Err(Failure::Rejected(r)) => r.into_response(),
         Err(Failure::Api(e)) => {
@@ -287,12 +287,13 @@ impl Caller {
     }
 }
 
-async fn serve(app: &App, req: Request<Incoming>) -> Result<Resp, Failure> {
+async fn serve(admin: &Admin, req: Request<Incoming>) -> Result<Resp, Failure> {
+    let app = &*admin.app;
     let uri = req.uri().clone();
     let (op, id) = route(req.method(), uri.path())?;
     if op == Op::OpenApi {
         // Asked for rarely (tools, people): built per request rather than kept.
-        let mut resp = Response::new(Full::new(document(&app.roles)));
+        let mut resp = Response::new(Full::new(document(&admin.roles)));
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         return Ok(resp);
@@ -303,7 +304,7 @@ async fn serve(app: &App, req: Request<Incoming>) -> Result<Resp, Failure> {
         .await
         .map_err(Failure::Rejected)?;
     let caller = Caller {
-        operator: identity.tenant() == app.operator_tenant,
+        operator: identity.tenant() == admin.operator_tenant,
         identity,
     };
     let allowed = match caller.identity.role() {
@@ -360,7 +361,7 @@ async fn serve(app: &App, req: Request<Incoming>) -> Result<Resp, Failure> {
                 manage::parse_expiry(body.expires_in.as_deref(), body.expires_at.as_deref(), now)?;
             let created = manage::create_key(
                 store,
-                &app.roles,
+                &admin.roles,
                 NewKey {
                     tenant,
                     role: body.role,
@@ -410,7 +411,7 @@ async fn serve(app: &App, req: Request<Incoming>) -> Result<Resp, Failure> {
             .unwrap_or(None);
             let created = manage::create_service_account(
                 store,
-                &app.roles,
+                &admin.roles,
                 NewServiceAccount {
                     tenant,
                     name: body.name,

@@ -1,9 +1,8 @@
-//! Listeners, the request path, and shutdown.
+//! Listeners, workers and shutdown.
 //!
-//! [`handle`] is the whole request path on one screen: request id, path normalisation, route,
-//! credential and verdict, policy, header rewrite, forward, error mapping, access log. It runs
-//! on the proxy workers: one thread each, with its own single-threaded event loop and upstream
-//! pools, all accepting on the same socket. The accept loops keep going through accept errors
+//! The request path ([`crate::proxy::handle`]) runs on the proxy workers: one thread each,
+//! with its own single-threaded event loop and upstream pools, all accepting on the same
+//! socket. The accept loops keep going through accept errors
 //! (EMFILE must not kill the process; `/readyz` says so for a few seconds), refuse connections
 //! past the listener's cap at once, and run each admitted connection in its own task under
 //! its deadlines (`server/connection.rs`: a first request head within `header_read_timeout` of
@@ -11,323 +10,80 @@
 //! readiness goes false, the listeners close, in-flight requests get up to `shutdown_grace`
 //! to finish.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderValue, Request, Response};
-use http_body_util::{Either, Full};
+use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use prometheus::IntCounter;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{oneshot, watch};
-use tracing::Instrument;
 
-use crate::config::{IdentitySettings, IpNet, Settings, UnderscoreHeaders};
-use crate::metrics::{ListenerMetrics, Metrics, RouteMetrics};
-use crate::proxy::{self, Forwarded, Upstream, X_REQUEST_ID};
-use crate::rejection::Rejection;
-use crate::route::{self, RouteTable};
-use crate::store::{self, now_unix, Store, StoreError};
-use crate::verify::Verifier;
-use crate::{admin, auth, policy};
+use crate::admin::{self, Admin, Health};
+use crate::metrics::{ListenerMetrics, Metrics};
+use crate::policy::Roles;
+use crate::proxy::{
+    self, App, IdentitySettings, IpNet, Peer, RouteTarget, Unanswered, UnderscoreHeaders, Upstream,
+    UpstreamSettings,
+};
+use crate::route::RouteTable;
+use crate::store::{self, Store, StoreError, StoreSettings};
+use crate::telemetry::LogSettings;
+use crate::verify::{CacheSettings, Verifier};
 
 mod connection;
 
 use connection::{Activity, Cap, Deadlines, Drain, Expirations, Tracked, Watched};
 
-/// The body of every proxy response: the upstream's, streamed, or a small synthetic one.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
-
-/// How long a refused connection or a failed accept keeps `/readyz` unready.
-pub const CONNECTION_TROUBLE_WINDOW: Duration = Duration::from_secs(5);
-
-/// Process-wide state shared by the proxy and admin listeners.
-pub struct State {
-    draining: AtomicBool,
-    started: Instant,
-    /// The proxy listener's cap (all workers together).
-    proxy_cap: Arc<Cap>,
-    /// The admin listener's own cap.
-    admin_cap: Arc<Cap>,
-    /// When the proxy listener last refused a connection at its cap: milliseconds after
-    /// `started`, plus one (0: never).
-    refused_at: AtomicU64,
-    /// The last failed accept on either listener, and when.
-    accept_failure: Mutex<Option<(Instant, String)>>,
-}
-
-impl State {
-    fn new(proxy_cap: Arc<Cap>, admin_cap: Arc<Cap>) -> Self {
-        State {
-            draining: AtomicBool::new(false),
-            started: Instant::now(),
-            proxy_cap,
-            admin_cap,
-            refused_at: AtomicU64::new(0),
-            accept_failure: Mutex::new(None),
-        }
-    }
-
-    /// Whether shutdown has begun.
-    pub fn draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-
-    fn refused(&self) {
-        let ms = self.started.elapsed().as_millis() as u64 + 1;
-        self.refused_at.store(ms, Ordering::Relaxed);
-    }
-
-    fn accept_failed(&self, err: &std::io::Error) {
-        let mut last = self
-            .accept_failure
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        *last = Some((Instant::now(), err.to_string()));
-    }
-
-    /// Why the listeners cannot take new connections now, for `/readyz`: connections refused
-    /// at the cap, or accepts failing, within the last [`CONNECTION_TROUBLE_WINDOW`].
-    pub fn connection_trouble(&self) -> Vec<String> {
-        let mut reasons = Vec::new();
-        let refused = self.refused_at.load(Ordering::Relaxed);
-        if refused > 0 {
-            let ago = self
-                .started
-                .elapsed()
-                .saturating_sub(Duration::from_millis(refused - 1));
-            if ago < CONNECTION_TROUBLE_WINDOW {
-                reasons.push(format!(
-                    "connections: the proxy listener refused a connection {:.1}s ago ({} open, server.max_connections = {})",
-                    ago.as_secs_f64(),
-                    self.proxy_cap.open(),
-                    self.proxy_cap.max(),
-                ));
-            }
-        }
-        let last = self
-            .accept_failure
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some((at, err)) = &*last {
-            let ago = at.elapsed();
-            if ago < CONNECTION_TROUBLE_WINDOW {
-                reasons.push(format!(
-                    "accept: accepting a connection failed {:.1}s ago: {err}",
-                    ago.as_secs_f64()
-                ));
-            }
-        }
-        reasons
-    }
-}
-
-/// Where a matched route sends its requests, and the route's metric series.
-pub struct RouteTarget {
-    /// The pooled client (shared by the routes that name the same upstream).
-    pub upstream: Arc<Upstream>,
-    /// The route's series, resolved at startup.
-    pub metrics: RouteMetrics,
-}
-
-/// Everything a request needs, built once at startup.
-pub struct App {
-    /// Cache and store.
-    pub verifier: Arc<Verifier>,
-    /// The routes, each with its pooled upstream client.
-    pub routes: RouteTable<RouteTarget>,
-    /// Identity header names.
+/// Validated runtime settings of `keygate serve`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Proxy listener.
+    pub listen: SocketAddr,
+    /// Admin listener.
+    pub admin_listen: SocketAddr,
+    /// Drain deadline on shutdown.
+    pub shutdown_grace: Duration,
+    /// Time to a complete request head (from accept for the first request).
+    pub header_read_timeout: Duration,
+    /// Idle connections are closed after this long.
+    pub idle_timeout: Duration,
+    /// Most open proxy connections; 0: derived from the descriptor limit at start.
+    pub max_connections: usize,
+    /// Most open admin connections.
+    pub admin_max_connections: usize,
+    /// Largest request head in bytes.
+    pub max_header_bytes: usize,
+    /// Proxy worker threads (resolved: at least 1).
+    pub workers: usize,
+    /// What happens to request headers whose names contain `_`.
+    pub headers_with_underscores: UnderscoreHeaders,
+    /// Peers whose `X-Forwarded-*` headers are kept (and appended to).
+    pub trusted_proxies: Box<[IpNet]>,
+    /// The default upstream (`upstream.url`), if set.
+    pub upstream: Option<UpstreamSettings>,
+    /// The route table (the default upstream is its last, catch-all route).
+    pub routes: RouteTable<UpstreamSettings>,
+    /// The roles a key may be given (for the admin API's checks and document).
+    pub roles: Roles,
+    /// The store.
+    pub store: StoreSettings,
+    /// The verdict cache.
+    pub cache: CacheSettings,
+    /// Identity headers.
     pub identity: IdentitySettings,
-    /// Readiness and drain state.
-    pub state: State,
-    /// The process's metrics.
-    pub metrics: Arc<Metrics>,
-    /// Series of requests refused before a route matched (`invalid_path`, `no_route`).
-    pub unrouted: RouteMetrics,
-    /// Whether each request gets an access log line.
-    pub access_log: bool,
+    /// Logging.
+    pub log: LogSettings,
     /// The tenant whose admin keys manage every tenant through the API.
     pub operator_tenant: String,
-    /// The roles a key may be given through the API.
-    pub roles: crate::policy::Roles,
-    /// What happens to request headers whose names contain `_`.
-    pub underscores: UnderscoreHeaders,
-    /// Peers whose forwarding headers are kept.
-    pub trusted_proxies: Box<[IpNet]>,
-}
-
-/// The client end of a proxy connection, worked out once per connection.
-pub struct Peer {
-    /// Its address, as an `X-Forwarded-For` value.
-    pub ip: HeaderValue,
-    /// Whether it is a trusted proxy (`server.trusted_proxies`).
-    pub trusted: bool,
-}
-
-impl Peer {
-    /// The peer at `ip`, trusted if a trusted network contains it.
-    pub fn new(ip: std::net::IpAddr, trusted: &[IpNet]) -> Self {
-        Peer {
-            ip: proxy::ip_value(ip),
-            trusted: trusted.iter().any(|net| net.contains(ip)),
-        }
-    }
-}
-
-/// The `route` label and log field of requests that matched no route.
-const UNROUTED: &str = "-";
-
-/// A request hyper handed over, counted as abandoned unless it is answered: hyper drops a
-/// request's handling when the client closes the connection or resets the stream first (even
-/// before [`handle`] has run at all, for a stream reset as soon as it was opened).
-struct Unanswered(Option<IntCounter>);
-
-impl Unanswered {
-    fn answered(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for Unanswered {
-    fn drop(&mut self) {
-        if let Some(abandoned) = &self.0 {
-            abandoned.inc();
-        }
-    }
-}
-
-/// The request path.
-pub async fn handle(app: &App, mut req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
-    let started = Instant::now();
-    let request_id = proxy::client_request_id(req.headers())
-        .cloned()
-        .unwrap_or_else(proxy::new_request_id);
-    let span = tracing::info_span!(
-        "request",
-        request_id = ?request_id,
-        route = tracing::field::Empty,
-        key_id = tracing::field::Empty,
-        tenant = tracing::field::Empty,
-        outcome = tracing::field::Empty,
-    );
-    let method = req.method().clone();
-    // Set as the request goes: the route it matched, and how long the upstream took.
-    let mut matched: Option<&RouteTarget> = None;
-    let mut upstream_time = None;
-
-    // One pass over the header names, for every header rule of the request.
-    let scan = proxy::scan_request_headers(req.headers(), &app.identity.prefix, app.underscores);
-    let mut removed = proxy::Removed::default();
-
-    let outcome = async {
-        if let Some(refusal) = scan.refusal() {
-            return Err(refusal);
-        }
-        let host = route::request_host(req.version(), req.uri(), req.headers())?;
-        let path = route::normalize(req.uri().path())?;
-        let route = app
-            .routes
-            .find(
-                host.as_ref().map(HeaderValue::as_bytes),
-                &path,
-                req.method(),
-            )
-            .ok_or(Rejection::NoRoute)?;
-        span.record("route", &*route.name);
-        matched = Some(&route.upstream);
-        let mut tenant_header = None;
-        let identity = if route.auth {
-            let identity = auth::check(&app.verifier, req.headers(), now_unix()).await?;
-            span.record("key_id", identity.key_id());
-            span.record("tenant", identity.tenant());
-            let tenant = route.tenant(&path, req.headers(), scan.underscores());
-            policy::authorize(route, &identity, req.method(), tenant)?;
-            // The upstream gets the tenant header as it was decided on.
-            tenant_header = route
-                .tenant_header(req.headers(), scan.underscores())
-                .map(|(name, value)| (name, value.clone()));
-            Some(identity)
-        } else {
-            None
-        };
-        // The upstream sees the path that was matched, so it cannot read another one into it.
-        if let Cow::Owned(normal) = path {
-            proxy::set_path(req.uri_mut(), &normal)?;
-        }
-        let fwd = Forwarded {
-            client_ip: &peer.ip,
-            trusted: peer.trusted,
-            proto: "http",
-            host,
-            request_id: &request_id,
-            scan,
-            tenant_header,
-        };
-        let upstream = &route.upstream.upstream;
-        removed = proxy::rewrite_request_headers(
-            req.headers_mut(),
-            identity.as_deref(),
-            &app.identity,
-            upstream.settings(),
-            &fwd,
-        );
-        let sent = Instant::now();
-        let resp = upstream.send(req).await;
-        upstream_time = Some(sent.elapsed());
-        resp
-    }
-    .instrument(span.clone())
-    .await;
-
-    let series = matched.map_or(&app.unrouted, |t| &t.metrics);
-    let decision = outcome.as_ref().map(drop).map_err(|r| *r);
-    let mut resp = match outcome {
-        Ok(resp) => resp.map(Either::Left),
-        Err(rejection) => {
-            if upstream_time.is_some() {
-                series.upstream_failed(rejection);
-            }
-            rejection.into_response().map(Either::Right)
-        }
-    };
-    resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
-
-    let status = resp.status().as_u16();
-    let took = started.elapsed();
-    app.metrics.decision(decision);
-    if removed != proxy::Removed::default() {
-        app.metrics.headers_removed(
-            removed.identity,
-            removed.underscore,
-            removed.method_override,
-        );
-    }
-    series.observe(status, took, upstream_time);
-    if matched.is_none() {
-        span.record("route", UNROUTED);
-    }
-    span.record("outcome", decision.err().map_or("allowed", Rejection::code));
-    if app.access_log {
-        let _entered = span.enter();
-        tracing::info!(
-            target: "keygate::access",
-            method = %method,
-            status,
-            latency_us = took.as_micros() as u64,
-            upstream_us = upstream_time.map(|t| t.as_micros() as u64),
-        );
-    }
-    resp
+    /// How often a key's last use is recorded.
+    pub last_used_interval: Duration,
 }
 
 /// A failure to start serving. Each message names the setting at fault; the OS error is
@@ -388,6 +144,10 @@ impl Listener {
 /// A bound, not yet running keygate: both listeners are open, so their addresses are known.
 pub struct Server {
     app: Arc<App>,
+    admin_app: Arc<Admin>,
+    health: Arc<Health>,
+    proxy_cap: Arc<Cap>,
+    admin_cap: Arc<Cap>,
     /// The proxy listener, once per worker (the same socket).
     proxy: Vec<std::net::TcpListener>,
     admin: TcpListener,
@@ -457,20 +217,28 @@ impl Server {
         });
         verifier.start_last_used_flusher();
         let app = Arc::new(App {
-            unrouted: metrics.route(UNROUTED),
+            unrouted: metrics.route(proxy::UNROUTED),
             metrics,
             access_log: settings.log.access,
             verifier,
             routes,
             identity: settings.identity.clone(),
-            state: State::new(proxy_cap, admin_cap),
-            operator_tenant: settings.operator_tenant.clone(),
-            roles: settings.roles.clone(),
             underscores: settings.headers_with_underscores,
             trusted_proxies: settings.trusted_proxies.clone(),
         });
+        let health = Arc::new(Health::default());
+        let admin_app = Arc::new(Admin {
+            app: app.clone(),
+            health: health.clone(),
+            operator_tenant: settings.operator_tenant.clone(),
+            roles: settings.roles.clone(),
+        });
         Ok(Server {
             app,
+            admin_app,
+            health,
+            proxy_cap,
+            admin_cap,
             proxy,
             admin,
             settings,
@@ -506,6 +274,10 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         let Server {
             app,
+            admin_app,
+            health,
+            proxy_cap,
+            admin_cap,
             proxy,
             admin,
             settings,
@@ -525,9 +297,10 @@ impl Server {
             let (app, builder, stop) = (app.clone(), builder.clone(), stop_rx.clone());
             let grace = settings.shutdown_grace;
             let rules = ListenerRules::new(
-                &app.state.proxy_cap,
+                &proxy_cap,
                 &app.metrics.proxy_listener,
                 &settings,
+                &health,
                 true,
             );
             let spawned = std::thread::Builder::new()
@@ -543,11 +316,11 @@ impl Server {
         }
 
         let drain = Drain::default();
-        let admin_app = app.clone();
         let admin_rules = ListenerRules::new(
-            &app.state.admin_cap,
+            &admin_cap,
             &app.metrics.admin_listener,
             &settings,
+            &health,
             false,
         );
         let admin_loop = accept_loop(
@@ -556,7 +329,6 @@ impl Server {
             &drain,
             stop_rx,
             admin_rules,
-            &app.state,
             move |_, activity| {
                 let app = admin_app.clone();
                 service_fn(move |req: Request<Incoming>| {
@@ -572,7 +344,7 @@ impl Server {
         let signal = async {
             shutdown.await;
             tracing::info!("shutdown requested: draining");
-            app.state.draining.store(true, Ordering::SeqCst);
+            health.start_draining();
             let _ = stop_tx.send(true);
         };
         tokio::join!(admin_loop, signal);
@@ -702,21 +474,30 @@ fn http_builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// One listener's connection rules: its cap, the deadlines, and its series.
+/// One listener's connection rules: its cap, the deadlines, its series, and where accept
+/// failures and refusals are reported for readiness.
 #[derive(Clone)]
 struct ListenerRules {
     cap: Arc<Cap>,
     deadlines: Deadlines,
     metrics: ListenerMetrics,
     expired: Expirations,
+    health: Arc<Health>,
     /// Whether refusals make the instance unready (the proxy listener's do).
     proxy: bool,
 }
 
 impl ListenerRules {
-    fn new(cap: &Arc<Cap>, metrics: &ListenerMetrics, settings: &Settings, proxy: bool) -> Self {
+    fn new(
+        cap: &Arc<Cap>,
+        metrics: &ListenerMetrics,
+        settings: &Settings,
+        health: &Arc<Health>,
+        proxy: bool,
+    ) -> Self {
         ListenerRules {
             cap: cap.clone(),
+            health: health.clone(),
             deadlines: Deadlines {
                 head: settings.header_read_timeout,
                 idle: settings.idle_timeout,
@@ -742,7 +523,7 @@ fn proxy_worker(
     stop: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    proxy::set_worker(index);
+    proxy::upstream::set_worker(index);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -773,24 +554,15 @@ fn proxy_worker(
             service_fn(move |req: Request<Incoming>| {
                 let (app, peer) = (app.clone(), peer.clone());
                 let in_flight = activity.begin(req.version());
-                let unanswered = Unanswered(Some(app.metrics.requests_abandoned.clone()));
+                let unanswered = Unanswered::new(app.metrics.requests_abandoned.clone());
                 async move {
-                    let resp = handle(&app, req, &peer).await;
+                    let resp = proxy::handle(&app, req, &peer).await;
                     unanswered.answered();
                     Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, in_flight)))
                 }
             })
         };
-        accept_loop(
-            listener,
-            builder,
-            &drain,
-            stop,
-            rules,
-            &app.state,
-            make_service,
-        )
-        .await;
+        accept_loop(listener, builder, &drain, stop, rules, make_service).await;
         drain_within(drain, grace).await;
     });
 }
@@ -819,7 +591,6 @@ async fn accept_loop<S, B>(
     drain: &Drain,
     mut stop: watch::Receiver<bool>,
     rules: ListenerRules,
-    state: &State,
     make_service: impl Fn(SocketAddr, Arc<Activity>) -> S,
 ) where
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
@@ -841,7 +612,7 @@ async fn accept_loop<S, B>(
                 // Out of file descriptors or a connection reset before accept: keep serving,
                 // say so in /readyz, and do not spin.
                 rules.metrics.accept_errors.inc();
-                state.accept_failed(&err);
+                rules.health.accept_failed(&err);
                 tracing::warn!(error = %err, "accept failed");
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
@@ -852,7 +623,7 @@ async fn accept_loop<S, B>(
             // while the connections already admitted keep being served.
             rules.metrics.refused.inc();
             if rules.proxy {
-                state.refused();
+                rules.health.refused(rules.cap.open(), rules.cap.max());
             }
             drop(stream);
             continue;

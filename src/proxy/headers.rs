@@ -1,5 +1,5 @@
-//! Forwarding: rewrite an authenticated request for the upstream and send it over the shared
-//! worker's connection pool, streaming bodies both ways.
+//! Header hygiene: what a request's head looks like when it reaches the upstream, and what
+//! the response's looks like when it reaches the client.
 //!
 //! Header rules, in this order (the order is what makes them safe):
 //! 1. one pass over the names ([`scan_request_headers`]) finds what the rules below have to
@@ -16,47 +16,21 @@
 //! `Connection: x-tenant`) can remove or replace a header keygate adds or decided on.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::header::{self, HeaderName, AUTHORIZATION, CONNECTION, HOST};
+use http::header::{self, HeaderName, AUTHORIZATION, HOST};
 use http::uri::PathAndQuery;
-use http::{HeaderMap, HeaderValue, Request, Response, Uri, Version};
-use http_body_util::{Either, Empty};
-use hyper::body::{Body, Incoming};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::client::legacy::connect::HttpConnector;
+use http::{HeaderMap, HeaderValue, Uri};
 
-use crate::config::{IdentitySettings, UnderscoreHeaders, UpstreamSettings};
-use crate::metrics::PoolMetrics;
+use super::hop::{hop_by_hop, remove_hop_by_hop};
+use super::request_id::X_REQUEST_ID;
+use super::upstream::UpstreamSettings;
+use crate::identity::{Identity, Part};
 use crate::rejection::Rejection;
 use crate::route::{same_header_name, starts_with_header_name};
-use crate::verify::{Identity, Part};
 
-/// `x-request-id`: kept from the client when sane, else generated; sent upstream and back.
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
-/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
-fn hop_by_hop() -> [&'static HeaderName; 9] {
-    [
-        &CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ]
-}
 
 /// What one pass over a request's header names found: which hop-by-hop headers are present
 /// and which of the other rules have work to do. A few bits, nothing allocated.
@@ -139,65 +113,6 @@ pub fn scan_request_headers(
         }
     }
     scan
-}
-
-/// Removes hop-by-hop headers, including every header named in `Connection` (for a response:
-/// the request side goes through [`rewrite_request_headers`]).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the few names present finds which hop-by-hop headers to remove: cheaper
-    // than nine removals by hash, and most responses carry none but `Connection`.
-    let hop = hop_by_hop();
-    let mut present = 0u16;
-    for name in headers.keys() {
-        if let Some(i) = hop.iter().position(|h| *h == name) {
-            present |= 1 << i;
-        }
-    }
-    remove_hop_by_hop(headers, present);
-}
-
-/// Removes the hop-by-hop headers whose bits are set in `present`.
-fn remove_hop_by_hop(headers: &mut HeaderMap, present: u16) {
-    if present == 0 {
-        return;
-    }
-    let hop = hop_by_hop();
-    // `hop[0]` is `Connection`. The names it lists are removed by reference: a token that
-    // names no header present (`keep-alive`, `close`) costs a lookup, never an allocation.
-    if present & 1 != 0 {
-        let mut values = headers.get_all(CONNECTION).iter();
-        let first = values.next().cloned();
-        // Empty, so not allocated, unless `Connection` appears more than once.
-        let more: Vec<HeaderValue> = values.cloned().collect();
-        for value in first.iter().chain(&more) {
-            for token in value.as_bytes().split(|&b| b == b',') {
-                match std::str::from_utf8(trim(token)) {
-                    // The credential the decision was made on stays (when it is forwarded);
-                    // every other header keygate decides on is set again after this.
-                    Ok(name) if name.eq_ignore_ascii_case(AUTHORIZATION.as_str()) => {}
-                    Ok(name) => {
-                        headers.remove(name);
-                    }
-                    Err(_) => {}
-                }
-            }
-        }
-    }
-    for (i, name) in hop.into_iter().enumerate() {
-        if present & (1 << i) != 0 {
-            headers.remove(name);
-        }
-    }
-}
-
-fn trim(mut b: &[u8]) -> &[u8] {
-    while let [b' ' | b'\t', rest @ ..] = b {
-        b = rest;
-    }
-    while let [rest @ .., b' ' | b'\t'] = b {
-        b = rest;
-    }
-    b
 }
 
 /// Names that, spelt with `_`, would read to a CGI-style upstream like a header keygate sets,
@@ -404,366 +319,142 @@ pub fn set_path(uri: &mut Uri, path: &str) -> Result<(), Rejection> {
     Ok(())
 }
 
-thread_local! {
-    /// The proxy worker this thread runs; `OFF_WORKER` on any other thread.
-    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(OFF_WORKER) };
+/// The identity header names, built once from the configured prefix.
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    /// The lowercase prefix, e.g. `x-keygate-`.
+    pub prefix: String,
+    /// `<prefix>key-id`.
+    pub key_id: HeaderName,
+    /// `<prefix>tenant`.
+    pub tenant: HeaderName,
+    /// `<prefix>role`.
+    pub role: HeaderName,
+    /// `<prefix>subject`.
+    pub subject: HeaderName,
+    /// `<prefix>subject-kind`.
+    pub subject_kind: HeaderName,
+    /// Forward `Authorization` upstream.
+    pub forward_authorization: bool,
 }
 
-const OFF_WORKER: usize = usize::MAX;
-
-/// Marks the calling thread as proxy worker `index`, so it uses that worker's upstream pools.
-pub fn set_worker(index: usize) {
-    WORKER.with(|w| w.set(index));
-}
-
-/// An HTTP/1.1 connection to the upstream, with when it last answered.
-struct Pooled {
-    sender: SendRequest<UpstreamBody>,
-    since: Instant,
-}
-
-/// One worker's connections to one upstream.
-///
-/// A connection is checked back in as soon as its response head arrives, while the body may
-/// still be streaming; checkout takes the most recently used connection that is ready for a
-/// new request (hyper's `is_ready`: the previous exchange is over) and leaves busy ones where
-/// they are. Closed connections, and ones idle past the idle timeout, are dropped at checkout
-/// and by a sweeper task, so an idle pool lets its connections go without any traffic.
-#[derive(Default)]
-struct Pool {
-    // Invariant: only the owning worker's thread (and its sweeper, on the same thread) takes
-    // this lock, never across an await, so it is never contended. The extra pool for threads
-    // off the workers is the exception (see `Upstream::pool`); it serves no proxy traffic.
-    conns: Mutex<Vec<Pooled>>,
-    /// Whether the sweeper runs (it starts with the pool's first connection).
-    sweeping: AtomicBool,
-}
-
-impl Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Pooled>> {
-        self.conns.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Drops closed connections and ready ones idle past `idle_timeout` (dropping the sender
-    /// closes an idle connection).
-    fn drop_stale(conns: &mut Vec<Pooled>, idle_timeout: Duration) {
-        let now = Instant::now();
-        let stale = |c: &Pooled| c.sender.is_ready() && now - c.since > idle_timeout;
-        conns.retain(|c| !(c.sender.is_closed() || stale(c)));
-    }
-
-    /// The most recently used ready connection. Closed and stale ones met on the way are
-    /// dropped; the rest wait for the sweeper, so a checkout does not scan the whole pool.
-    fn checkout(&self, idle_timeout: Duration) -> Option<SendRequest<UpstreamBody>> {
-        let mut conns = self.lock();
-        let now = Instant::now();
-        while let Some(i) = conns
-            .iter()
-            .rposition(|c| c.sender.is_ready() || c.sender.is_closed())
-        {
-            let c = conns.swap_remove(i);
-            if c.sender.is_ready() && now - c.since <= idle_timeout {
-                return Some(c.sender);
-            }
+impl IdentitySettings {
+    /// The identity header names under `prefix` (`identity.header_prefix`); the error says
+    /// what is wrong with the prefix.
+    pub fn new(prefix: &str, forward_authorization: bool) -> Result<Self, String> {
+        let prefix = prefix.to_ascii_lowercase();
+        if prefix.len() < 2 || prefix.len() > 64 {
+            return Err("must be 2 to 64 characters".into());
         }
-        None
-    }
-
-    /// Takes a connection back as its response head arrives. `max_idle` bounds the idle
-    /// connections kept, not the busy ones: a connection still streaming a response (a
-    /// download, server-sent events) stays, so long responses never crowd out the idle
-    /// connections that short requests reuse. With `max_idle` 0 nothing is kept.
-    fn checkin(&self, sender: SendRequest<UpstreamBody>, max_idle: usize) {
-        if max_idle == 0 {
-            // Dropped: the connection closes once its exchange is over.
-            return;
+        if prefix.contains('_') {
+            return Err(format!(
+                "{prefix:?}: write it with '-' (keygate reads '_' in header names as '-')"
+            ));
         }
-        let mut conns = self.lock();
-        conns.push(Pooled {
-            sender,
-            since: Instant::now(),
-        });
-        // Over the bound (rare, so the scan is too): close idle connections, oldest first.
-        if conns.len() > max_idle {
-            let idle = conns.iter().filter(|c| c.sender.is_ready()).count();
-            let mut excess = idle.saturating_sub(max_idle);
-            conns.retain(|c| {
-                let close = excess > 0 && c.sender.is_ready();
-                excess -= usize::from(close);
-                !close
-            });
-        }
-    }
-
-    /// Starts the sweeper on the calling worker's event loop, once. It ends when the pool
-    /// is dropped.
-    fn start_sweeper(self: &Arc<Self>, idle_timeout: Duration) {
-        if self.sweeping.swap(true, Ordering::Relaxed) {
-            return;
-        }
-        let pool = Arc::downgrade(self);
-        let every = (idle_timeout / 2).max(Duration::from_millis(100));
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(pool) = pool.upgrade() else { return };
-                Self::drop_stale(&mut pool.lock(), idle_timeout);
-            }
-        });
-    }
-}
-
-/// Why an upstream exchange failed.
-#[derive(Debug, thiserror::Error)]
-enum SendError {
-    #[error("cannot connect: {0}")]
-    Connect(Box<dyn std::error::Error + Send + Sync>),
-    #[error(transparent)]
-    Http(#[from] hyper::Error),
-}
-
-/// Whether an exchange failed because of the client's request body (cut short, a bad chunk
-/// size, a reset stream) rather than the upstream. hyper's client reports a failure of the
-/// body it was given to send as a user error caused by that body's own error, which here is
-/// the error hyper's server met reading the client.
-fn client_body_failed(err: &hyper::Error) -> bool {
-    use std::error::Error as _;
-    err.is_user() && err.source().is_some_and(|s| s.is::<hyper::Error>())
-}
-
-/// A request body sent upstream: the client's, or none when a request is sent again.
-type UpstreamBody = Either<Incoming, Empty<Bytes>>;
-
-/// What it takes to send a request again: its head. Only for a request that is idempotent
-/// (RFC 9110 §9.2.2: `GET`, `HEAD`, `OPTIONS`, `TRACE`, `PUT`, `DELETE`) and has no body, so
-/// that sending it twice is what the client asked for once.
-struct Replay {
-    method: http::Method,
-    uri: Uri,
-    headers: HeaderMap,
-}
-
-impl Replay {
-    fn of(req: &Request<UpstreamBody>) -> Option<Self> {
-        use http::Method;
-        let idempotent = matches!(
-            *req.method(),
-            Method::GET
-                | Method::HEAD
-                | Method::OPTIONS
-                | Method::TRACE
-                | Method::PUT
-                | Method::DELETE
-        );
-        (idempotent && req.body().is_end_stream()).then(|| Replay {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            headers: req.headers().clone(),
+        let name = |suffix: &str| {
+            HeaderName::from_bytes(format!("{prefix}{suffix}").as_bytes())
+                .map_err(|_| format!("{prefix:?} is not a header name prefix"))
+        };
+        Ok(IdentitySettings {
+            key_id: name("key-id")?,
+            tenant: name("tenant")?,
+            role: name("role")?,
+            subject: name("subject")?,
+            subject_kind: name("subject-kind")?,
+            prefix,
+            forward_authorization,
         })
     }
+}
 
-    fn request(self) -> Request<UpstreamBody> {
-        let mut req = Request::new(Either::Right(Empty::new()));
-        *req.method_mut() = self.method;
-        *req.uri_mut() = self.uri;
-        *req.version_mut() = Version::HTTP_11;
-        *req.headers_mut() = self.headers;
-        req
+/// The default identity header prefix (`identity.header_prefix`).
+pub const DEFAULT_PREFIX: &str = "x-keygate-";
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        IdentitySettings::new(DEFAULT_PREFIX, false).expect("default prefix is valid")
     }
 }
 
-/// The connections to one upstream: a pool per proxy worker, shared by every request.
-///
-/// Invariant: a worker only uses its own pool. A pooled connection's task runs on the event
-/// loop of the worker that opened it, so a request never hands its bytes to another thread.
-/// Requests from other threads (the admin runtime, tests) share one extra pool.
-pub struct Upstream {
-    pools: Box<[Arc<Pool>]>,
-    connector: HttpConnector,
-    /// What the connector dials: the upstream's scheme and authority.
-    dial: Uri,
-    metrics: PoolMetrics,
-    settings: UpstreamSettings,
+/// What keygate does with a client header whose name contains `_`. Upstreams that map header
+/// names to CGI variables (Python WSGI, PHP, Rack: `X_Tenant` and `X-Tenant` are both
+/// `HTTP_X_TENANT`) cannot tell such a name from the one with `-`, so whatever the choice, a
+/// name that reads like one keygate sets or decides on is never passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnderscoreHeaders {
+    /// Removed before forwarding (nginx's default).
+    Drop,
+    /// The request is refused with `400 invalid_header`.
+    Reject,
+    /// Forwarded, except names that read like a header keygate sets, strips or decides on.
+    Allow,
 }
 
-impl Upstream {
-    /// Builds a connection pool for each of `workers` workers (no connection is made until the
-    /// first request).
-    pub fn new(settings: UpstreamSettings, workers: usize, metrics: PoolMetrics) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(settings.connect_timeout));
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let mut dial = http::uri::Parts::default();
-        dial.scheme = Some(settings.scheme.clone());
-        dial.authority = Some(settings.authority.clone());
-        dial.path_and_query = Some(PathAndQuery::from_static("/"));
-        Upstream {
-            pools: (0..=workers.max(1)).map(|_| Arc::default()).collect(),
-            connector,
-            dial: Uri::from_parts(dial).expect("a scheme and an authority make a URI"),
-            metrics,
-            settings,
-        }
-    }
-
-    /// The upstream's settings.
-    pub fn settings(&self) -> &UpstreamSettings {
-        &self.settings
-    }
-
-    /// The calling worker's pool.
-    fn pool(&self) -> &Arc<Pool> {
-        let last = self.pools.len() - 1;
-        &self.pools[WORKER.with(|w| w.get()).min(last)]
-    }
-
-    /// The request target in origin form (`/base/path?query`), as HTTP/1.1 sends it.
-    fn target(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
-        match (self.settings.base_path.is_empty(), pq) {
-            // Reuse the parsed path and query (a reference count, no copy, no re-parse).
-            (true, Some(pq)) => Ok(Uri::from(pq.clone())),
-            (true, None) => Ok(Uri::from_static("/")),
-            (false, pq) => {
-                let pq = pq.map(PathAndQuery::as_str).unwrap_or("/");
-                Ok(Uri::try_from(format!("{}{pq}", self.settings.base_path))?)
-            }
-        }
-    }
-
-    /// Checks that the upstream accepts a TCP connection (for readiness), within the connect
-    /// timeout.
-    pub async fn probe(&self) -> Result<(), String> {
-        let authority = &self.settings.authority;
-        let port = authority.port_u16().unwrap_or(80);
-        let connect = tokio::net::TcpStream::connect((authority.host(), port));
-        match tokio::time::timeout(self.settings.connect_timeout, connect).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(format!("{authority}: {e}")),
-            Err(_) => Err(format!(
-                "{authority}: no connection within {:?}",
-                self.settings.connect_timeout
-            )),
-        }
-    }
-
-    /// Opens a new connection for `pool`; its task runs on the calling worker's event loop.
-    async fn connect(&self, pool: &Arc<Pool>) -> Result<SendRequest<UpstreamBody>, SendError> {
-        let io = tower_service::Service::call(&mut self.connector.clone(), self.dial.clone())
-            .await
-            .map_err(|e| SendError::Connect(e.into()))?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-        tokio::spawn(async move {
-            if let Err(err) = conn.await {
-                tracing::debug!(error = %err, "upstream connection ended with an error");
-            }
-        });
-        pool.start_sweeper(self.settings.pool_idle_timeout);
-        self.metrics.opened.inc();
-        Ok(sender)
-    }
-
-    /// One exchange: on a pooled connection if one is ready, else on a new one.
-    ///
-    /// A pooled connection can fail under a request because the upstream closed it (ending an
-    /// idle keep-alive connection) as the request went out. Such a request is sent again on
-    /// another connection when that is safe: always if it was never written, and after it was
-    /// written only if it is [replayable](Replay). Each retry consumes a pooled connection and
-    /// a new connection is never retried, so this ends.
-    async fn exchange(&self, req: Request<Incoming>) -> Result<Response<Incoming>, SendError> {
-        let pool = self.pool();
-        let mut req = req.map(Either::Left);
-        loop {
-            let (mut sender, reused) = match pool.checkout(self.settings.pool_idle_timeout) {
-                Some(sender) => (sender, true),
-                None => (self.connect(pool).await?, false),
-            };
-            // Copied only where it may be needed: a fresh connection is not retried.
-            let replay = if reused { Replay::of(&req) } else { None };
-            match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    pool.checkin(sender, self.settings.pool_max_idle);
-                    return Ok(resp);
-                }
-                Err(mut err) => {
-                    req = match (err.take_message(), replay) {
-                        (Some(unsent), _) if reused => unsent,
-                        (None, Some(replay)) => replay.request(),
-                        _ => return Err(err.into_error().into()),
-                    };
-                    self.metrics.retried.inc();
-                }
-            }
-        }
-    }
-
-    /// Sends a rewritten request upstream; answers with the upstream's response head (the body
-    /// streams on) or the refusal that maps the failure.
-    pub async fn send(&self, mut req: Request<Incoming>) -> Result<Response<Incoming>, Rejection> {
-        *req.uri_mut() = self
-            .target(req.uri().path_and_query())
-            .map_err(|_| Rejection::UpstreamUnavailable)?;
-        *req.version_mut() = Version::HTTP_11;
-        match tokio::time::timeout(self.settings.timeout, self.exchange(req)).await {
-            Ok(Ok(mut resp)) => {
-                strip_hop_by_hop(resp.headers_mut());
-                Ok(resp)
-            }
-            Ok(Err(SendError::Http(err))) if client_body_failed(&err) => {
-                tracing::debug!(error = %err, "the client's request body failed");
-                Err(Rejection::InvalidBody)
-            }
-            Ok(Err(err)) => {
-                let connect = matches!(err, SendError::Connect(_));
-                tracing::warn!(error = %err, connect, "upstream request failed");
-                Err(Rejection::UpstreamUnavailable)
-            }
-            Err(_) => {
-                tracing::warn!(timeout = ?self.settings.timeout, "upstream did not answer in time");
-                Err(Rejection::UpstreamTimeout)
-            }
+impl UnderscoreHeaders {
+    /// Parses `server.headers_with_underscores`.
+    pub fn parse(v: &str) -> Option<Self> {
+        match v {
+            "drop" => Some(UnderscoreHeaders::Drop),
+            "reject" => Some(UnderscoreHeaders::Reject),
+            "allow" => Some(UnderscoreHeaders::Allow),
+            _ => None,
         }
     }
 }
 
-/// A request id from the client, if it is sane (1–128 visible ASCII characters).
-pub fn client_request_id(headers: &HeaderMap) -> Option<&HeaderValue> {
-    headers.get(&X_REQUEST_ID).filter(|v| {
-        (1..=128).contains(&v.len()) && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
-    })
+/// An IP network: an address and how many leading bits of it a peer must share (a CIDR range
+/// like `10.0.0.0/8`; a bare address is a range of one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
 }
 
-/// Length of a generated request id.
-const REQUEST_ID_LEN: usize = 16;
-
-/// Request ids carved per block: one allocation serves this many requests.
-const REQUEST_IDS_PER_BLOCK: usize = 256;
-
-thread_local! {
-    /// The block this thread carves request ids from. An id keeps its block alive until the
-    /// id is dropped (the end of its request), so a block is at most 4 KiB held by live ids.
-    static REQUEST_IDS: std::cell::RefCell<bytes::BytesMut> =
-        std::cell::RefCell::new(bytes::BytesMut::new());
-}
-
-/// A fresh request id: 16 random hex characters. Ids are carved from a per-thread block, so
-/// making one, and cloning it into the upstream request, allocates nothing on most requests.
-pub fn new_request_id() -> HeaderValue {
-    let n: u64 = rand::random();
-    let mut hex = [0u8; REQUEST_ID_LEN];
-    hex::encode_to_slice(n.to_be_bytes(), &mut hex).expect("16 hex digits");
-    let id = REQUEST_IDS.with(|block| {
-        let mut block = block.borrow_mut();
-        if block.capacity() < REQUEST_ID_LEN {
-            // A new block: the old one is freed when its last id is.
-            block.reserve(REQUEST_ID_LEN * REQUEST_IDS_PER_BLOCK);
+impl IpNet {
+    /// Parses `10.0.0.0/8`, `fd00::/8` or a bare address. The address must be the network's
+    /// first (`10.1.0.0/8` is refused: it reads like a typo for `/16`).
+    pub fn parse(v: &str) -> Option<IpNet> {
+        let (addr, prefix) = match v.split_once('/') {
+            Some((a, p)) => (a.parse::<IpAddr>().ok()?, Some(p)),
+            None => (v.parse::<IpAddr>().ok()?, None),
+        };
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => p.parse().ok()?,
+            Some(_) => return None,
+            None => max,
+        };
+        if prefix > max {
+            return None;
         }
-        block.extend_from_slice(&hex);
-        block.split_to(REQUEST_ID_LEN).freeze()
-    });
-    HeaderValue::from_maybe_shared(id).expect("hex is a valid header value")
+        let net = IpNet { addr, prefix };
+        (net.masked(addr) == Self::bits(addr)).then_some(net)
+    }
+
+    fn bits(ip: IpAddr) -> u128 {
+        match ip {
+            IpAddr::V4(v4) => u32::from(v4).into(),
+            IpAddr::V6(v6) => u128::from(v6),
+        }
+    }
+
+    /// `ip`'s bits with everything past the prefix cleared.
+    fn masked(&self, ip: IpAddr) -> u128 {
+        let width: u32 = if ip.is_ipv4() { 32 } else { 128 };
+        let host_bits = width - u32::from(self.prefix);
+        if host_bits >= 128 {
+            0
+        } else {
+            (Self::bits(ip) >> host_bits) << host_bits
+        }
+    }
+
+    /// Whether `ip` is in the network (an IPv4 address in IPv6 form, `::ffff:10.0.0.1`, counts
+    /// as the IPv4 address).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_ipv4() == self.addr.is_ipv4() && self.masked(ip) == Self::bits(self.addr)
+    }
 }
 
 #[cfg(test)]
@@ -1024,28 +715,5 @@ mod tests {
         let mut uri: Uri = "http://h:1//b".parse().unwrap();
         set_path(&mut uri, "/b").unwrap();
         assert_eq!(uri, "http://h:1/b");
-    }
-
-    #[test]
-    fn request_ids_are_validated_or_generated() {
-        let mut h = HeaderMap::new();
-        assert!(client_request_id(&h).is_none());
-        h.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123"));
-        assert_eq!(client_request_id(&h).unwrap(), "abc-123");
-        h.insert(&X_REQUEST_ID, HeaderValue::from_static("has space"));
-        assert!(client_request_id(&h).is_none());
-        let a = new_request_id();
-        assert_eq!(a.len(), 16);
-        assert_ne!(a, new_request_id());
-        // Across blocks, ids stay intact while later ones are carved.
-        let ids: Vec<HeaderValue> = (0..3 * REQUEST_IDS_PER_BLOCK)
-            .map(|_| new_request_id())
-            .collect();
-        for id in &ids {
-            assert_eq!(id.len(), 16);
-            assert!(id.as_bytes().iter().all(u8::is_ascii_hexdigit));
-        }
-        let distinct: std::collections::HashSet<&HeaderValue> = ids.iter().collect();
-        assert_eq!(distinct.len(), ids.len());
     }
 }

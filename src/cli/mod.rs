@@ -9,6 +9,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 use crate::config::{Config, Override};
+
+mod demo;
 use crate::manage::{self, CreatedAccount, CreatedKey, NewKey, NewServiceAccount, RotateExpiry};
 use crate::policy;
 use crate::server::Server;
@@ -308,8 +310,8 @@ async fn demo(mut config: Config, args: DemoArgs) -> anyhow::Result<()> {
         .keys_file
         .get_or_insert_with(|| DEMO_KEYS_FILE.into())
         .clone();
-    let identity = crate::config::IdentitySettings::new(&config.identity)?;
-    let echo = crate::demo::start_echo(identity).await?;
+    let identity = config.identity_settings()?;
+    let echo = demo::start_echo(identity).await?;
     config.upstream.url = Some(format!("http://{echo}"));
     let settings = config.serve_settings()?;
     telemetry::init(&settings.log);

@@ -14,7 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::config::IdentitySettings;
+use crate::proxy::IdentitySettings;
 
 /// Starts the echo upstream on `127.0.0.1:0` and returns its address.
 pub async fn start_echo(identity: IdentitySettings) -> std::io::Result<SocketAddr> {

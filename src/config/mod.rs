@@ -13,16 +13,21 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use http::{HeaderName, HeaderValue, Uri};
+use http::{HeaderValue, Uri};
 use serde::{Deserialize, Serialize};
 
 use crate::policy;
+use crate::proxy::{IdentitySettings, IpNet, UnderscoreHeaders, UpstreamSettings};
 use crate::route::{self, Grant, MethodSet, Route, RouteTable, TenantFrom};
+use crate::server::Settings;
 use crate::store::redis::RedisSettings;
+use crate::store::StoreSettings;
+use crate::telemetry::LogSettings;
+use crate::verify::CacheSettings;
 
 /// Environment variable prefix; `KEYGATE__SERVER__LISTEN` sets `server.listen`.
 pub const ENV_PREFIX: &str = "KEYGATE__";
@@ -646,11 +651,11 @@ impl Config {
         let roles = c.ok(self.known_roles());
         let upstream = match &self.upstream.url {
             Some(url) => c
-                .ok(UpstreamSettings::new(&self.upstream, url, "upstream.url"))
+                .ok(upstream_settings(&self.upstream, url, "upstream.url"))
                 .map(Some),
             None => Some(None),
         };
-        let identity = c.ok(IdentitySettings::new(&self.identity));
+        let identity = c.ok(self.identity_settings());
         let listen = c.ok(addr("server.listen", &s.listen));
         let admin_listen = c.ok(addr("server.admin_listen", &s.admin_listen));
         let shutdown_grace = c.ok(duration("server.shutdown_grace", &s.shutdown_grace));
@@ -856,7 +861,7 @@ impl Config {
                     "required (or set upstream.url as the default of every route)",
                 )
             })?;
-            let upstream = UpstreamSettings::new(&self.upstream, url, &f("upstream"))?;
+            let upstream = upstream_settings(&self.upstream, url, &f("upstream"))?;
             let tenant = match &rc.tenant_from {
                 Some(spec) => {
                     TenantFrom::parse(spec).map_err(|m| field_err(&f("tenant_from"), m))?
@@ -942,7 +947,7 @@ impl Config {
                 auth: true,
                 grants: all_roles(),
                 tenant: TenantFrom::Unbound,
-                upstream: UpstreamSettings::new(&self.upstream, url, "upstream.url")?,
+                upstream: upstream_settings(&self.upstream, url, "upstream.url")?,
             });
         }
         if routes.is_empty() {
@@ -994,6 +999,13 @@ impl Config {
                 &st.health_check_interval,
             )?,
         }))
+    }
+
+    /// Validates `[identity]` into the identity header names.
+    pub fn identity_settings(&self) -> Result<IdentitySettings, ConfigError> {
+        let c = &self.identity;
+        IdentitySettings::new(&c.header_prefix, c.forward_authorization)
+            .map_err(|m| field_err("identity.header_prefix", m).located(&self.origins))
     }
 
     /// Validates the logging settings.
@@ -1175,279 +1187,44 @@ fn bounded(field: &str, v: usize, min: usize, max: usize) -> Result<usize, Confi
     Ok(v)
 }
 
-/// Validated runtime settings of `keygate serve`.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// Proxy listener.
-    pub listen: SocketAddr,
-    /// Admin listener.
-    pub admin_listen: SocketAddr,
-    /// Drain deadline on shutdown.
-    pub shutdown_grace: Duration,
-    /// Time to a complete request head (from accept for the first request).
-    pub header_read_timeout: Duration,
-    /// Idle connections are closed after this long.
-    pub idle_timeout: Duration,
-    /// Most open proxy connections; 0: derived from the descriptor limit at start.
-    pub max_connections: usize,
-    /// Most open admin connections.
-    pub admin_max_connections: usize,
-    /// Largest request head in bytes.
-    pub max_header_bytes: usize,
-    /// Proxy worker threads (resolved: at least 1).
-    pub workers: usize,
-    /// What happens to request headers whose names contain `_`.
-    pub headers_with_underscores: UnderscoreHeaders,
-    /// Peers whose `X-Forwarded-*` headers are kept (and appended to).
-    pub trusted_proxies: Box<[IpNet]>,
-    /// The default upstream (`upstream.url`), if set.
-    pub upstream: Option<UpstreamSettings>,
-    /// The route table (the default upstream is its last, catch-all route).
-    pub routes: RouteTable<UpstreamSettings>,
-    /// The roles a key may be given (for the admin API's checks and document).
-    pub roles: policy::Roles,
-    /// The store.
-    pub store: StoreSettings,
-    /// The verdict cache.
-    pub cache: CacheSettings,
-    /// Identity headers.
-    pub identity: IdentitySettings,
-    /// Logging.
-    pub log: LogSettings,
-    /// The tenant whose admin keys manage every tenant through the API.
-    pub operator_tenant: String,
-    /// How often a key's last use is recorded.
-    pub last_used_interval: Duration,
-}
-
-/// What keygate does with a client header whose name contains `_`. Upstreams that map header
-/// names to CGI variables (Python WSGI, PHP, Rack: `X_Tenant` and `X-Tenant` are both
-/// `HTTP_X_TENANT`) cannot tell such a name from the one with `-`, so whatever the choice, a
-/// name that reads like one keygate sets or decides on is never passed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UnderscoreHeaders {
-    /// Removed before forwarding (nginx's default).
-    Drop,
-    /// The request is refused with `400 invalid_header`.
-    Reject,
-    /// Forwarded, except names that read like a header keygate sets, strips or decides on.
-    Allow,
-}
-
-impl UnderscoreHeaders {
-    fn parse(v: &str) -> Option<Self> {
-        match v {
-            "drop" => Some(UnderscoreHeaders::Drop),
-            "reject" => Some(UnderscoreHeaders::Reject),
-            "allow" => Some(UnderscoreHeaders::Allow),
-            _ => None,
-        }
+/// Validates one upstream URL with the `[upstream]` settings.
+fn upstream_settings(
+    c: &UpstreamConfig,
+    url: &str,
+    f: &str,
+) -> Result<UpstreamSettings, ConfigError> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| field_err(f, format!("{url:?} is not a URL: {e}")))?;
+    let scheme = uri
+        .scheme()
+        .cloned()
+        .ok_or_else(|| field_err(f, "needs a scheme, e.g. http://127.0.0.1:3000"))?;
+    if scheme != http::uri::Scheme::HTTP {
+        return Err(field_err(f, "only http:// upstreams are supported"));
     }
-}
-
-/// An IP network: an address and how many leading bits of it a peer must share (a CIDR range
-/// like `10.0.0.0/8`; a bare address is a range of one).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpNet {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl IpNet {
-    /// Parses `10.0.0.0/8`, `fd00::/8` or a bare address. The address must be the network's
-    /// first (`10.1.0.0/8` is refused: it reads like a typo for `/16`).
-    pub fn parse(v: &str) -> Option<IpNet> {
-        let (addr, prefix) = match v.split_once('/') {
-            Some((a, p)) => (a.parse::<IpAddr>().ok()?, Some(p)),
-            None => (v.parse::<IpAddr>().ok()?, None),
-        };
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => p.parse().ok()?,
-            Some(_) => return None,
-            None => max,
-        };
-        if prefix > max {
-            return None;
-        }
-        let net = IpNet { addr, prefix };
-        (net.masked(addr) == Self::bits(addr)).then_some(net)
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| field_err(f, "needs a host, e.g. http://127.0.0.1:3000"))?;
+    if uri.query().is_some() {
+        return Err(field_err(f, "must not have a query"));
     }
-
-    fn bits(ip: IpAddr) -> u128 {
-        match ip {
-            IpAddr::V4(v4) => u32::from(v4).into(),
-            IpAddr::V6(v6) => u128::from(v6),
-        }
-    }
-
-    /// `ip`'s bits with everything past the prefix cleared.
-    fn masked(&self, ip: IpAddr) -> u128 {
-        let width: u32 = if ip.is_ipv4() { 32 } else { 128 };
-        let host_bits = width - u32::from(self.prefix);
-        if host_bits >= 128 {
-            0
-        } else {
-            (Self::bits(ip) >> host_bits) << host_bits
-        }
-    }
-
-    /// Whether `ip` is in the network (an IPv4 address in IPv6 form, `::ffff:10.0.0.1`, counts
-    /// as the IPv4 address).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        ip.is_ipv4() == self.addr.is_ipv4() && self.masked(ip) == Self::bits(self.addr)
-    }
-}
-
-/// Which store to use.
-#[derive(Debug, Clone)]
-pub enum StoreSettings {
-    /// Redis.
-    Redis(RedisSettings),
-    /// The embedded file store at this path.
-    File(PathBuf),
-}
-
-/// Validated upstream settings.
-#[derive(Debug, Clone)]
-pub struct UpstreamSettings {
-    /// `http`.
-    pub scheme: http::uri::Scheme,
-    /// `host:port` of the upstream.
-    pub authority: http::uri::Authority,
-    /// The upstream's authority as a `Host` header value.
-    pub host_header: HeaderValue,
-    /// Path prefix prepended to every request path (empty for none).
-    pub base_path: String,
-    /// TCP connect timeout.
-    pub connect_timeout: Duration,
-    /// Time to response headers.
-    pub timeout: Duration,
-    /// How long a pooled connection may sit idle and still be reused.
-    pub pool_idle_timeout: Duration,
-    /// Idle pooled connections kept per upstream and proxy worker.
-    pub pool_max_idle: usize,
-    /// Forward the client's `Host`.
-    pub preserve_host: bool,
-    /// `/readyz` requires the upstream to accept a connection.
-    pub readiness_check: bool,
-}
-
-impl UpstreamSettings {
-    fn new(c: &UpstreamConfig, url: &str, f: &str) -> Result<Self, ConfigError> {
-        let uri: Uri = url
-            .parse()
-            .map_err(|e| field_err(f, format!("{url:?} is not a URL: {e}")))?;
-        let scheme = uri
-            .scheme()
-            .cloned()
-            .ok_or_else(|| field_err(f, "needs a scheme, e.g. http://127.0.0.1:3000"))?;
-        if scheme != http::uri::Scheme::HTTP {
-            return Err(field_err(f, "only http:// upstreams are supported"));
-        }
-        let authority = uri
-            .authority()
-            .cloned()
-            .ok_or_else(|| field_err(f, "needs a host, e.g. http://127.0.0.1:3000"))?;
-        if uri.query().is_some() {
-            return Err(field_err(f, "must not have a query"));
-        }
-        let base_path = uri.path().trim_end_matches('/').to_owned();
-        let host_header = HeaderValue::from_str(authority.as_str())
-            .map_err(|_| field_err(f, "host is not a valid header value"))?;
-        Ok(UpstreamSettings {
-            scheme,
-            authority,
-            host_header,
-            base_path,
-            connect_timeout: nonzero("upstream.connect_timeout", &c.connect_timeout)?,
-            timeout: nonzero("upstream.timeout", &c.timeout)?,
-            pool_idle_timeout: nonzero("upstream.pool_idle_timeout", &c.pool_idle_timeout)?,
-            pool_max_idle: c.pool_max_idle,
-            preserve_host: c.preserve_host,
-            readiness_check: c.readiness_check,
-        })
-    }
-}
-
-/// Validated cache settings.
-#[derive(Debug, Clone)]
-pub struct CacheSettings {
-    /// Most verdicts kept.
-    pub capacity: u64,
-    /// Longest life of a known key's verdict.
-    pub ttl: Duration,
-    /// Life of an unknown key's verdict.
-    pub negative_ttl: Duration,
-    /// Trust in cached verdicts after the invalidation subscription is lost.
-    pub trust_while_unsubscribed: Duration,
-}
-
-/// Validated logging settings.
-#[derive(Debug, Clone)]
-pub struct LogSettings {
-    /// JSON lines instead of text.
-    pub json: bool,
-    /// `RUST_LOG`-style filter.
-    pub filter: String,
-    /// One access log line per request.
-    pub access: bool,
-}
-
-/// The identity header names, built once from the configured prefix.
-#[derive(Debug, Clone)]
-pub struct IdentitySettings {
-    /// The lowercase prefix, e.g. `x-keygate-`.
-    pub prefix: String,
-    /// `<prefix>key-id`.
-    pub key_id: HeaderName,
-    /// `<prefix>tenant`.
-    pub tenant: HeaderName,
-    /// `<prefix>role`.
-    pub role: HeaderName,
-    /// `<prefix>subject`.
-    pub subject: HeaderName,
-    /// `<prefix>subject-kind`.
-    pub subject_kind: HeaderName,
-    /// Forward `Authorization` upstream.
-    pub forward_authorization: bool,
-}
-
-impl IdentitySettings {
-    /// Builds the header names from `[identity]`.
-    pub fn new(c: &IdentityConfig) -> Result<Self, ConfigError> {
-        let prefix = c.header_prefix.to_ascii_lowercase();
-        let f = "identity.header_prefix";
-        if prefix.len() < 2 || prefix.len() > 64 {
-            return Err(field_err(f, "must be 2 to 64 characters"));
-        }
-        if prefix.contains('_') {
-            return Err(field_err(
-                f,
-                format!("{prefix:?}: write it with '-' (keygate reads '_' in header names as '-')"),
-            ));
-        }
-        let name = |suffix: &str| {
-            HeaderName::from_bytes(format!("{prefix}{suffix}").as_bytes())
-                .map_err(|_| field_err(f, format!("{prefix:?} is not a header name prefix")))
-        };
-        Ok(IdentitySettings {
-            key_id: name("key-id")?,
-            tenant: name("tenant")?,
-            role: name("role")?,
-            subject: name("subject")?,
-            subject_kind: name("subject-kind")?,
-            prefix,
-            forward_authorization: c.forward_authorization,
-        })
-    }
-}
-
-impl Default for IdentitySettings {
-    fn default() -> Self {
-        IdentitySettings::new(&IdentityConfig::default()).expect("default prefix is valid")
-    }
+    let base_path = uri.path().trim_end_matches('/').to_owned();
+    let host_header = HeaderValue::from_str(authority.as_str())
+        .map_err(|_| field_err(f, "host is not a valid header value"))?;
+    Ok(UpstreamSettings {
+        scheme,
+        authority,
+        host_header,
+        base_path,
+        connect_timeout: nonzero("upstream.connect_timeout", &c.connect_timeout)?,
+        timeout: nonzero("upstream.timeout", &c.timeout)?,
+        pool_idle_timeout: nonzero("upstream.pool_idle_timeout", &c.pool_idle_timeout)?,
+        pool_max_idle: c.pool_max_idle,
+        preserve_host: c.preserve_host,
+        readiness_check: c.readiness_check,
+    })
 }
 
 #[cfg(test)]
@@ -1488,7 +1265,7 @@ mod tests {
     #[test]
     fn trusted_proxies_are_ip_networks() {
         let net = |v: &str| IpNet::parse(v).unwrap_or_else(|| panic!("{v}"));
-        let ip = |v: &str| v.parse::<IpAddr>().unwrap();
+        let ip = |v: &str| v.parse::<std::net::IpAddr>().unwrap();
         assert!(net("10.0.0.0/8").contains(ip("10.255.1.2")));
         assert!(!net("10.0.0.0/8").contains(ip("11.0.0.1")));
         assert!(net("10.0.0.0/8").contains(ip("::ffff:10.0.0.1")));
@@ -1820,7 +1597,7 @@ mod tests {
 
     /// The example config, with its commented routes and roles switched on when `uncomment`.
     fn example_config(uncomment: bool) -> String {
-        let text = include_str!("../config/keygate.toml");
+        let text = include_str!("../../config/keygate.toml");
         let Some(at) = text.find("# Roles and routes") else {
             panic!("config/keygate.toml documents routes");
         };
@@ -1855,7 +1632,7 @@ mod tests {
 
     #[test]
     fn the_readme_routes_example_is_valid() {
-        let readme = include_str!("../README.md");
+        let readme = include_str!("../../README.md");
         let section = &readme[readme.find("## Routes and roles").unwrap()..];
         let block = section.split("```toml\n").nth(1).unwrap();
         let block = &block[..block.find("```").unwrap()];

@@ -1,6 +1,6 @@
 //! The admin listener: liveness and readiness probes, metrics, and the management API under
-//! `/v1/` ([`crate::api`]). Kept apart from the proxy listener so probes and operators never compete with traffic
-//! and the management surface is never exposed where clients connect.
+//! `/v1/` ([`api`]). Kept apart from the proxy listener so probes and operators never compete
+//! with traffic and the management surface is never exposed where clients connect.
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
@@ -10,8 +10,27 @@ use hyper::body::Incoming;
 
 use futures_util::future::join_all;
 
-use crate::proxy::Upstream;
-use crate::server::App;
+use std::sync::Arc;
+
+use crate::policy::Roles;
+use crate::proxy::{App, Upstream};
+
+pub mod api;
+mod health;
+
+pub use health::{Health, CONNECTION_TROUBLE_WINDOW};
+
+/// Everything the admin listener needs, built once at startup.
+pub struct Admin {
+    /// The request path's state: the verifier, the routes and the metrics.
+    pub app: Arc<App>,
+    /// Drain and listener state, for `/readyz`.
+    pub health: Arc<Health>,
+    /// The tenant whose admin keys manage every tenant through the API.
+    pub operator_tenant: String,
+    /// The roles a key may be given through the API.
+    pub roles: Roles,
+}
 
 fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
@@ -22,10 +41,11 @@ fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 }
 
 /// Routes an admin request.
-pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> {
+pub async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.uri().path().starts_with("/v1/") {
-        return crate::api::handle(app, req).await;
+        return api::handle(admin, req).await;
     }
+    let app = &*admin.app;
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return json(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -34,7 +54,7 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> 
     }
     match req.uri().path() {
         "/healthz" => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
-        "/readyz" => readiness(app).await,
+        "/readyz" => readiness(admin).await,
         "/metrics" => {
             app.metrics
                 .cache_entries
@@ -57,12 +77,13 @@ pub async fn handle(app: &App, req: Request<Incoming>) -> Response<Full<Bytes>> 
 /// failed an accept in the last few seconds, the store answers, the invalidation subscription
 /// is up and the upstream accepts connections (unless `upstream.readiness_check` is off); the
 /// body says why not. Liveness (`/healthz`) depends on none of these: only on the process answering.
-async fn readiness(app: &App) -> Response<Full<Bytes>> {
+async fn readiness(admin: &Admin) -> Response<Full<Bytes>> {
+    let app = &*admin.app;
     let mut reasons: Vec<String> = Vec::new();
-    if app.state.draining() {
+    if admin.health.draining() {
         reasons.push("draining: shutting down".into());
     }
-    reasons.extend(app.state.connection_trouble());
+    reasons.extend(admin.health.connection_trouble());
     if let Some(down) = app.verifier.unsubscribed_for() {
         reasons.push(format!(
             "subscription: invalidation subscription down for {:.1}s",
