@@ -455,10 +455,13 @@ async fn create_account_unaudited(
 ) -> Result<CreatedAccount, ManageError> {
     check_ident("tenant", &new.tenant)?;
     not_a_key("role", &new.role, "a role")?;
-    if new.role.eq_ignore_ascii_case(policy::ADMIN) {
+    if policy::is_organization_admin(&new.role) {
         return Err(invalid(
             "role",
-            "a service account can never have the organization admin role \"admin\"; give it a workspace role",
+            format!(
+                "a service account can never have the organization admin role {:?}; give it a workspace role",
+                policy::ADMIN
+            ),
         ));
     }
     check_role(roles, &new.role)?;

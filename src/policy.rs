@@ -6,6 +6,10 @@
 //! test. Promises: a key whose role the route does not admit is refused, and so is a key
 //! whose role is unknown (never defaulted to anything); on a tenant-bound route the request
 //! must name the key's own tenant, and a request that names none is refused too.
+//!
+//! The role names and what each means are declared here only: the built-in route roles
+//! ([`DEFAULT_ROLES`]), the admin API's ([`API_ROLES`], checked by [`admin_api_allows`]), and
+//! the organization admin role no service account may have ([`is_organization_admin`]).
 
 use http::Method;
 
@@ -31,11 +35,36 @@ pub const DEFAULT_ROLES: [(&str, MethodSet); 3] = [
     (READONLY, MethodSet::READ),
 ];
 
-/// The roles of the admin API, with what each may do there.
-pub const API_ROLES: [(&str, &str); 2] = [
-    (ADMIN, "manages records"),
-    (ADMIN_READONLY, "lists and shows records"),
+/// What a role may do through the admin API. Ordered: each grants what the one before does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ApiAccess {
+    /// List and show records.
+    Read,
+    /// Anything: create, revoke, rotate and remove too.
+    Manage,
+}
+
+/// The roles of the admin API: what each may do there, and how error messages describe it.
+/// Any other role may do nothing there.
+pub const API_ROLES: [(&str, ApiAccess, &str); 2] = [
+    (ADMIN, ApiAccess::Manage, "manages records"),
+    (ADMIN_READONLY, ApiAccess::Read, "lists and shows records"),
 ];
+
+/// Whether a key of `role` may call an admin API operation that needs `needed`: `admin` may
+/// do anything, `admin-readonly` may list and show, any other role nothing. Role names are
+/// compared exactly, as on the routes.
+pub fn admin_api_allows(role: &str, needed: ApiAccess) -> bool {
+    API_ROLES
+        .iter()
+        .any(|(name, access, _)| *name == role && *access >= needed)
+}
+
+/// Whether `role` names the organization admin role, in any case: a service account can never
+/// have it.
+pub fn is_organization_admin(role: &str) -> bool {
+    role.eq_ignore_ascii_case(ADMIN)
+}
 
 /// The roles a key may be given: those the configuration defines for the routes (the built-in
 /// ones and `[roles.*]`) and the admin API's own. Creating a key with any other role is refused,
@@ -63,13 +92,13 @@ impl Roles {
 
     /// Whether a key may be given `role`.
     pub fn contains(&self, role: &str) -> bool {
-        self.routes.iter().any(|r| r == role) || API_ROLES.iter().any(|(r, _)| *r == role)
+        self.routes.iter().any(|r| r == role) || API_ROLES.iter().any(|(r, ..)| *r == role)
     }
 
     /// Every known role, route roles first, each once.
     pub fn names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.routes.iter().map(String::as_str).collect();
-        for (api, _) in API_ROLES {
+        for (api, ..) in API_ROLES {
             if !names.contains(&api) {
                 names.push(api);
             }
@@ -86,11 +115,11 @@ impl Roles {
             .into_iter()
             .map(|name| {
                 let on_routes = self.routes.iter().any(|r| r == name);
-                match API_ROLES.iter().find(|(r, _)| *r == name) {
-                    Some((_, does)) if on_routes => {
+                match API_ROLES.iter().find(|(r, ..)| *r == name) {
+                    Some((_, _, does)) if on_routes => {
                         format!("{name} (routes and the admin API: {does})")
                     }
-                    Some((_, does)) => format!("{name} (admin API only: {does})"),
+                    Some((_, _, does)) => format!("{name} (admin API only: {does})"),
                     None => name.to_owned(),
                 }
             })
@@ -258,6 +287,37 @@ mod tests {
             custom.names(),
             ["admin", "member", "readonly", "deployer", "admin-readonly"]
         );
+    }
+
+    #[test]
+    fn the_admin_api_admits_admin_for_everything_and_admin_readonly_for_reads() {
+        use ApiAccess::{Manage, Read};
+        assert!(admin_api_allows("admin", Read));
+        assert!(admin_api_allows("admin", Manage));
+        assert!(admin_api_allows("admin-readonly", Read));
+        assert!(!admin_api_allows("admin-readonly", Manage));
+        for role in [
+            "member",
+            "readonly",
+            "deployer",
+            "Admin",
+            "ADMIN-READONLY",
+            " admin",
+            "",
+        ] {
+            assert!(!admin_api_allows(role, Read), "{role:?}");
+            assert!(!admin_api_allows(role, Manage), "{role:?}");
+        }
+    }
+
+    #[test]
+    fn the_organization_admin_role_is_recognised_in_any_case() {
+        for role in ["admin", "Admin", "ADMIN"] {
+            assert!(is_organization_admin(role), "{role}");
+        }
+        for role in ["admin-readonly", "member", "admins", ""] {
+            assert!(!is_organization_admin(role), "{role}");
+        }
     }
 
     #[test]

@@ -31,7 +31,7 @@ use serde_json::{json, Value};
 use super::Admin;
 use crate::identity::Identity;
 use crate::manage::{self, ManageError, NewKey, NewServiceAccount, RotateExpiry};
-use crate::policy::{self, Roles};
+use crate::policy::{self, ApiAccess, Roles};
 use crate::rejection::Rejection;
 use crate::store::{self, now_unix, Store, StoreError};
 
@@ -307,11 +307,12 @@ async fn serve(admin: &Admin, req: Request<Incoming>) -> Result<Resp, Failure> {
         operator: identity.tenant() == admin.operator_tenant,
         identity,
     };
-    let allowed = match caller.identity.role() {
-        policy::ADMIN => true,
-        policy::ADMIN_READONLY => !op.mutates(),
-        _ => false,
+    let needed = if op.mutates() {
+        ApiAccess::Manage
+    } else {
+        ApiAccess::Read
     };
+    let allowed = policy::admin_api_allows(caller.identity.role(), needed);
     if !allowed {
         if op.mutates() {
             let tenant = caller.identity.tenant();
@@ -689,7 +690,7 @@ fn document(roles: &Roles) -> Bytes {
     let account: Vec<&str> = names
         .iter()
         .copied()
-        .filter(|r| !r.eq_ignore_ascii_case(policy::ADMIN))
+        .filter(|r| !policy::is_organization_admin(r))
         .collect();
     let schemas = &mut doc["components"]["schemas"];
     schemas["Role"]["enum"] = json!(names);
