@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use crate::policy::Roles;
 use crate::proxy::{App, Upstream};
+use crate::rejection;
 
 pub mod api;
 mod health;
@@ -47,10 +48,7 @@ pub async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Byte
     }
     let app = &*admin.app;
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return json(
-            StatusCode::METHOD_NOT_ALLOWED,
-            r#"{"error":"method_not_allowed","message":"use GET"}"#.into(),
-        );
+        return rejection::method_not_allowed(&[Method::GET.as_str(), Method::HEAD.as_str()]);
     }
     match req.uri().path() {
         "/healthz" => json(StatusCode::OK, r#"{"status":"ok"}"#.into()),
@@ -66,10 +64,9 @@ pub async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Byte
             );
             resp
         }
-        _ => json(
-            StatusCode::NOT_FOUND,
-            r#"{"error":"not_found","message":"no such admin endpoint"}"#.into(),
-        ),
+        _ => {
+            rejection::error_response(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint")
+        }
     }
 }
 

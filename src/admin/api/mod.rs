@@ -20,7 +20,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -32,7 +32,7 @@ use super::Admin;
 use crate::identity::Identity;
 use crate::manage::{self, ManageError, NewKey, NewServiceAccount, RotateExpiry};
 use crate::policy::{self, ApiAccess, Roles};
-use crate::rejection::Rejection;
+use crate::rejection::{self, Rejection};
 use crate::store::{self, now_unix, Store, StoreError};
 
 /// The OpenAPI 3 document of this API.
@@ -79,15 +79,7 @@ impl ApiError {
     }
 
     fn response(self) -> Resp {
-        let mut resp = respond(
-            self.status,
-            &json!({ "error": self.code, "message": self.message }),
-        );
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            resp.headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        resp
+        rejection::error_response(self.status, self.code, &self.message)
     }
 }
 
