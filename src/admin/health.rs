@@ -7,10 +7,10 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 /// How long a refused connection or a failed accept keeps `/readyz` unready.
-pub const CONNECTION_TROUBLE_WINDOW: Duration = Duration::from_secs(5);
+const CONNECTION_TROUBLE_WINDOW: Duration = Duration::from_secs(5);
 
 /// The listeners' state, as `/readyz` reports it.
-pub struct Health {
+pub(crate) struct Health {
     draining: AtomicBool,
     started: Instant,
     /// When the proxy listener last refused a connection at its cap: milliseconds after

@@ -1,6 +1,9 @@
 //! The admin listener: liveness and readiness probes, metrics, and the management API under
-//! `/v1/` ([`api`]). Kept apart from the proxy listener so probes and operators never compete
-//! with traffic and the management surface is never exposed where clients connect.
+//! `/v1/` (`api/`: the operation table and dispatch in `mod.rs`, caller authentication in
+//! `caller.rs`, one file per resource, the OpenAPI document). Kept apart from the proxy
+//! listener so probes and operators never compete with traffic and the management surface is
+//! never exposed where clients connect. Its errors are written by the proxy's own helper
+//! ([`crate::rejection::error_body`]), so every error of either listener has one shape.
 
 use bytes::Bytes;
 use http::header::CONTENT_TYPE;
@@ -16,13 +19,13 @@ use crate::policy::Roles;
 use crate::proxy::{App, Upstream};
 use crate::rejection;
 
-pub mod api;
+mod api;
 mod health;
 
-pub use health::{Health, CONNECTION_TROUBLE_WINDOW};
+pub(crate) use health::Health;
 
 /// Everything the admin listener needs, built once at startup.
-pub struct Admin {
+pub(crate) struct Admin {
     /// The request path's state: the verifier, the routes and the metrics.
     pub app: Arc<App>,
     /// Drain and listener state, for `/readyz`.
@@ -42,7 +45,7 @@ fn json(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 }
 
 /// Routes an admin request.
-pub async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
+pub(crate) async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.uri().path().starts_with("/v1/") {
         return api::handle(admin, req).await;
     }
