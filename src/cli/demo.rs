@@ -17,7 +17,6 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use super::args::DemoArgs;
-use super::shutdown_signal;
 use crate::config::Config;
 use crate::manage::{self, NewKey};
 use crate::policy;
@@ -29,8 +28,9 @@ use crate::telemetry;
 /// Default keys file of `keygate demo`.
 const DEMO_KEYS_FILE: &str = "demo-keys.toml";
 
-/// Runs `keygate demo`.
-pub(super) async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<()> {
+/// Starts `keygate demo`: the echo upstream, a fresh key printed once, and a server bound to
+/// the demo's addresses, for the caller to run.
+pub(super) async fn start(mut config: Config, args: DemoArgs) -> anyhow::Result<Server> {
     config.server.listen = args.listen;
     config.server.admin_listen = args.admin_listen;
     let keys_file = config
@@ -83,8 +83,7 @@ pub(super) async fn run(mut config: Config, args: DemoArgs) -> anyhow::Result<()
     println!("    curl -i {url}");
     println!();
     println!("Press Ctrl-C to stop.");
-    server.run(shutdown_signal()).await;
-    Ok(())
+    Ok(server)
 }
 
 /// Starts the echo upstream on `127.0.0.1:0` and returns its address.

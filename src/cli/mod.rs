@@ -31,7 +31,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     match cli.command {
         Command::Serve(_) => serve(&config).await,
-        Command::Demo(args) => demo::run(config, args).await,
+        Command::Demo(args) => {
+            let server = demo::start(config, args).await?;
+            server.run(shutdown_signal()).await;
+            Ok(())
+        }
         Command::Keys(k) => keys(&config, k.command, k.output.output).await,
         Command::ServiceAccounts(a) => accounts(&config, a.command, a.output.output).await,
         Command::Audit { limit, output } => audit(&config, limit, output.output).await,

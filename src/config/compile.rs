@@ -21,20 +21,44 @@ use crate::store::StoreSettings;
 use crate::telemetry::LogSettings;
 use crate::verify::CacheSettings;
 
+impl Config {
+    /// Validates everything the proxy needs and builds its runtime settings. Every invalid
+    /// setting is reported, each with its field and where its value came from.
+    pub fn serve_settings(&self) -> Result<Settings, ConfigError> {
+        serve(self)
+    }
+
+    /// Validates the store settings alone (all the key-management commands need).
+    pub(crate) fn store_settings(&self) -> Result<StoreSettings, ConfigError> {
+        key_store(self)
+    }
+
+    /// Every role a key may be given under this configuration: the routes' roles (built-in and
+    /// `[roles.*]`) and the admin API's.
+    pub(crate) fn known_roles(&self) -> Result<policy::Roles, ConfigError> {
+        role_names(self)
+    }
+
+    /// Validates `[identity]` into the identity header names.
+    pub(crate) fn identity_settings(&self) -> Result<IdentitySettings, ConfigError> {
+        identity_headers(self)
+    }
+}
+
 /// Validates everything the proxy needs and builds its runtime settings. Every invalid
 /// setting is reported, each with its field and where its value came from.
-pub(super) fn serve_settings(config: &Config) -> Result<Settings, ConfigError> {
+fn serve(config: &Config) -> Result<Settings, ConfigError> {
     let s = &config.server;
     let mut c = Check::new(&config.origins);
     let routes = c.ok(route_table(config));
-    let roles = c.ok(known_roles(config));
+    let roles = c.ok(role_names(config));
     let upstream = match &config.upstream.url {
         Some(url) => c
             .ok(upstream_settings(&config.upstream, url, "upstream.url"))
             .map(Some),
         None => Some(None),
     };
-    let identity = c.ok(identity_settings(config));
+    let identity = c.ok(identity_headers(config));
     let listen = c.ok(addr("server.listen", &s.listen));
     let admin_listen = c.ok(addr("server.admin_listen", &s.admin_listen));
     let shutdown_grace = c.ok(duration("server.shutdown_grace", &s.shutdown_grace));
@@ -92,7 +116,7 @@ pub(super) fn serve_settings(config: &Config) -> Result<Settings, ConfigError> {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         });
-    let store = c.ok(store_settings(config));
+    let store = c.ok(key_store(config));
     let capacity = c.ok(bounded(
         "cache.capacity",
         config.cache.capacity as usize,
@@ -122,7 +146,7 @@ pub(super) fn serve_settings(config: &Config) -> Result<Settings, ConfigError> {
             _ => Ok(trust),
         }
     }));
-    let log = c.ok(log_settings(config));
+    let log = c.ok(logging(config));
     let last_used_interval =
         c.ok(
             nonzero("store.last_used_interval", &config.store.last_used_interval).and_then(|d| {
@@ -176,7 +200,7 @@ pub(super) fn serve_settings(config: &Config) -> Result<Settings, ConfigError> {
 
 /// Every role a key may be given under this configuration: the routes' roles (built-in and
 /// `[roles.*]`) and the admin API's.
-pub(super) fn known_roles(config: &Config) -> Result<policy::Roles, ConfigError> {
+fn role_names(config: &Config) -> Result<policy::Roles, ConfigError> {
     let roles = roles(config).map_err(|e| e.located(&config.origins))?;
     Ok(policy::Roles::new(roles.into_iter().map(|(name, _)| name)))
 }
@@ -338,7 +362,7 @@ fn route_table(config: &Config) -> Result<RouteTable<UpstreamSettings>, ConfigEr
 }
 
 /// Validates the store settings alone (all the key-management commands need).
-pub(super) fn store_settings(config: &Config) -> Result<StoreSettings, ConfigError> {
+fn key_store(config: &Config) -> Result<StoreSettings, ConfigError> {
     let st = &config.store;
     if let Some(file) = &st.keys_file {
         if file.is_empty() {
@@ -377,14 +401,14 @@ pub(super) fn store_settings(config: &Config) -> Result<StoreSettings, ConfigErr
 }
 
 /// Validates `[identity]` into the identity header names.
-pub(super) fn identity_settings(config: &Config) -> Result<IdentitySettings, ConfigError> {
+fn identity_headers(config: &Config) -> Result<IdentitySettings, ConfigError> {
     let c = &config.identity;
     IdentitySettings::new(&c.header_prefix, c.forward_authorization)
         .map_err(|m| field_err("identity.header_prefix", m).located(&config.origins))
 }
 
 /// Validates the logging settings.
-fn log_settings(config: &Config) -> Result<LogSettings, ConfigError> {
+fn logging(config: &Config) -> Result<LogSettings, ConfigError> {
     let json = match config.log.format.as_str() {
         "text" => false,
         "json" => true,

@@ -12,84 +12,86 @@ use super::{Config, ConfigError, Origin, Origins, Override};
 /// Environment variable prefix; `KEYGATE__SERVER__LISTEN` sets `server.listen`.
 const ENV_PREFIX: &str = "KEYGATE__";
 
-/// Merges defaults, the file, the environment and flag overrides, in rising precedence.
-pub(super) fn load(
-    file: Option<&Path>,
-    env: impl IntoIterator<Item = (String, String)>,
-    overrides: &[Override],
-) -> Result<Config, ConfigError> {
-    let defaults = toml::Value::try_from(Config::default()).expect("defaults serialise");
-    let mut merged = toml::Table::new();
-    let mut origins = Origins::default();
-    if let Some(path) = file {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        merged = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-        origins.record_file("", &toml::Value::Table(merged.clone()), path);
-    }
-    let mut env: Vec<(String, String)> = env
-        .into_iter()
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
-        .collect();
-    env.sort();
-    for (var, value) in env {
-        let path: Vec<String> = var[ENV_PREFIX.len()..]
-            .split("__")
-            .map(str::to_ascii_lowercase)
-            .collect();
-        let [section, field] = path.as_slice() else {
-            return Err(ConfigError::Env {
-                var,
-                message: "expected KEYGATE__<SECTION>__<FIELD>".into(),
-            });
-        };
-        if section == "routes" || section == "roles" {
-            return Err(ConfigError::Env {
-                var,
-                message: format!("[{section}] can only be set in the config file"),
-            });
+impl Config {
+    /// Merges defaults, the file, the environment and flag overrides, in rising precedence.
+    pub(crate) fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[Override],
+    ) -> Result<Config, ConfigError> {
+        let defaults = toml::Value::try_from(Config::default()).expect("defaults serialise");
+        let mut merged = toml::Table::new();
+        let mut origins = Origins::default();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            merged = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
+            origins.record_file("", &toml::Value::Table(merged.clone()), path);
         }
-        let origin = Origin::Env(var.clone());
-        let path = format!("{section}.{field}");
-        let typed = typed_value(&defaults, section, field, &value).map_err(|message| {
-            ConfigError::Field {
-                field: path.clone(),
-                origin: Some(origin.clone()),
-                message,
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        env.sort();
+        for (var, value) in env {
+            let path: Vec<String> = var[ENV_PREFIX.len()..]
+                .split("__")
+                .map(str::to_ascii_lowercase)
+                .collect();
+            let [section, field] = path.as_slice() else {
+                return Err(ConfigError::Env {
+                    var,
+                    message: "expected KEYGATE__<SECTION>__<FIELD>".into(),
+                });
+            };
+            if section == "routes" || section == "roles" {
+                return Err(ConfigError::Env {
+                    var,
+                    message: format!("[{section}] can only be set in the config file"),
+                });
             }
-        })?;
-        set(&mut merged, section, field, typed);
-        origins.set(path, origin);
+            let origin = Origin::Env(var.clone());
+            let path = format!("{section}.{field}");
+            let typed = typed_value(&defaults, section, field, &value).map_err(|message| {
+                ConfigError::Field {
+                    field: path.clone(),
+                    origin: Some(origin.clone()),
+                    message,
+                }
+            })?;
+            set(&mut merged, section, field, typed);
+            origins.set(path, origin);
+        }
+        for (section, field, value) in overrides {
+            let origin = Origin::Flag(flag_name(section, field));
+            let path = format!("{section}.{field}");
+            let typed = typed_value(&defaults, section, field, value).map_err(|message| {
+                ConfigError::Field {
+                    field: path.clone(),
+                    origin: Some(origin.clone()),
+                    message,
+                }
+            })?;
+            set(&mut merged, section, field, typed);
+            origins.set(path, origin);
+        }
+        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(merged))
+            .map_err(|e| {
+                let field = e.path().to_string();
+                // The parser's first line; the rest repeats the section (`in `cache``).
+                let text = e.into_inner().to_string();
+                let first = text.lines().next().unwrap_or_default().trim().to_owned();
+                let message = type_message(&defaults, &field, first);
+                field_err(&field, message).located(&origins)
+            })?;
+        config.origins = origins;
+        Ok(config)
     }
-    for (section, field, value) in overrides {
-        let origin = Origin::Flag(flag_name(section, field));
-        let path = format!("{section}.{field}");
-        let typed = typed_value(&defaults, section, field, value).map_err(|message| {
-            ConfigError::Field {
-                field: path.clone(),
-                origin: Some(origin.clone()),
-                message,
-            }
-        })?;
-        set(&mut merged, section, field, typed);
-        origins.set(path, origin);
-    }
-    let mut config: Config =
-        serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|e| {
-            let field = e.path().to_string();
-            // The parser's first line; the rest repeats the section (`in `cache``).
-            let text = e.into_inner().to_string();
-            let first = text.lines().next().unwrap_or_default().trim().to_owned();
-            let message = type_message(&defaults, &field, first);
-            field_err(&field, message).located(&origins)
-        })?;
-    config.origins = origins;
-    Ok(config)
 }
 
 /// Puts `value` at `section.field` in the merged table.

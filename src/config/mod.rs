@@ -17,14 +17,8 @@
 //! file, the environment variable, or the flag).
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-
-use crate::policy;
-use crate::proxy::IdentitySettings;
-use crate::server::Settings;
-use crate::store::StoreSettings;
 
 mod compile;
 mod error;
@@ -326,37 +320,6 @@ impl Default for LogConfig {
 pub(crate) type Override = (&'static str, &'static str, String);
 
 impl Config {
-    /// Merges defaults, the file, the environment and flag overrides, in rising precedence.
-    pub(crate) fn load(
-        file: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)>,
-        overrides: &[Override],
-    ) -> Result<Config, ConfigError> {
-        load::load(file, env, overrides)
-    }
-
-    /// Validates everything the proxy needs and builds its runtime settings. Every invalid
-    /// setting is reported, each with its field and where its value came from.
-    pub fn serve_settings(&self) -> Result<Settings, ConfigError> {
-        compile::serve_settings(self)
-    }
-
-    /// Validates the store settings alone (all the key-management commands need).
-    pub(crate) fn store_settings(&self) -> Result<StoreSettings, ConfigError> {
-        compile::store_settings(self)
-    }
-
-    /// Every role a key may be given under this configuration: the routes' roles (built-in and
-    /// `[roles.*]`) and the admin API's.
-    pub(crate) fn known_roles(&self) -> Result<policy::Roles, ConfigError> {
-        compile::known_roles(self)
-    }
-
-    /// Validates `[identity]` into the identity header names.
-    pub(crate) fn identity_settings(&self) -> Result<IdentitySettings, ConfigError> {
-        compile::identity_settings(self)
-    }
-
     /// The configuration as one line of JSON with every secret (the Redis password) masked,
     /// for the startup log.
     pub(crate) fn redacted_json(&self) -> String {

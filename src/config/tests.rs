@@ -3,6 +3,7 @@
 use super::*;
 use crate::proxy::{IpNet, UnderscoreHeaders};
 use crate::route::MethodSet;
+use crate::server::Settings;
 
 #[test]
 fn workers_default_to_one_per_cpu_and_are_bounded() {
