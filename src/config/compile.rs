@@ -30,18 +30,25 @@ impl Config {
 
     /// Validates the store settings alone (all the key-management commands need).
     pub(crate) fn store_settings(&self) -> Result<StoreSettings, ConfigError> {
-        key_store(self)
+        self.only(key_store)
     }
 
     /// Every role a key may be given under this configuration: the routes' roles (built-in and
     /// `[roles.*]`) and the admin API's.
     pub(crate) fn known_roles(&self) -> Result<policy::Roles, ConfigError> {
-        role_names(self)
+        self.only(role_names)
     }
 
     /// Validates `[identity]` into the identity header names.
     pub(crate) fn identity_settings(&self) -> Result<IdentitySettings, ConfigError> {
-        identity_headers(self)
+        self.only(identity_headers)
+    }
+
+    /// One compile step on its own, after the errors found while loading.
+    fn only<T>(&self, step: fn(&Config) -> Result<T, ConfigError>) -> Result<T, ConfigError> {
+        let mut c = Check::new(&self.origins, &self.load_errors);
+        let value = c.ok(step(self));
+        c.finish(|| value)
     }
 }
 
@@ -49,7 +56,7 @@ impl Config {
 /// setting is reported, each with its field and where its value came from.
 fn serve(config: &Config) -> Result<Settings, ConfigError> {
     let s = &config.server;
-    let mut c = Check::new(&config.origins);
+    let mut c = Check::new(&config.origins, &config.load_errors);
     let routes = c.ok(route_table(config));
     let roles = c.ok(role_names(config));
     let upstream = match &config.upstream.url {

@@ -6,9 +6,10 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// A configuration problem, naming the field (or file, or variable) at fault.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ConfigError {
     /// The config file could not be read.
     #[error("cannot read config file {}", path.display())]
@@ -17,7 +18,7 @@ pub enum ConfigError {
         path: PathBuf,
         /// Why (printed as the cause, after this error's own message).
         #[source]
-        source: std::io::Error,
+        source: Arc<std::io::Error>,
     },
     /// The config file is not valid TOML.
     #[error("config file {path}: {message}")]
@@ -56,6 +57,14 @@ impl ConfigError {
         match self {
             ConfigError::Many(all) => all.iter().collect(),
             one => vec![one],
+        }
+    }
+
+    /// The setting at fault, for an error about one.
+    fn field(&self) -> Option<&str> {
+        match self {
+            ConfigError::Field { field, .. } => Some(field),
+            _ => None,
         }
     }
 
@@ -170,26 +179,40 @@ impl Origins {
 
 /// Collects every error of a validation instead of stopping at the first, each with where its
 /// value came from.
+///
+/// It starts with the errors found while loading (whose entries were left out, so that what
+/// is left could still be compiled): a validation can therefore never succeed on a config
+/// with a mistake in it, whichever part of it a command compiles.
 pub(super) struct Check<'a> {
     origins: &'a Origins,
     errors: Vec<ConfigError>,
 }
 
 impl<'a> Check<'a> {
-    pub(super) fn new(origins: &'a Origins) -> Self {
+    /// A check that has already seen `load_errors`.
+    pub(super) fn new(origins: &'a Origins, load_errors: &[ConfigError]) -> Self {
         Check {
             origins,
-            errors: Vec::new(),
+            errors: load_errors.to_vec(),
         }
     }
 
-    /// The value, or `None` with its error kept (once: `upstream.url` and the roles are
-    /// checked by two validations).
+    /// The value, or `None` with its error kept: one error per setting, the first found.
+    /// `upstream.url` and the roles are checked by two validations; and a setting left out
+    /// while loading is checked again at its default, as part of the setting that holds it
+    /// (`roles.x` without its `methods`): what that finds is only a consequence.
     pub(super) fn ok<T>(&mut self, r: Result<T, ConfigError>) -> Option<T> {
         r.map_err(|e| {
             let e = e.located(self.origins);
             let text = e.to_string();
-            if !self.errors.iter().any(|seen| seen.to_string() == text) {
+            let seen = self
+                .errors
+                .iter()
+                .any(|seen| match (seen.field(), e.field()) {
+                    (Some(a), Some(b)) => a == b || part_of(a, b) || part_of(b, a),
+                    _ => seen.to_string() == text,
+                });
+            if !seen {
                 self.errors.push(e);
             }
         })
@@ -206,4 +229,11 @@ impl<'a> Check<'a> {
             _ => Err(ConfigError::Many(errors)),
         }
     }
+}
+
+/// Whether the setting `part` is within `whole` (`roles.x.methods` within `roles.x`,
+/// `routes[0].host` within `routes[0]`).
+fn part_of(part: &str, whole: &str) -> bool {
+    part.strip_prefix(whole)
+        .is_some_and(|rest| rest.starts_with(['.', '[']))
 }

@@ -1,7 +1,9 @@
 //! Loading: the built-in defaults, a TOML file, `KEYGATE__<SECTION>__<FIELD>` environment
 //! variables and command-line flags, in rising precedence, merged as TOML values and
 //! deserialised into [`Config`]. Each setting's [`Origin`] is recorded as the sources are
-//! merged, so that every later error can say where its value came from.
+//! merged, so that every later error can say where its value came from. A mistake in one
+//! setting does not stop loading: its entry is left out and its error kept, for every compile
+//! step to report with its own.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -14,24 +16,33 @@ const ENV_PREFIX: &str = "KEYGATE__";
 
 impl Config {
     /// Merges defaults, the file, the environment and flag overrides, in rising precedence.
+    ///
+    /// Only a file that cannot be read or parsed stops loading. Every other mistake (a
+    /// variable that names no setting, an unknown field, a value of the wrong type, from any
+    /// source) is kept in [`Config::load_errors`] with its entry left out, so that one run
+    /// reports them all together with what compiling the rest finds.
     pub(crate) fn load(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
         overrides: &[Override],
     ) -> Result<Config, ConfigError> {
-        let defaults = toml::Value::try_from(Config::default()).expect("defaults serialise");
-        let mut merged = toml::Table::new();
-        let mut origins = Origins::default();
+        let mut m = Merge {
+            defaults: toml::Value::try_from(Config::default()).expect("defaults serialise"),
+            table: toml::Table::new(),
+            origins: Origins::default(),
+            errors: Vec::new(),
+        };
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.to_owned(),
-                source,
+                source: source.into(),
             })?;
-            merged = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
+            m.table = toml::from_str(&text).map_err(|e| ConfigError::Syntax {
                 path: path.to_owned(),
                 message: e.to_string(),
             })?;
-            origins.record_file("", &toml::Value::Table(merged.clone()), path);
+            m.origins
+                .record_file("", &toml::Value::Table(m.table.clone()), path);
         }
         let mut env: Vec<(String, String)> = env
             .into_iter()
@@ -44,53 +55,128 @@ impl Config {
                 .map(str::to_ascii_lowercase)
                 .collect();
             let [section, field] = path.as_slice() else {
-                return Err(ConfigError::Env {
+                m.errors.push(ConfigError::Env {
                     var,
                     message: "expected KEYGATE__<SECTION>__<FIELD>".into(),
                 });
+                continue;
             };
             if section == "routes" || section == "roles" {
-                return Err(ConfigError::Env {
-                    var,
+                m.errors.push(ConfigError::Env {
                     message: format!("[{section}] can only be set in the config file"),
+                    var,
                 });
+                continue;
             }
             let origin = Origin::Env(var.clone());
-            let path = format!("{section}.{field}");
-            let typed = typed_value(&defaults, section, field, &value).map_err(|message| {
-                ConfigError::Field {
-                    field: path.clone(),
-                    origin: Some(origin.clone()),
-                    message,
-                }
-            })?;
-            set(&mut merged, section, field, typed);
-            origins.set(path, origin);
+            m.put(section, field, &value, origin);
         }
         for (section, field, value) in overrides {
-            let origin = Origin::Flag(flag_name(section, field));
-            let path = format!("{section}.{field}");
-            let typed = typed_value(&defaults, section, field, value).map_err(|message| {
-                ConfigError::Field {
-                    field: path.clone(),
-                    origin: Some(origin.clone()),
-                    message,
-                }
-            })?;
-            set(&mut merged, section, field, typed);
-            origins.set(path, origin);
+            m.put(
+                section,
+                field,
+                value,
+                Origin::Flag(flag_name(section, field)),
+            );
         }
-        let mut config: Config = serde_path_to_error::deserialize(toml::Value::Table(merged))
-            .map_err(|e| {
-                let field = e.path().to_string();
-                // The parser's first line; the rest repeats the section (`in `cache``).
-                let text = e.into_inner().to_string();
-                let first = text.lines().next().unwrap_or_default().trim().to_owned();
-                let message = type_message(&defaults, &field, first);
-                field_err(&field, message).located(&origins)
-            })?;
+        Ok(m.deserialize())
+    }
+}
+
+/// The sources merged so far: the table of settings, where each came from, and the mistakes
+/// found on the way.
+struct Merge {
+    /// The defaults as TOML, by which a textual setting gets its type.
+    defaults: toml::Value,
+    table: toml::Table,
+    origins: Origins,
+    errors: Vec<ConfigError>,
+}
+
+impl Merge {
+    /// Puts one textual setting (from the environment or a flag) into the table, typed as its
+    /// default is, and records where it came from; a value that cannot take that type is kept
+    /// as an error and leaves the table as it was.
+    fn put(&mut self, section: &str, field: &str, value: &str, origin: Origin) {
+        let path = format!("{section}.{field}");
+        match typed_value(&self.defaults, section, field, value) {
+            Ok(typed) => {
+                set(&mut self.table, section, field, typed);
+                self.origins.set(path, origin);
+            }
+            Err(message) => self.errors.push(ConfigError::Field {
+                field: path,
+                origin: Some(origin),
+                message,
+            }),
+        }
+    }
+
+    /// Deserialises the table into a [`Config`], keeping an error for every entry that is not
+    /// a setting or has the wrong type, instead of stopping at the first.
+    ///
+    /// Each failed attempt removes the entry at fault and tries again, so the loop ends: at
+    /// worst when the table is empty, which deserialises to the defaults. The config returned
+    /// is the one without the faulty entries, and carries their errors in
+    /// [`Config::load_errors`], so that no compile step accepts it.
+    fn deserialize(self) -> Config {
+        let Merge {
+            defaults,
+            table,
+            origins,
+            mut errors,
+        } = self;
+        let mut table = toml::Value::Table(table);
+        let mut config = loop {
+            let e = match serde_path_to_error::deserialize(table.clone()) {
+                Ok(config) => break config,
+                Err(e) => e,
+            };
+            let field = e.path().to_string();
+            let removed = remove(&mut table, e.path());
+            // The parser's first line; the rest repeats the section (`in `cache``).
+            let text = e.into_inner().to_string();
+            let first = text.lines().next().unwrap_or_default().trim().to_owned();
+            let message = type_message(&defaults, &field, first);
+            errors.push(field_err(&field, message).located(&origins));
+            if !removed {
+                // Not an entry of the table (the parser's path names none): the error alone
+                // keeps the config from being compiled.
+                break Config::default();
+            }
+        };
         config.origins = origins;
-        Ok(config)
+        config.load_errors = errors;
+        config
+    }
+}
+
+/// Removes the setting `path` points into from `value`: the entry its last key names (for a
+/// path into a list, such as `server.trusted_proxies[1]`, the whole list, so that the other
+/// items keep their places). Returns whether there was one to remove.
+fn remove(value: &mut toml::Value, path: &serde_path_to_error::Path) -> bool {
+    use serde_path_to_error::Segment;
+    fn walk(value: &mut toml::Value, path: &[&Segment]) -> bool {
+        match path {
+            [Segment::Map { key }] => value
+                .as_table_mut()
+                .is_some_and(|t| t.remove(key.as_str()).is_some()),
+            [Segment::Map { key }, rest @ ..] => {
+                value.get_mut(key.as_str()).is_some_and(|v| walk(v, rest))
+            }
+            [Segment::Seq { index }, rest @ ..] => {
+                value.get_mut(*index).is_some_and(|v| walk(v, rest))
+            }
+            _ => false,
+        }
+    }
+    let segments: Vec<&Segment> = path.iter().collect();
+    match segments
+        .iter()
+        .rposition(|s| matches!(s, Segment::Map { .. }))
+    {
+        Some(last_key) => walk(value, &segments[..=last_key]),
+        None => false,
     }
 }
 

@@ -1,20 +1,24 @@
 //! Configuration: the file format, read once, validated once, turned into the runtime's own
 //! types.
 //!
-//! - This file: the format itself, [`Config`] and its sections with their defaults, and the
-//!   entry points.
-//! - `load`: the sources, lowest precedence first: built-in defaults, a TOML file
-//!   (`--config`), environment variables `KEYGATE__<SECTION>__<FIELD>`, and command-line flags.
-//!   They are merged as TOML values and deserialised with `deny_unknown_fields`, so a misspelt
-//!   field is an error that names it; each setting's [`Origin`] is recorded as they merge.
-//! - `compile`: [`Config::serve_settings`] checks every value and builds the owners' settings
-//!   types ([`Settings`] and what it holds): parsed addresses, durations, URIs and header
-//!   names, so nothing on the request path parses config.
+//! - This file: the format itself, [`Config`] and its sections with their defaults.
+//! - `load`: `Config::load` merges the sources, lowest precedence first: built-in defaults, a
+//!   TOML file (`--config`), environment variables `KEYGATE__<SECTION>__<FIELD>`, and
+//!   command-line flags. They are merged as TOML values and deserialised with
+//!   `deny_unknown_fields`; each setting's [`Origin`] is recorded as they merge. A misspelt
+//!   field or a value of the wrong type does not stop loading: it is left out and kept in
+//!   [`Config::load_errors`].
+//! - `compile`: [`Config::serve_settings`] (and the smaller steps the management commands
+//!   use) checks every value and builds the owners' settings types ([`Settings`] and what it
+//!   holds): parsed addresses, durations, URIs and header names, so nothing on the request path
+//!   parses config. Every step reports the errors found while loading first, then its own.
 //! - `error`: [`ConfigError`], [`Origin`], [`Origins`], and the collector that reports every
-//!   invalid setting at once, not only the first.
+//!   mistake at once, not only the first.
 //!
 //! Every error names its field and, when the operator set it, where the value came from (the
 //! file, the environment variable, or the flag).
+//!
+//! [`Settings`]: crate::server::Settings
 
 use std::collections::BTreeMap;
 
@@ -55,6 +59,11 @@ pub struct Config {
     /// Where each setting came from (not a setting itself).
     #[serde(skip)]
     pub origins: Origins,
+    /// What was wrong while loading (an unknown field, a value of the wrong type, a variable
+    /// that names no setting), each entry at fault left out; every compile step reports these
+    /// first, so none succeeds while there are any (not a setting itself).
+    #[serde(skip)]
+    pub load_errors: Vec<ConfigError>,
 }
 
 /// `[roles.<name>]`: what a role may do, as a list of methods or a named permission set.

@@ -144,19 +144,26 @@ fn origins_are_found_for_a_setting_its_parts_and_its_table() {
     assert_eq!(o.of("routes[1].upstream"), None);
 }
 
+/// What a command that compiles the store settings alone (a management command) says about
+/// the configuration these sources make: the errors found while loading.
+fn load_error(file: Option<&std::path::Path>, vars: &[(&str, &str)]) -> String {
+    Config::load(file, env(vars), &[])
+        .and_then(|c| c.store_settings())
+        .unwrap_err()
+        .to_string()
+}
+
 #[test]
 fn unknown_field_is_named() {
-    let err = Config::load(None, env(&[("KEYGATE__SERVER__LISTN", "x")]), &[]).unwrap_err();
-    assert!(err.to_string().contains("listn"), "{err}");
-    let err = Config::load(None, env(&[("KEYGATE__NOPE__X", "x")]), &[]).unwrap_err();
-    assert!(err.to_string().contains("KEYGATE__NOPE__X"), "{err}");
+    let err = load_error(None, &[("KEYGATE__SERVER__LISTN", "x")]);
+    assert!(err.contains("listn"), "{err}");
+    let err = load_error(None, &[("KEYGATE__NOPE__X", "x")]);
+    assert!(err.contains("KEYGATE__NOPE__X"), "{err}");
 }
 
 #[test]
 fn bad_values_name_their_field() {
-    let err = Config::load(None, env(&[("KEYGATE__CACHE__CAPACITY", "lots")]), &[])
-        .unwrap_err()
-        .to_string();
+    let err = load_error(None, &[("KEYGATE__CACHE__CAPACITY", "lots")]);
     assert!(err.contains("KEYGATE__CACHE__CAPACITY"), "{err}");
 
     let mut c = Config::default();
@@ -185,14 +192,10 @@ fn file_syntax_errors_name_the_file_and_line() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("bad.toml");
     std::fs::write(&file, "[server]\nlisten = \n").unwrap();
-    let err = Config::load(Some(&file), Vec::new(), &[])
-        .unwrap_err()
-        .to_string();
+    let err = load_error(Some(&file), &[]);
     assert!(err.contains("bad.toml") && err.contains("line 2"), "{err}");
     std::fs::write(&file, "[server]\nlisten = 5\n").unwrap();
-    let err = Config::load(Some(&file), Vec::new(), &[])
-        .unwrap_err()
-        .to_string();
+    let err = load_error(Some(&file), &[]);
     assert!(err.starts_with("server.listen"), "{err}");
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -334,8 +337,8 @@ fn route_and_role_errors_name_their_field() {
         let err = routes_config(text).unwrap_err().to_string();
         assert!(err.starts_with(field), "{text}\n=> {err}");
     }
-    let err = Config::load(None, env(&[("KEYGATE__ROUTES__X", "1")]), &[]).unwrap_err();
-    assert!(err.to_string().contains("config file"), "{err}");
+    let err = load_error(None, &[("KEYGATE__ROUTES__X", "1")]);
+    assert!(err.contains("config file"), "{err}");
 }
 
 #[test]
@@ -413,4 +416,74 @@ fn the_readme_routes_example_is_valid() {
     let text = format!("[upstream]\nurl = \"http://127.0.0.1:3000\"\n{block}");
     let s = routes_config(&text).unwrap();
     assert_eq!(s.routes.iter().count(), 5);
+}
+
+/// The file, the environment and the flags each with mistakes of every kind (an unknown
+/// field, a wrong type, a bad value, a variable that names no setting): one run reports
+/// them all, each with its field and where its value came from.
+#[test]
+fn every_mistake_of_every_source_is_reported_in_one_run() {
+    let dir = std::env::temp_dir().join(format!("keygate-cfg-many-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("many.toml");
+    std::fs::write(
+        &file,
+        "[server]\nlistn = \"127.0.0.1:1\"\ntrusted_proxies = [\"10.0.0.0/8\", 5]\n\
+         [cache]\nttl = 60\n[log]\nformat = \"xml\"\n[roles.x]\nmethods = \"GET\"\n\
+         [upstream]\nurl = \"http://127.0.0.1:3000\"\n[[routes]]\nprefix = \"/a\"\n",
+    )
+    .unwrap();
+    let in_file = format!("config file {}", file.display());
+    let loaded = Config::load(
+        Some(&file),
+        env(&[
+            ("KEYGATE__CACHE__TTLL", "5s"),
+            ("KEYGATE__CACHE__CAPACITY", "lots"),
+            ("KEYGATE__CACHE__NEGATIVE_TTL", "soon"),
+            ("KEYGATE__NOPE", "x"),
+        ]),
+        &[("server", "listen", "nope".into())],
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+    let expected = [
+        format!("server.listn ({in_file}): unknown field"),
+        format!("cache.ttl ({in_file}): expected a duration"),
+        format!("log.format ({in_file}): \"xml\""),
+        format!("routes[0].prefix ({in_file}): unknown field"),
+        // A list with a wrong item is left out whole; a table without its faulty field is not
+        // reported again for what it then lacks (`roles.x` has neither methods nor permissions).
+        format!("server.trusted_proxies[1] ({in_file}): invalid type"),
+        format!("roles.x.methods ({in_file}): invalid type"),
+        "cache.ttll (environment variable KEYGATE__CACHE__TTLL): unknown field".into(),
+        "cache.capacity (environment variable KEYGATE__CACHE__CAPACITY): \"lots\"".into(),
+        "cache.negative_ttl (environment variable KEYGATE__CACHE__NEGATIVE_TTL): \"soon\"".into(),
+        "KEYGATE__NOPE (environment): expected KEYGATE__<SECTION>__<FIELD>".into(),
+        "server.listen (flag --listen): \"nope\"".into(),
+    ];
+    let err = loaded.and_then(|c| c.serve_settings()).unwrap_err();
+    let lines: Vec<String> = err.errors().iter().map(|e| e.to_string()).collect();
+    for want in &expected {
+        assert!(
+            lines.iter().any(|l| l.starts_with(want.as_str())),
+            "{want:?} not reported:\n{err}"
+        );
+    }
+    assert_eq!(lines.len(), expected.len(), "each mistake once:\n{err}");
+}
+
+/// A setting set aside while loading fails every command, not only `serve`: the
+/// management commands compile the store settings alone, and still refuse the config.
+#[test]
+fn a_mistake_set_aside_while_loading_fails_every_compile_step() {
+    let load = || Config::load(None, env(&[("KEYGATE__CACHE__TTLL", "5s")]), &[]);
+    for err in [
+        load().and_then(|c| c.store_settings()).unwrap_err(),
+        load().and_then(|c| c.known_roles()).unwrap_err(),
+        load().and_then(|c| c.identity_settings()).unwrap_err(),
+    ] {
+        assert!(
+            err.to_string().starts_with("cache.ttll (environment"),
+            "{err}"
+        );
+    }
 }
