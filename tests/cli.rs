@@ -384,6 +384,70 @@ fn config_errors_name_the_field_and_where_its_value_came_from() {
     }
 }
 
+#[test]
+fn mistakes_in_the_file_the_environment_and_a_flag_are_reported_in_one_run() {
+    let f = Files::new("cli-config-mix");
+    // An unknown field and a wrong type in the file, an unknown field in the environment, a bad
+    // value from a flag.
+    let file = f.write(
+        "mix.toml",
+        "[server]\nlistn = \"127.0.0.1:1\"\n[cache]\nttl = 60\n",
+    );
+    let env = [("KEYGATE__CACHE__TTLL", "5s")];
+    let out = run(
+        &[
+            "serve",
+            "--config",
+            &file,
+            "--keys-file",
+            &f.keys,
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--listen",
+            "nope",
+        ],
+        &env,
+        &f.dir,
+    );
+    assert!(!out.status.success(), "keygate started: {}", stderr(&out));
+    let e = stderr(&out);
+    assert!(e.contains("4 problems in the configuration"), "{e}");
+    for (field, from) in [
+        (
+            "server.listn",
+            format!("(config file {file}): unknown field"),
+        ),
+        (
+            "cache.ttl",
+            format!("(config file {file}): expected a duration"),
+        ),
+        (
+            "cache.ttll",
+            "(environment variable KEYGATE__CACHE__TTLL): unknown field".into(),
+        ),
+        ("server.listen", "(flag --listen): \"nope\"".into()),
+    ] {
+        let want = format!("{field} {from}");
+        assert!(
+            e.lines().any(|l| l.trim_start().starts_with(&want)),
+            "{want:?} not reported: {e}"
+        );
+    }
+
+    // A management command refuses the same mistakes, all of them, before touching the store.
+    let out = run(
+        &["keys", "list", "--config", &file, "--keys-file", &f.keys],
+        &env,
+        &f.dir,
+    );
+    assert!(!out.status.success(), "keys list ran: {}", stdout(&out));
+    let e = stderr(&out);
+    assert!(e.contains("3 problems in the configuration"), "{e}");
+    assert!(!Path::new(&f.keys).exists(), "the keys file was created");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_management_commands_refuse_pasted_keys_too() {
     let redis = RedisServer::start();

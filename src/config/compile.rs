@@ -1,0 +1,537 @@
+//! Compiling: every value of a loaded [`Config`] checked and turned into the runtime's own
+//! types (the owners' settings: [`Settings`] for the server, [`StoreSettings`],
+//! [`CacheSettings`], [`UpstreamSettings`], the route table, …), so nothing on the request path
+//! parses config. Every invalid setting is reported at once, each with its field and where its
+//! value came from.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::{HeaderValue, Uri};
+
+use super::error::{field_err, Check};
+use super::{Config, ConfigError, UpstreamConfig};
+use crate::policy;
+use crate::proxy::{IdentitySettings, IpNet, UnderscoreHeaders, UpstreamSettings};
+use crate::route::{self, Grant, MethodSet, Route, RouteTable, TenantFrom};
+use crate::server::Settings;
+use crate::store::redis::RedisSettings;
+use crate::store::StoreSettings;
+use crate::telemetry::LogSettings;
+use crate::verify::CacheSettings;
+
+impl Config {
+    /// Validates everything the proxy needs and builds its runtime settings. Every invalid
+    /// setting is reported, each with its field and where its value came from.
+    pub fn serve_settings(&self) -> Result<Settings, ConfigError> {
+        serve(self)
+    }
+
+    /// Validates the store settings alone (all the key-management commands need).
+    pub(crate) fn store_settings(&self) -> Result<StoreSettings, ConfigError> {
+        self.only(key_store)
+    }
+
+    /// Every role a key may be given under this configuration: the routes' roles (built-in and
+    /// `[roles.*]`) and the admin API's.
+    pub(crate) fn known_roles(&self) -> Result<policy::Roles, ConfigError> {
+        self.only(role_names)
+    }
+
+    /// Validates `[identity]` into the identity header names.
+    pub(crate) fn identity_settings(&self) -> Result<IdentitySettings, ConfigError> {
+        self.only(identity_headers)
+    }
+
+    /// One compile step on its own, after the errors found while loading.
+    fn only<T>(&self, step: fn(&Config) -> Result<T, ConfigError>) -> Result<T, ConfigError> {
+        let mut c = Check::new(&self.origins, &self.load_errors);
+        let value = c.ok(step(self));
+        c.finish(|| value)
+    }
+}
+
+/// Validates everything the proxy needs and builds its runtime settings. Every invalid
+/// setting is reported, each with its field and where its value came from.
+fn serve(config: &Config) -> Result<Settings, ConfigError> {
+    let s = &config.server;
+    let mut c = Check::new(&config.origins, &config.load_errors);
+    let routes = c.ok(route_table(config));
+    let roles = c.ok(role_names(config));
+    let upstream = match &config.upstream.url {
+        Some(url) => c
+            .ok(upstream_settings(&config.upstream, url, "upstream.url"))
+            .map(Some),
+        None => Some(None),
+    };
+    let identity = c.ok(identity_headers(config));
+    let listen = c.ok(addr("server.listen", &s.listen));
+    let admin_listen = c.ok(addr("server.admin_listen", &s.admin_listen));
+    let shutdown_grace = c.ok(duration("server.shutdown_grace", &s.shutdown_grace));
+    let header_read_timeout = c.ok(nonzero(
+        "server.header_read_timeout",
+        &s.header_read_timeout,
+    ));
+    let idle_timeout = c.ok(nonzero("server.idle_timeout", &s.idle_timeout));
+    let max_connections = c.ok(bounded(
+        "server.max_connections",
+        s.max_connections,
+        0,
+        1 << 24,
+    ));
+    let admin_max_connections = c.ok(bounded(
+        "server.admin_max_connections",
+        s.admin_max_connections,
+        1,
+        1 << 16,
+    ));
+    let headers_with_underscores = c.ok(UnderscoreHeaders::parse(&s.headers_with_underscores)
+        .ok_or_else(|| {
+            field_err(
+                "server.headers_with_underscores",
+                format!(
+                    "{:?}: expected \"drop\", \"reject\" or \"allow\"",
+                    s.headers_with_underscores
+                ),
+            )
+        }));
+    let trusted_proxies = c.ok(s
+        .trusted_proxies
+        .iter()
+        .enumerate()
+        .map(|(i, net)| {
+            IpNet::parse(net).ok_or_else(|| {
+                field_err(
+                    &format!("server.trusted_proxies[{i}]"),
+                    format!(
+                        "{net:?} is not an IP address or CIDR range like 10.0.0.0/8 or fd00::/8"
+                    ),
+                )
+            })
+        })
+        .collect::<Result<Box<[IpNet]>, _>>());
+    let max_header_bytes = c.ok(bounded(
+        "server.max_header_bytes",
+        s.max_header_bytes,
+        1024,
+        1 << 20,
+    ));
+    let workers = c
+        .ok(bounded("server.workers", s.workers, 0, 1024))
+        .map(|n| match n {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        });
+    let store = c.ok(key_store(config));
+    let capacity = c.ok(bounded(
+        "cache.capacity",
+        config.cache.capacity as usize,
+        1,
+        1 << 30,
+    ));
+    let ttl = c.ok(nonzero("cache.ttl", &config.cache.ttl));
+    let negative_ttl = c.ok(nonzero("cache.negative_ttl", &config.cache.negative_ttl));
+    let trust_while_unsubscribed = c.ok(duration(
+        "cache.trust_while_unsubscribed",
+        &config.cache.trust_while_unsubscribed,
+    )
+    .and_then(|trust| {
+        // Cached verdicts are trusted only this long after the subscription last answered
+        // a health check, so the checks must come more often or the cache would keep
+        // lapsing.
+        match &store {
+            Some(StoreSettings::Redis(r)) if trust <= r.health_check_interval => Err(field_err(
+                "cache.trust_while_unsubscribed",
+                format!(
+                    "{trust:?} must be longer than store.health_check_interval ({:?}): \
+                         cached verdicts are trusted only this long after the last answered \
+                         health check",
+                    r.health_check_interval
+                ),
+            )),
+            _ => Ok(trust),
+        }
+    }));
+    let log = c.ok(logging(config));
+    let last_used_interval =
+        c.ok(
+            nonzero("store.last_used_interval", &config.store.last_used_interval).and_then(|d| {
+                if d < Duration::from_secs(1) {
+                    return Err(field_err("store.last_used_interval", "must be at least 1s"));
+                }
+                Ok(d)
+            }),
+        );
+    let operator_tenant = c.ok({
+        let t = &config.admin.operator_tenant;
+        crate::store::check_ident("admin.operator_tenant", t)
+            .map(|()| t.clone())
+            .map_err(|_| {
+                field_err(
+                    "admin.operator_tenant",
+                    "1 to 64 characters of letters, digits and -_.",
+                )
+            })
+    });
+    c.finish(|| {
+        Some(Settings {
+            listen: listen?,
+            admin_listen: admin_listen?,
+            shutdown_grace: shutdown_grace?,
+            header_read_timeout: header_read_timeout?,
+            idle_timeout: idle_timeout?,
+            max_connections: max_connections?,
+            admin_max_connections: admin_max_connections?,
+            max_header_bytes: max_header_bytes?,
+            workers: workers?,
+            headers_with_underscores: headers_with_underscores?,
+            trusted_proxies: trusted_proxies?,
+            upstream: upstream?,
+            routes: routes?,
+            roles: roles?,
+            store: store?,
+            cache: CacheSettings {
+                capacity: capacity? as u64,
+                ttl: ttl?,
+                negative_ttl: negative_ttl?,
+                trust_while_unsubscribed: trust_while_unsubscribed?,
+            },
+            identity: identity?,
+            log: log?,
+            last_used_interval: last_used_interval?,
+            operator_tenant: operator_tenant?,
+        })
+    })
+}
+
+/// Every role a key may be given under this configuration: the routes' roles (built-in and
+/// `[roles.*]`) and the admin API's.
+fn role_names(config: &Config) -> Result<policy::Roles, ConfigError> {
+    let roles = roles(config).map_err(|e| e.located(&config.origins))?;
+    Ok(policy::Roles::new(roles.into_iter().map(|(name, _)| name)))
+}
+
+/// The roles: the built-in ones, then `[roles.*]` (which may redefine them).
+fn roles(config: &Config) -> Result<Vec<(String, MethodSet)>, ConfigError> {
+    let mut roles: Vec<(String, MethodSet)> = policy::DEFAULT_ROLES
+        .iter()
+        .map(|(name, methods)| ((*name).to_owned(), *methods))
+        .collect();
+    for (name, rc) in &config.roles {
+        let f = format!("roles.{name}");
+        if crate::store::check_ident("role", name).is_err() {
+            return Err(field_err(
+                &f,
+                "role names are 1 to 64 characters of letters, digits and -_.",
+            ));
+        }
+        let methods = match (&rc.methods, &rc.permissions) {
+            (Some(list), None) => method_set(&format!("{f}.methods"), list)?,
+            (None, Some(set)) => policy::permission_set(set).ok_or_else(|| {
+                field_err(
+                    &format!("{f}.permissions"),
+                    format!("{set:?}: expected \"all\" or \"read\""),
+                )
+            })?,
+            _ => return Err(field_err(&f, "set exactly one of methods or permissions")),
+        };
+        match roles.iter_mut().find(|(n, _)| n == name) {
+            Some(role) => role.1 = methods,
+            None => roles.push((name.clone(), methods)),
+        }
+    }
+    Ok(roles)
+}
+
+/// Validates `[[routes]]` and `upstream.url` into the route table, most specific first.
+fn route_table(config: &Config) -> Result<RouteTable<UpstreamSettings>, ConfigError> {
+    let roles = roles(config)?;
+    let all_roles = || -> Box<[Grant]> {
+        roles
+            .iter()
+            .map(|(role, methods)| Grant {
+                role: role.as_str().into(),
+                methods: *methods,
+            })
+            .collect()
+    };
+    let default_url = config.upstream.url.as_deref();
+    let mut routes = Vec::with_capacity(config.routes.len() + 1);
+    for (i, rc) in config.routes.iter().enumerate() {
+        let f = |field: &str| format!("routes[{i}].{field}");
+        let host = match &rc.host {
+            Some(h) => Some(route::parse_host(h).map_err(|m| field_err(&f("host"), m))?),
+            None => None,
+        };
+        let prefix =
+            route::parse_prefix(&rc.path_prefix).map_err(|m| field_err(&f("path_prefix"), m))?;
+        let methods = match &rc.methods {
+            Some(list) => Some(method_set(&f("methods"), list)?),
+            None => None,
+        };
+        let url = rc.upstream.as_deref().or(default_url).ok_or_else(|| {
+            field_err(
+                &f("upstream"),
+                "required (or set upstream.url as the default of every route)",
+            )
+        })?;
+        let upstream = upstream_settings(&config.upstream, url, &f("upstream"))?;
+        let tenant = match &rc.tenant_from {
+            Some(spec) => TenantFrom::parse(spec).map_err(|m| field_err(&f("tenant_from"), m))?,
+            None => TenantFrom::Unbound,
+        };
+        if !tenant.fits(&prefix, rc.ignore_case) {
+            return Err(field_err(
+                &f("tenant_from"),
+                format!(
+                    "does not fit path_prefix {prefix:?}: no request on this route could name a tenant"
+                ),
+            ));
+        }
+        if !rc.auth && (rc.roles.is_some() || tenant != TenantFrom::Unbound) {
+            return Err(field_err(
+                &f("auth"),
+                "an open route (auth = false) admits everyone: it cannot have roles or tenant_from",
+            ));
+        }
+        let grants = match &rc.roles {
+            None => all_roles(),
+            Some(names) if names.is_empty() => {
+                return Err(field_err(&f("roles"), "must name at least one role"))
+            }
+            Some(names) => names
+                .iter()
+                .enumerate()
+                .map(|(j, name)| {
+                    let (role, methods) =
+                        roles.iter().find(|(r, _)| r == name).ok_or_else(|| {
+                            let known: Vec<&str> = roles.iter().map(|(r, _)| r.as_str()).collect();
+                            field_err(
+                                &format!("routes[{i}].roles[{j}]"),
+                                format!("unknown role {name:?}; known roles: {}", known.join(", ")),
+                            )
+                        })?;
+                    Ok(Grant {
+                        role: role.as_str().into(),
+                        methods: *methods,
+                    })
+                })
+                .collect::<Result<_, ConfigError>>()?,
+        };
+        let route = Route {
+            name: rc
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("routes[{i}]"))
+                .into(),
+            host,
+            prefix,
+            ignore_case: rc.ignore_case,
+            methods,
+            auth: rc.auth,
+            grants,
+            tenant,
+            upstream,
+        };
+        if let Some(j) = routes.iter().position(|r| overlaps(r, &route)) {
+            return Err(field_err(
+                &format!("routes[{i}]"),
+                format!(
+                    "overlaps routes[{j}] (same host, path_prefix and methods): one of them could never match"
+                ),
+            ));
+        }
+        routes.push(route);
+    }
+    // The sidecar case: `--upstream` alone is one catch-all route. Explicit routes for all
+    // hosts and `/` come first in config order, so they take precedence over it.
+    if let Some(url) = default_url {
+        routes.push(Route {
+            name: "default".into(),
+            host: None,
+            prefix: "/".into(),
+            ignore_case: false,
+            methods: None,
+            auth: true,
+            grants: all_roles(),
+            tenant: TenantFrom::Unbound,
+            upstream: upstream_settings(&config.upstream, url, "upstream.url")?,
+        });
+    }
+    if routes.is_empty() {
+        return Err(field_err(
+            "upstream.url",
+            "required: give --upstream URL or set it in the config (or define [[routes]])",
+        ));
+    }
+    Ok(RouteTable::new(routes))
+}
+
+/// Validates the store settings alone (all the key-management commands need).
+fn key_store(config: &Config) -> Result<StoreSettings, ConfigError> {
+    let st = &config.store;
+    if let Some(file) = &st.keys_file {
+        if file.is_empty() {
+            return Err(field_err("store.keys_file", "must not be empty"));
+        }
+        return Ok(StoreSettings::File(PathBuf::from(file)));
+    }
+    let url = &st.redis_url;
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Err(field_err(
+            "store.redis_url",
+            format!("{url:?} is not a redis:// or rediss:// URL"),
+        ));
+    }
+    if redis::Client::open(url.as_str()).is_err() {
+        return Err(field_err("store.redis_url", "not a valid Redis URL"));
+    }
+    let ns = &st.namespace;
+    if ns.is_empty()
+        || ns.len() > 64
+        || !ns
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:{}".contains(&b))
+    {
+        return Err(field_err(
+            "store.namespace",
+            "1 to 64 characters of letters, digits and -_.:{}",
+        ));
+    }
+    Ok(StoreSettings::Redis(RedisSettings {
+        url: url.clone(),
+        namespace: ns.clone(),
+        timeout: nonzero("store.timeout", &st.timeout)?,
+        health_check_interval: nonzero("store.health_check_interval", &st.health_check_interval)?,
+    }))
+}
+
+/// Validates `[identity]` into the identity header names.
+fn identity_headers(config: &Config) -> Result<IdentitySettings, ConfigError> {
+    let c = &config.identity;
+    IdentitySettings::new(&c.header_prefix, c.forward_authorization)
+        .map_err(|m| field_err("identity.header_prefix", m).located(&config.origins))
+}
+
+/// Validates the logging settings.
+fn logging(config: &Config) -> Result<LogSettings, ConfigError> {
+    let json = match config.log.format.as_str() {
+        "text" => false,
+        "json" => true,
+        other => {
+            return Err(field_err(
+                "log.format",
+                format!("{other:?}: expected \"text\" or \"json\""),
+            ))
+        }
+    };
+    Ok(LogSettings {
+        json,
+        filter: config.log.level.clone(),
+        access: config.log.access,
+    })
+}
+
+/// Two routes overlap when some request could match both equally well: then only config
+/// order would decide, which is a trap, so it is refused.
+fn overlaps<U>(a: &Route<U>, b: &Route<U>) -> bool {
+    let same_prefix = if a.ignore_case || b.ignore_case {
+        a.prefix.eq_ignore_ascii_case(&b.prefix)
+    } else {
+        a.prefix == b.prefix
+    };
+    let methods = |r: &Route<U>| r.methods.unwrap_or(MethodSet::ALL);
+    a.host == b.host
+        && same_prefix
+        && a.methods.is_some() == b.methods.is_some()
+        && methods(a).intersects(methods(b))
+}
+
+/// Parses a configured list of methods.
+fn method_set(field: &str, list: &[String]) -> Result<MethodSet, ConfigError> {
+    if list.is_empty() {
+        return Err(field_err(field, "must name at least one method"));
+    }
+    list.iter().enumerate().try_fold(MethodSet::NONE, |set, (j, m)| {
+        MethodSet::parse(m).map(|one| set.union(one)).ok_or_else(|| {
+            field_err(
+                &format!("{field}[{j}]"),
+                format!("{m:?} is not a method: expected GET, HEAD, OPTIONS, POST, PUT, PATCH, DELETE, TRACE, CONNECT or \"*\""),
+            )
+        })
+    })
+}
+
+fn addr(field: &str, v: &str) -> Result<SocketAddr, ConfigError> {
+    v.parse().map_err(|_| {
+        field_err(
+            field,
+            format!("{v:?} is not an address like 127.0.0.1:8080"),
+        )
+    })
+}
+
+fn duration(field: &str, v: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(v).map_err(|e| {
+        field_err(
+            field,
+            format!("{v:?} is not a duration like 500ms or 30s: {e}"),
+        )
+    })
+}
+
+fn nonzero(field: &str, v: &str) -> Result<Duration, ConfigError> {
+    let d = duration(field, v)?;
+    if d.is_zero() {
+        return Err(field_err(field, "must be greater than zero"));
+    }
+    Ok(d)
+}
+
+fn bounded(field: &str, v: usize, min: usize, max: usize) -> Result<usize, ConfigError> {
+    if v < min || v > max {
+        return Err(field_err(field, format!("{v} is outside {min}..={max}")));
+    }
+    Ok(v)
+}
+
+/// Validates one upstream URL with the `[upstream]` settings.
+fn upstream_settings(
+    c: &UpstreamConfig,
+    url: &str,
+    f: &str,
+) -> Result<UpstreamSettings, ConfigError> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| field_err(f, format!("{url:?} is not a URL: {e}")))?;
+    let scheme = uri
+        .scheme()
+        .cloned()
+        .ok_or_else(|| field_err(f, "needs a scheme, e.g. http://127.0.0.1:3000"))?;
+    if scheme != http::uri::Scheme::HTTP {
+        return Err(field_err(f, "only http:// upstreams are supported"));
+    }
+    let authority = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| field_err(f, "needs a host, e.g. http://127.0.0.1:3000"))?;
+    if uri.query().is_some() {
+        return Err(field_err(f, "must not have a query"));
+    }
+    let base_path = uri.path().trim_end_matches('/').to_owned();
+    let host_header = HeaderValue::from_str(authority.as_str())
+        .map_err(|_| field_err(f, "host is not a valid header value"))?;
+    Ok(UpstreamSettings {
+        scheme,
+        authority,
+        host_header,
+        base_path,
+        connect_timeout: nonzero("upstream.connect_timeout", &c.connect_timeout)?,
+        timeout: nonzero("upstream.timeout", &c.timeout)?,
+        pool_idle_timeout: nonzero("upstream.pool_idle_timeout", &c.pool_idle_timeout)?,
+        pool_max_idle: c.pool_max_idle,
+        preserve_host: c.preserve_host,
+        readiness_check: c.readiness_check,
+    })
+}
