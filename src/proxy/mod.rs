@@ -1,6 +1,6 @@
 //! The request path: what happens to one request on the proxy listener, from its head to its
 //! access log line. [`handle`] runs it; the files beside this one each keep one concern of it:
-//! header hygiene ([`headers`], [`hop`]), the upstream connection pools and their replay rule
+//! header hygiene ([`headers`], [`hop`]), forwarding headers and trusted proxies ([`forwarded`]), the upstream connection pools and their replay rule
 //! ([`upstream`]), request ids ([`request_id`]).
 
 use std::borrow::Cow;
@@ -21,12 +21,14 @@ use crate::store::now_unix;
 use crate::verify::Verifier;
 use crate::{auth, policy};
 
+pub mod forwarded;
 pub mod headers;
 pub mod hop;
 pub mod request_id;
 pub mod upstream;
 
-pub use headers::{IdentitySettings, IpNet, UnderscoreHeaders};
+pub use forwarded::{IpNet, Peer};
+pub use headers::{IdentitySettings, UnderscoreHeaders};
 pub use request_id::X_REQUEST_ID;
 pub use upstream::{Upstream, UpstreamSettings};
 
@@ -61,24 +63,6 @@ pub struct App {
     pub underscores: UnderscoreHeaders,
     /// Peers whose forwarding headers are kept.
     pub trusted_proxies: Box<[IpNet]>,
-}
-
-/// The client end of a proxy connection, worked out once per connection.
-pub struct Peer {
-    /// Its address, as an `X-Forwarded-For` value.
-    pub ip: HeaderValue,
-    /// Whether it is a trusted proxy (`server.trusted_proxies`).
-    pub trusted: bool,
-}
-
-impl Peer {
-    /// The peer at `ip`, trusted if a trusted network contains it.
-    pub fn new(ip: std::net::IpAddr, trusted: &[IpNet]) -> Self {
-        Peer {
-            ip: headers::ip_value(ip),
-            trusted: trusted.iter().any(|net| net.contains(ip)),
-        }
-    }
 }
 
 /// The `route` label and log field of requests that matched no route.
