@@ -1,6 +1,6 @@
-//! Header hygiene of a request: what its head looks like when it reaches the upstream. The
-//! hop-by-hop rule, which responses follow too, is [`super::hop`]; the forwarding headers and
-//! trusted proxies are [`super::forwarded`].
+//! Header hygiene of a request: what its head looks like when it reaches the upstream (the
+//! `rewrite` phase of [`super`]). The hop-by-hop rule, which responses follow too, is in
+//! `hop.rs`; the forwarding headers and trusted proxies are [`super::forwarded`].
 //!
 //! Header rules, in this order (the order is what makes them safe):
 //! 1. one pass over the names ([`scan_request_headers`]) finds what the rules below have to
@@ -61,12 +61,12 @@ fn method_overrides() -> [&'static HeaderName; 3] {
 
 impl HeaderScan {
     /// Whether some header name contains `_`.
-    pub fn underscores(&self) -> bool {
+    pub(super) fn underscores(&self) -> bool {
         self.found & UNDERSCORE != 0
     }
 
     /// The refusal the request gets for its header names, if any.
-    pub fn refusal(&self) -> Option<Rejection> {
+    pub(super) fn refusal(&self) -> Option<Rejection> {
         (self.underscores() && self.underscores == UnderscoreHeaders::Reject)
             .then_some(Rejection::InvalidHeader)
     }
@@ -321,7 +321,7 @@ impl IdentitySettings {
 }
 
 /// The default identity header prefix (`identity.header_prefix`).
-pub const DEFAULT_PREFIX: &str = "x-keygate-";
+pub(crate) const DEFAULT_PREFIX: &str = "x-keygate-";
 
 impl Default for IdentitySettings {
     fn default() -> Self {
