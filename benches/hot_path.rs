@@ -20,9 +20,9 @@ use keygate::identity::Identity;
 use keygate::key::{generate, KeyDigest, KeyKind, Token};
 use keygate::metrics::Metrics;
 use keygate::policy::authorize;
+use keygate::proxy::forwarded::ip_value;
 use keygate::proxy::headers::{
-    ip_value, rewrite_request_headers, scan_request_headers, Forwarded, IdentitySettings,
-    UnderscoreHeaders,
+    rewrite_request_headers, scan_request_headers, Forwarded, IdentitySettings, UnderscoreHeaders,
 };
 use keygate::route::normalize;
 use keygate::server::Server;

@@ -8,7 +8,7 @@ use http::header::AUTHORIZATION;
 use http::HeaderMap;
 
 use crate::identity::Identity;
-use crate::key::Token;
+use crate::key::{KeyDigest, Token};
 use crate::rejection::Rejection;
 use crate::verify::{Verifier, VerifyError};
 
@@ -62,7 +62,17 @@ pub async fn check(
     headers: &HeaderMap,
     now: u64,
 ) -> Result<Arc<Identity>, Rejection> {
-    let digest = bearer_token(headers)?.digest();
+    verify(verifier, bearer_token(headers)?.digest(), now).await
+}
+
+/// The identity of the key with `digest` if the key is live at `now`; otherwise the refusal
+/// that says why (unknown, expired, revoked), or `store_unavailable` when the store cannot
+/// answer (fail closed).
+pub async fn verify(
+    verifier: &Verifier,
+    digest: KeyDigest,
+    now: u64,
+) -> Result<Arc<Identity>, Rejection> {
     verifier.verify(digest, now).await.map_err(|e| match e {
         VerifyError::Unknown => Rejection::UnknownKey,
         VerifyError::Expired => Rejection::KeyExpired,

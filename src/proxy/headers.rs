@@ -1,5 +1,6 @@
-//! Header hygiene: what a request's head looks like when it reaches the upstream, and what
-//! the response's looks like when it reaches the client.
+//! Header hygiene of a request: what its head looks like when it reaches the upstream (the
+//! `rewrite` phase of [`super`]). The hop-by-hop rule, which responses follow too, is in
+//! `hop.rs`; the forwarding headers and trusted proxies are [`super::forwarded`].
 //!
 //! Header rules, in this order (the order is what makes them safe):
 //! 1. one pass over the names ([`scan_request_headers`]) finds what the rules below have to
@@ -8,29 +9,25 @@
 //! 3. `Authorization` goes (unless configured to be forwarded);
 //! 4. every client header with the identity prefix goes, and so do names with `_` (unless
 //!    allowed), read as upstreams that map names to CGI variables read them: `x_keygate_tenant`
-//!    is `HTTP_X_KEYGATE_TENANT`, the same as `x-keygate-tenant`;
+//!    is `HTTP_X_KEYGATE_TENANT`, the same as `x-keygate-tenant`; method overrides go, and so
+//!    do the client addresses an untrusted peer asserts;
 //! 5. keygate's identity headers, the tenant header the decision was made on,
 //!    `X-Forwarded-*`, `Host` and the request id are set.
 //!
 //! Because step 5 comes last, no client header (not even `Connection: x-keygate-tenant` or
 //! `Connection: x-tenant`) can remove or replace a header keygate adds or decided on.
 
-use std::net::IpAddr;
-
-use http::header::{self, HeaderName, AUTHORIZATION, HOST};
+use http::header::{HeaderName, AUTHORIZATION, HOST};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Uri};
 
+use super::forwarded::{client_addresses, set_forwarding_headers};
 use super::hop::{hop_by_hop, remove_hop_by_hop};
 use super::request_id::X_REQUEST_ID;
 use super::upstream::UpstreamSettings;
 use crate::identity::{Identity, Part};
 use crate::rejection::Rejection;
 use crate::route::{same_header_name, starts_with_header_name};
-
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// What one pass over a request's header names found: which hop-by-hop headers are present
 /// and which of the other rules have work to do. A few bits, nothing allocated.
@@ -54,7 +51,6 @@ const CLIENT_ADDRESS: u8 = 1 << 3;
 static X_HTTP_METHOD_OVERRIDE: HeaderName = HeaderName::from_static("x-http-method-override");
 static X_HTTP_METHOD: HeaderName = HeaderName::from_static("x-http-method");
 static X_METHOD_OVERRIDE: HeaderName = HeaderName::from_static("x-method-override");
-static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Headers with which a client asks upstreams that honour them to take a request as another
 /// method: a read-only key's `GET` would become a `DELETE` that keygate never authorised.
@@ -63,20 +59,14 @@ fn method_overrides() -> [&'static HeaderName; 3] {
     [&X_HTTP_METHOD_OVERRIDE, &X_HTTP_METHOD, &X_METHOD_OVERRIDE]
 }
 
-/// Headers in which a peer asserts a client address, besides `X-Forwarded-For`: kept from a
-/// trusted proxy, removed otherwise.
-fn client_addresses() -> [&'static HeaderName; 2] {
-    [&header::FORWARDED, &X_REAL_IP]
-}
-
 impl HeaderScan {
     /// Whether some header name contains `_`.
-    pub fn underscores(&self) -> bool {
+    pub(super) fn underscores(&self) -> bool {
         self.found & UNDERSCORE != 0
     }
 
     /// The refusal the request gets for its header names, if any.
-    pub fn refusal(&self) -> Option<Rejection> {
+    pub(super) fn refusal(&self) -> Option<Rejection> {
         (self.underscores() && self.underscores == UnderscoreHeaders::Reject)
             .then_some(Rejection::InvalidHeader)
     }
@@ -193,7 +183,8 @@ fn remove_flagged(
 
 /// Per-request facts the rewrite needs besides the headers.
 pub struct Forwarded<'a> {
-    /// The client's address, as a header value (made once per connection by [`ip_value`]).
+    /// The client's address, as a header value (made once per connection by
+    /// [`ip_value`](super::forwarded::ip_value)).
     pub client_ip: &'a HeaderValue,
     /// Whether the client is a trusted proxy (`server.trusted_proxies`), whose
     /// `X-Forwarded-*`, `Forwarded` and `X-Real-IP` are kept.
@@ -252,25 +243,13 @@ pub fn rewrite_request_headers(
         );
     }
 
-    // A trusted proxy's view of the client is kept and the proxy appended as the last hop;
-    // anyone else's claims are replaced by what keygate saw.
-    if fwd.trusted {
-        append_forwarded_for(headers, fwd.client_ip);
-    } else {
-        headers.insert(X_FORWARDED_FOR.clone(), fwd.client_ip.clone());
-    }
-    if !(fwd.trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
-        headers.insert(
-            X_FORWARDED_PROTO.clone(),
-            HeaderValue::from_static(fwd.proto),
-        );
-    }
-    if !(fwd.trusted && headers.contains_key(&X_FORWARDED_HOST)) {
-        match &fwd.host {
-            Some(h) => headers.insert(X_FORWARDED_HOST.clone(), h.clone()),
-            None => headers.remove(&X_FORWARDED_HOST),
-        };
-    }
+    set_forwarding_headers(
+        headers,
+        fwd.client_ip,
+        fwd.trusted,
+        fwd.proto,
+        fwd.host.as_ref(),
+    );
     if !upstream.preserve_host || fwd.host.is_none() {
         headers.insert(HOST, upstream.host_header.clone());
     } else if let Some(h) = &fwd.host {
@@ -280,34 +259,8 @@ pub fn rewrite_request_headers(
     removed
 }
 
-/// A client address as an `X-Forwarded-For` value.
-pub fn ip_value(ip: IpAddr) -> HeaderValue {
-    HeaderValue::try_from(ip.to_string()).expect("an IP address is a valid header value")
-}
-
-/// Appends the client address to `X-Forwarded-For` (from a trusted proxy), folding earlier
-/// values into one header.
-fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
-    if !headers.contains_key(&X_FORWARDED_FOR) {
-        // The common case, without formatting or allocating.
-        headers.insert(X_FORWARDED_FOR.clone(), ip.clone());
-        return;
-    }
-    let mut value = String::new();
-    for prior in headers.get_all(&X_FORWARDED_FOR) {
-        if let Ok(s) = prior.to_str() {
-            value.push_str(s);
-            value.push_str(", ");
-        }
-    }
-    value.push_str(ip.to_str().unwrap_or_default());
-    if let Ok(v) = HeaderValue::try_from(value) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
-}
-
 /// Replaces a request's path with its normalised form, keeping the query as the client sent it.
-pub fn set_path(uri: &mut Uri, path: &str) -> Result<(), Rejection> {
+pub(super) fn set_path(uri: &mut Uri, path: &str) -> Result<(), Rejection> {
     let pq = match uri.query() {
         Some(q) => PathAndQuery::try_from(format!("{path}?{q}")),
         None => PathAndQuery::try_from(path),
@@ -368,7 +321,7 @@ impl IdentitySettings {
 }
 
 /// The default identity header prefix (`identity.header_prefix`).
-pub const DEFAULT_PREFIX: &str = "x-keygate-";
+pub(crate) const DEFAULT_PREFIX: &str = "x-keygate-";
 
 impl Default for IdentitySettings {
     fn default() -> Self {
@@ -402,65 +355,11 @@ impl UnderscoreHeaders {
     }
 }
 
-/// An IP network: an address and how many leading bits of it a peer must share (a CIDR range
-/// like `10.0.0.0/8`; a bare address is a range of one).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpNet {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl IpNet {
-    /// Parses `10.0.0.0/8`, `fd00::/8` or a bare address. The address must be the network's
-    /// first (`10.1.0.0/8` is refused: it reads like a typo for `/16`).
-    pub fn parse(v: &str) -> Option<IpNet> {
-        let (addr, prefix) = match v.split_once('/') {
-            Some((a, p)) => (a.parse::<IpAddr>().ok()?, Some(p)),
-            None => (v.parse::<IpAddr>().ok()?, None),
-        };
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) => p.parse().ok()?,
-            Some(_) => return None,
-            None => max,
-        };
-        if prefix > max {
-            return None;
-        }
-        let net = IpNet { addr, prefix };
-        (net.masked(addr) == Self::bits(addr)).then_some(net)
-    }
-
-    fn bits(ip: IpAddr) -> u128 {
-        match ip {
-            IpAddr::V4(v4) => u32::from(v4).into(),
-            IpAddr::V6(v6) => u128::from(v6),
-        }
-    }
-
-    /// `ip`'s bits with everything past the prefix cleared.
-    fn masked(&self, ip: IpAddr) -> u128 {
-        let width: u32 = if ip.is_ipv4() { 32 } else { 128 };
-        let host_bits = width - u32::from(self.prefix);
-        if host_bits >= 128 {
-            0
-        } else {
-            (Self::bits(ip) >> host_bits) << host_bits
-        }
-    }
-
-    /// Whether `ip` is in the network (an IPv4 address in IPv6 form, `::ffff:10.0.0.1`, counts
-    /// as the IPv4 address).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        ip.is_ipv4() == self.addr.is_ipv4() && self.masked(ip) == Self::bits(self.addr)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{Config, UpstreamConfig};
+    use crate::proxy::forwarded::ip_value;
     use crate::store::KeyRecord;
 
     fn identity() -> Identity {

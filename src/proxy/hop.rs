@@ -24,7 +24,7 @@ pub(super) fn hop_by_hop() -> [&'static HeaderName; 9] {
 
 /// Removes hop-by-hop headers, including every header named in `Connection` (for a response:
 /// the request side goes through [`super::headers::rewrite_request_headers`]).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the few names present finds which hop-by-hop headers to remove: cheaper
     // than nine removals by hash, and most responses carry none but `Connection`.
     let hop = hop_by_hop();

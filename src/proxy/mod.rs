@@ -1,36 +1,290 @@
 //! The request path: what happens to one request on the proxy listener, from its head to its
-//! access log line. [`handle`] runs it; the files beside this one each keep one concern of it:
-//! header hygiene ([`headers`], [`hop`]), the upstream connection pools and their replay rule
-//! ([`upstream`]), request ids ([`request_id`]).
+//! access log line. [`handle`] runs it as named phases over one per-request context, in the
+//! order a request lives them; each phase is a short method of that context, below `handle`:
+//!
+//! 1. `route`: the head must be readable (header names, `Host`, path) and one route must take
+//!    the request. First, because every later phase depends on the route: whether a key is
+//!    needed, which roles and tenant it admits, where it forwards; and a request no route
+//!    serves costs no key lookup.
+//! 2. `credential`: the bearer token, checked for shape (prefix, length, alphabet, checksum)
+//!    and hashed. Before `verify`, so that junk never reaches the cache or the store; the
+//!    plaintext key goes no further.
+//! 3. `verify`: the key must be live; unknown, expired and revoked keys are refused here.
+//!    Before `authorize`, because a dead key's role and tenant mean nothing.
+//! 4. `authorize`: the route's policy on the live key: its role, the method, the tenant the
+//!    request names. Last of the decisions, so it decides on a verified identity.
+//! 5. `rewrite`: the head the upstream gets: the normalised path, header hygiene, identity and
+//!    forwarding headers ([`headers`], `hop.rs`, [`forwarded`]). After every decision, so the
+//!    upstream sees what was decided on and nothing the client sent can replace it.
+//! 6. `forward`: one exchange with the route's upstream on this worker's pool (`upstream.rs`),
+//!    whose failures become `502`/`504`. Timed alone, for the upstream's share of the latency.
+//! 7. `log`: the outcome becomes the response (a refusal through
+//!    [`Rejection::into_response`], the one place refusals are mapped), with its request id
+//!    (`request_id.rs`); then the metrics, the span's outcome and the access log line. It runs
+//!    for every request, whichever phase ended it, so each is decided and counted once.
+//!
+//! A phase that refuses ends the request: no phase after it runs but `log`, so the refusal is
+//! the one of the first phase that found a fault (`tests/phases.rs` holds the order). An open
+//! route (`auth = false`) skips `credential`, `verify` and `authorize`.
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response};
+use http::{HeaderValue, Method, Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use prometheus::IntCounter;
-use tracing::Instrument;
+use tracing::{Instrument, Span};
 
+use crate::identity::Identity;
+use crate::key::KeyDigest;
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::rejection::Rejection;
-use crate::route::{self, RouteTable};
+use crate::route::{self, Route, RouteTable};
 use crate::store::now_unix;
 use crate::verify::Verifier;
 use crate::{auth, policy};
 
+pub mod forwarded;
 pub mod headers;
-pub mod hop;
-pub mod request_id;
-pub mod upstream;
+mod hop;
+mod request_id;
+pub(crate) mod upstream;
 
-pub use headers::{IdentitySettings, IpNet, UnderscoreHeaders};
-pub use request_id::X_REQUEST_ID;
+pub use forwarded::{IpNet, Peer};
+pub use headers::{IdentitySettings, UnderscoreHeaders};
 pub use upstream::{Upstream, UpstreamSettings};
 
-use headers::Forwarded;
+use headers::{Forwarded, HeaderScan, Removed};
+use request_id::X_REQUEST_ID;
+
+/// The request path: the phases, in order (see the module docs for why each sits where it
+/// does). A phase's refusal skips the rest, up to `log`.
+pub async fn handle(app: &App, mut req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
+    let mut cx = Context::new(app, peer, &req);
+    let span = cx.span.clone();
+    let outcome = async {
+        let (route, host) = cx.route(&mut req)?;
+        let identity = if route.auth {
+            let digest = cx.credential(&req)?;
+            let identity = cx.verify(digest).await?;
+            cx.authorize(route, &identity, &req)?;
+            Some(identity)
+        } else {
+            None
+        };
+        cx.rewrite(&mut req, route, host, identity.as_deref());
+        cx.forward(route, req).await
+    }
+    .instrument(span)
+    .await;
+    cx.log(outcome)
+}
+
+/// One request's context: what it is known by (request id, span, the scan of its header
+/// names), and what the phases found that `log` reports (the route, the upstream's time, the
+/// headers removed).
+struct Context<'a> {
+    app: &'a App,
+    peer: &'a Peer,
+    started: Instant,
+    /// The client's request id if it is sane, else a fresh one.
+    request_id: HeaderValue,
+    span: Span,
+    method: Method,
+    /// One pass over the header names, for every header rule of the request.
+    scan: HeaderScan,
+    /// The matched route's target, once `route` found one.
+    target: Option<&'a RouteTarget>,
+    /// How long the upstream took, once `forward` ran.
+    upstream_time: Option<Duration>,
+    /// The client headers `rewrite` removed.
+    removed: Removed,
+}
+
+impl<'a> Context<'a> {
+    fn new(app: &'a App, peer: &'a Peer, req: &Request<Incoming>) -> Self {
+        let request_id = request_id::client_request_id(req.headers())
+            .cloned()
+            .unwrap_or_else(request_id::new_request_id);
+        let span = tracing::info_span!(
+            "request",
+            request_id = ?request_id,
+            route = tracing::field::Empty,
+            key_id = tracing::field::Empty,
+            tenant = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        Context {
+            app,
+            peer,
+            started: Instant::now(),
+            request_id,
+            span,
+            method: req.method().clone(),
+            scan: headers::scan_request_headers(
+                req.headers(),
+                &app.identity.prefix,
+                app.underscores,
+            ),
+            target: None,
+            upstream_time: None,
+            removed: Removed::default(),
+        }
+    }
+
+    /// **route**: refuses unreadable heads (header names under `reject`, `Host`, the path) and
+    /// requests no route takes; gives the route and the host the request is for.
+    ///
+    /// From here on the request carries the path its route matched (normalised, the query as
+    /// sent): `authorize` reads the tenant from it and the upstream gets it, so no phase can
+    /// read another path into the request.
+    fn route(
+        &mut self,
+        req: &mut Request<Incoming>,
+    ) -> Result<(&'a Route<RouteTarget>, Option<HeaderValue>), Rejection> {
+        if let Some(refusal) = self.scan.refusal() {
+            return Err(refusal);
+        }
+        let host = route::request_host(req.version(), req.uri(), req.headers())?;
+        let path = route::normalize(req.uri().path())?;
+        let host_bytes = host.as_ref().map(HeaderValue::as_bytes);
+        let route = self
+            .app
+            .routes
+            .find(host_bytes, &path, req.method())
+            .ok_or(Rejection::NoRoute)?;
+        self.span.record("route", &*route.name);
+        self.target = Some(&route.upstream);
+        if let Cow::Owned(normal) = path {
+            headers::set_path(req.uri_mut(), &normal)?;
+        }
+        Ok((route, host))
+    }
+
+    /// **credential**: the digest of the request's one bearer key, or the refusal of a missing,
+    /// repeated or malformed credential. Touches neither the cache nor the store.
+    fn credential(&self, req: &Request<Incoming>) -> Result<KeyDigest, Rejection> {
+        Ok(auth::bearer_token(req.headers())?.digest())
+    }
+
+    /// **verify**: the live key's identity. This is where a revoked key is refused, as are
+    /// unknown and expired keys (from the cache, else the store); a store that cannot answer
+    /// fails closed.
+    async fn verify(&self, digest: KeyDigest) -> Result<Arc<Identity>, Rejection> {
+        let identity = auth::verify(&self.app.verifier, digest, now_unix()).await?;
+        self.span.record("key_id", identity.key_id());
+        self.span.record("tenant", identity.tenant());
+        Ok(identity)
+    }
+
+    /// **authorize**: refuses (`403 insufficient_scope`) a key whose role the route does not
+    /// admit for this method, or that names another tenant than the key's.
+    fn authorize(
+        &self,
+        route: &Route<RouteTarget>,
+        identity: &Identity,
+        req: &Request<Incoming>,
+    ) -> Result<(), Rejection> {
+        let tenant = route.tenant(req.uri().path(), req.headers(), self.scan.underscores());
+        policy::authorize(route, identity, req.method(), tenant)
+    }
+
+    /// **rewrite**: the head the upstream gets (see [`headers`] for the rules and their order).
+    /// `identity` is `None` on an open route.
+    fn rewrite(
+        &mut self,
+        req: &mut Request<Incoming>,
+        route: &'a Route<RouteTarget>,
+        host: Option<HeaderValue>,
+        identity: Option<&Identity>,
+    ) {
+        // The upstream gets the tenant header as it was decided on (the headers are still the
+        // client's, as `authorize` read them).
+        let tenant_header = identity
+            .and_then(|_| route.tenant_header(req.headers(), self.scan.underscores()))
+            .map(|(name, value)| (name, value.clone()));
+        let fwd = Forwarded {
+            client_ip: &self.peer.ip,
+            trusted: self.peer.trusted,
+            proto: "http",
+            host,
+            request_id: &self.request_id,
+            scan: self.scan,
+            tenant_header,
+        };
+        self.removed = headers::rewrite_request_headers(
+            req.headers_mut(),
+            identity,
+            &self.app.identity,
+            route.upstream.upstream.settings(),
+            &fwd,
+        );
+    }
+
+    /// **forward**: the upstream's response head (its body streams on), or the refusal that
+    /// maps its failure (`502`, `504`, or `400 invalid_body` for the client's own body).
+    async fn forward(
+        &mut self,
+        route: &Route<RouteTarget>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, Rejection> {
+        let sent = Instant::now();
+        let resp = route.upstream.upstream.send(req).await;
+        self.upstream_time = Some(sent.elapsed());
+        resp
+    }
+
+    /// **log**: the response for the outcome, with the request id; the decision, header and
+    /// route metrics; the span's route and outcome; and the access log line.
+    fn log(self, outcome: Result<Response<Incoming>, Rejection>) -> Response<ProxyBody> {
+        let app = self.app;
+        let series = self.target.map_or(&app.unrouted, |t| &t.metrics);
+        let decision = outcome.as_ref().map(drop).map_err(|r| *r);
+        let mut resp = match outcome {
+            Ok(resp) => resp.map(Either::Left),
+            Err(rejection) => {
+                if self.upstream_time.is_some() {
+                    series.upstream_failed(rejection);
+                }
+                rejection.into_response().map(Either::Right)
+            }
+        };
+        resp.headers_mut()
+            .insert(X_REQUEST_ID.clone(), self.request_id);
+
+        let status = resp.status().as_u16();
+        let took = self.started.elapsed();
+        app.metrics.decision(decision);
+        let removed = self.removed;
+        if removed != Removed::default() {
+            app.metrics.headers_removed(
+                removed.identity,
+                removed.underscore,
+                removed.method_override,
+            );
+        }
+        series.observe(status, took, self.upstream_time);
+        if self.target.is_none() {
+            self.span.record("route", UNROUTED);
+        }
+        let outcome = decision.err().map_or("allowed", Rejection::code);
+        self.span.record("outcome", outcome);
+        if app.access_log {
+            let _entered = self.span.enter();
+            tracing::info!(
+                target: "keygate::access",
+                method = %self.method,
+                status,
+                latency_us = took.as_micros() as u64,
+                upstream_us = self.upstream_time.map(|t| t.as_micros() as u64),
+            );
+        }
+        resp
+    }
+}
 
 /// The body of every proxy response: the upstream's, streamed, or a small synthetic one.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -63,24 +317,6 @@ pub struct App {
     pub trusted_proxies: Box<[IpNet]>,
 }
 
-/// The client end of a proxy connection, worked out once per connection.
-pub struct Peer {
-    /// Its address, as an `X-Forwarded-For` value.
-    pub ip: HeaderValue,
-    /// Whether it is a trusted proxy (`server.trusted_proxies`).
-    pub trusted: bool,
-}
-
-impl Peer {
-    /// The peer at `ip`, trusted if a trusted network contains it.
-    pub fn new(ip: std::net::IpAddr, trusted: &[IpNet]) -> Self {
-        Peer {
-            ip: headers::ip_value(ip),
-            trusted: trusted.iter().any(|net| net.contains(ip)),
-        }
-    }
-}
-
 /// The `route` label and log field of requests that matched no route.
 pub const UNROUTED: &str = "-";
 
@@ -107,128 +343,4 @@ impl Drop for Unanswered {
             abandoned.inc();
         }
     }
-}
-
-/// The request path.
-pub async fn handle(app: &App, mut req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
-    let started = Instant::now();
-    let request_id = request_id::client_request_id(req.headers())
-        .cloned()
-        .unwrap_or_else(request_id::new_request_id);
-    let span = tracing::info_span!(
-        "request",
-        request_id = ?request_id,
-        route = tracing::field::Empty,
-        key_id = tracing::field::Empty,
-        tenant = tracing::field::Empty,
-        outcome = tracing::field::Empty,
-    );
-    let method = req.method().clone();
-    // Set as the request goes: the route it matched, and how long the upstream took.
-    let mut matched: Option<&RouteTarget> = None;
-    let mut upstream_time = None;
-
-    // One pass over the header names, for every header rule of the request.
-    let scan = headers::scan_request_headers(req.headers(), &app.identity.prefix, app.underscores);
-    let mut removed = headers::Removed::default();
-
-    let outcome = async {
-        if let Some(refusal) = scan.refusal() {
-            return Err(refusal);
-        }
-        let host = route::request_host(req.version(), req.uri(), req.headers())?;
-        let path = route::normalize(req.uri().path())?;
-        let route = app
-            .routes
-            .find(
-                host.as_ref().map(HeaderValue::as_bytes),
-                &path,
-                req.method(),
-            )
-            .ok_or(Rejection::NoRoute)?;
-        span.record("route", &*route.name);
-        matched = Some(&route.upstream);
-        let mut tenant_header = None;
-        let identity = if route.auth {
-            let identity = auth::check(&app.verifier, req.headers(), now_unix()).await?;
-            span.record("key_id", identity.key_id());
-            span.record("tenant", identity.tenant());
-            let tenant = route.tenant(&path, req.headers(), scan.underscores());
-            policy::authorize(route, &identity, req.method(), tenant)?;
-            // The upstream gets the tenant header as it was decided on.
-            tenant_header = route
-                .tenant_header(req.headers(), scan.underscores())
-                .map(|(name, value)| (name, value.clone()));
-            Some(identity)
-        } else {
-            None
-        };
-        // The upstream sees the path that was matched, so it cannot read another one into it.
-        if let Cow::Owned(normal) = path {
-            headers::set_path(req.uri_mut(), &normal)?;
-        }
-        let fwd = Forwarded {
-            client_ip: &peer.ip,
-            trusted: peer.trusted,
-            proto: "http",
-            host,
-            request_id: &request_id,
-            scan,
-            tenant_header,
-        };
-        let upstream = &route.upstream.upstream;
-        removed = headers::rewrite_request_headers(
-            req.headers_mut(),
-            identity.as_deref(),
-            &app.identity,
-            upstream.settings(),
-            &fwd,
-        );
-        let sent = Instant::now();
-        let resp = upstream.send(req).await;
-        upstream_time = Some(sent.elapsed());
-        resp
-    }
-    .instrument(span.clone())
-    .await;
-
-    let series = matched.map_or(&app.unrouted, |t| &t.metrics);
-    let decision = outcome.as_ref().map(drop).map_err(|r| *r);
-    let mut resp = match outcome {
-        Ok(resp) => resp.map(Either::Left),
-        Err(rejection) => {
-            if upstream_time.is_some() {
-                series.upstream_failed(rejection);
-            }
-            rejection.into_response().map(Either::Right)
-        }
-    };
-    resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
-
-    let status = resp.status().as_u16();
-    let took = started.elapsed();
-    app.metrics.decision(decision);
-    if removed != headers::Removed::default() {
-        app.metrics.headers_removed(
-            removed.identity,
-            removed.underscore,
-            removed.method_override,
-        );
-    }
-    series.observe(status, took, upstream_time);
-    if matched.is_none() {
-        span.record("route", UNROUTED);
-    }
-    span.record("outcome", decision.err().map_or("allowed", Rejection::code));
-    if app.access_log {
-        let _entered = span.enter();
-        tracing::info!(
-            target: "keygate::access",
-            method = %method,
-            status,
-            latency_us = took.as_micros() as u64,
-            upstream_us = upstream_time.map(|t| t.as_micros() as u64),
-        );
-    }
-    resp
 }

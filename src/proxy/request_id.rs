@@ -4,10 +4,10 @@
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// `x-request-id`: kept from the client when sane, else generated; sent upstream and back.
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(super) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// A request id from the client, if it is sane (1–128 visible ASCII characters).
-pub fn client_request_id(headers: &HeaderMap) -> Option<&HeaderValue> {
+pub(super) fn client_request_id(headers: &HeaderMap) -> Option<&HeaderValue> {
     headers.get(&X_REQUEST_ID).filter(|v| {
         (1..=128).contains(&v.len()) && v.as_bytes().iter().all(|b| b.is_ascii_graphic())
     })
@@ -28,7 +28,7 @@ thread_local! {
 
 /// A fresh request id: 16 random hex characters. Ids are carved from a per-thread block, so
 /// making one, and cloning it into the upstream request, allocates nothing on most requests.
-pub fn new_request_id() -> HeaderValue {
+pub(super) fn new_request_id() -> HeaderValue {
     let n: u64 = rand::random();
     let mut hex = [0u8; REQUEST_ID_LEN];
     hex::encode_to_slice(n.to_be_bytes(), &mut hex).expect("16 hex digits");
