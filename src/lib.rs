@@ -1,7 +1,35 @@
 //! keygate: an authentication sidecar and edge gateway that guards HTTP services with bearer
 //! API keys.
+//!
+//! # Layout
+//!
+//! One module per concern, from the entry points down. Imports point one way, downwards: a
+//! module uses only the ones listed after it, never one above (no import cycles; runtime
+//! settings types live with the module that uses them, and `config` compiles into them).
+//!
+//! - [`cli`]: the command line (`serve`, `demo`, the key-management commands): arguments,
+//!   runners, printers. Above everything.
+//! - [`config`]: the configuration file format, its loading (file, environment, flags, with
+//!   where each value came from) and its compiling into the runtime's settings, every error
+//!   reported at once.
+//! - [`server`]: listeners, proxy workers, connection caps and deadlines, drain on shutdown.
+//! - `admin`: the admin listener: `/healthz`, `/readyz`, `/metrics`, and the management API
+//!   under `/v1/` (an operation table, one file per resource, the OpenAPI document).
+//! - [`proxy`]: **the request path**, as named phases (route → credential → verify →
+//!   authorize → rewrite → forward → log) in [`proxy::handle`]; beside it header hygiene,
+//!   forwarding headers, the upstream connection pools.
+//! - [`manage`]: key and service-account operations shared by the CLI and the API, with the
+//!   audit trail.
+//! - [`auth`]: the bearer credential and the verdict's mapping to refusals.
+//! - [`policy`]: roles, defined once, and the decision whether a key may make a request.
+//! - [`verify`]: the verdict cache (moka) in front of the store, revocation-safe.
+//! - [`identity`]: who a verified key acts for, as the request path needs it.
+//! - [`route`]: path normalisation and the route table (pure).
+//! - [`store`]: the `Store` trait and its Redis and file backends, the invalidation feed.
+//! - [`metrics`], [`telemetry`], [`rejection`] (every refusal and the one JSON error body
+//!   helper), [`key`] (the key format, pure): the ground floor.
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod auth;
 pub mod cli;
 pub mod config;

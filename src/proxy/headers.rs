@@ -358,7 +358,6 @@ impl UnderscoreHeaders {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, UpstreamConfig};
     use crate::proxy::forwarded::ip_value;
     use crate::store::KeyRecord;
 
@@ -367,17 +366,18 @@ mod tests {
     }
 
     fn upstream() -> UpstreamSettings {
-        Config {
-            upstream: UpstreamConfig {
-                url: Some("http://10.0.0.1:3000".into()),
-                ..Default::default()
-            },
-            ..Default::default()
+        UpstreamSettings {
+            scheme: http::uri::Scheme::HTTP,
+            authority: http::uri::Authority::from_static("10.0.0.1:3000"),
+            host_header: HeaderValue::from_static("10.0.0.1:3000"),
+            base_path: String::new(),
+            connect_timeout: std::time::Duration::from_secs(2),
+            timeout: std::time::Duration::from_secs(30),
+            pool_idle_timeout: std::time::Duration::from_secs(90),
+            pool_max_idle: 256,
+            preserve_host: false,
+            readiness_check: true,
         }
-        .serve_settings()
-        .unwrap()
-        .upstream
-        .unwrap()
     }
 
     fn rewrite(pairs: &[(&str, &str)]) -> HeaderMap {
