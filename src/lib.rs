@@ -27,7 +27,8 @@
 //! - [`route`]: path normalisation and the route table (pure).
 //! - [`store`]: the `Store` trait and its Redis and file backends, the invalidation feed.
 //! - [`metrics`], [`telemetry`], [`rejection`] (every refusal and the one JSON error body
-//!   helper), [`key`] (the key format, pure): the ground floor.
+//!   helper), [`tls`] (the crypto provider and PEM loading), [`key`] (the key format, pure):
+//!   the ground floor.
 
 pub(crate) mod admin;
 pub mod auth;
@@ -44,4 +45,5 @@ pub mod route;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod verify;
