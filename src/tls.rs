@@ -119,6 +119,12 @@ pub fn load_root_store(path: &Path) -> Result<RootCertStore, TlsFileError> {
     Ok(roots)
 }
 
+/// A PEM file's bytes, read with the same size bound, for a library that parses PEM itself
+/// (check the contents with the loaders above first, for their clearer errors).
+pub fn read_pem_file(path: &Path) -> Result<Vec<u8>, TlsFileError> {
+    read_bounded(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,7 @@ use crate::policy;
 use crate::proxy::{IdentitySettings, IpNet, UnderscoreHeaders, UpstreamSettings};
 use crate::route::{self, Grant, MethodSet, Route, RouteTable, TenantFrom};
 use crate::server::Settings;
-use crate::store::redis::RedisSettings;
+use crate::store::redis::{RedisSettings, RedisTls};
 use crate::store::StoreSettings;
 use crate::telemetry::LogSettings;
 use crate::verify::CacheSettings;
@@ -399,12 +399,48 @@ fn key_store(config: &Config) -> Result<StoreSettings, ConfigError> {
             "1 to 64 characters of letters, digits and -_.:{}",
         ));
     }
+    let tls = redis_tls(st)?;
     Ok(StoreSettings::Redis(RedisSettings {
         url: url.clone(),
+        tls,
         namespace: ns.clone(),
         timeout: nonzero("store.timeout", &st.timeout)?,
         health_check_interval: nonzero("store.health_check_interval", &st.health_check_interval)?,
     }))
+}
+
+/// Validates the TLS files of a `rediss://` store: only with `rediss://`, a client
+/// certificate with its key, each file holding what it should.
+fn redis_tls(st: &super::StoreConfig) -> Result<RedisTls, ConfigError> {
+    let path = |field: &str, v: &Option<String>| match v.as_deref() {
+        Some("") => Err(field_err(field, "must not be empty")),
+        v => Ok(v.map(PathBuf::from)),
+    };
+    let ca = path("store.tls_ca", &st.tls_ca)?;
+    let client = match (
+        path("store.tls_cert", &st.tls_cert)?,
+        path("store.tls_key", &st.tls_key)?,
+    ) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
+        (Some(_), None) => return Err(field_err("store.tls_key", "store.tls_cert needs it")),
+        (None, Some(_)) => return Err(field_err("store.tls_cert", "store.tls_key needs it")),
+    };
+    let tls = RedisTls { ca, client };
+    if tls.is_set() && !st.redis_url.starts_with("rediss://") {
+        let field = if tls.ca.is_some() {
+            "store.tls_ca"
+        } else {
+            "store.tls_cert"
+        };
+        return Err(field_err(
+            field,
+            "set, but store.redis_url is not a rediss:// URL (TLS)",
+        ));
+    }
+    tls.load()
+        .map_err(|(field, e)| field_err(field, e.to_string()))?;
+    Ok(tls)
 }
 
 /// Validates `[identity]` into the identity header names.

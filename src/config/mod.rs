@@ -231,8 +231,18 @@ impl Default for UpstreamConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// Redis URL (`redis://[:password@]host:port[/db]`).
+    /// Redis URL (`redis://[[user]:password@]host:port[/db]`; `rediss://` for TLS).
     pub redis_url: String,
+    /// With `rediss://`: CA bundle (PEM) Redis's certificate must chain to; unset: the
+    /// system roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<String>,
+    /// With `rediss://`: client certificate chain (PEM) presented to Redis; needs `tls_key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<String>,
+    /// With `rediss://`: the client certificate's private key (PEM); needs `tls_cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<String>,
     /// Prefix of every Redis key keygate reads or writes.
     pub namespace: String,
     /// Bound on every store call; past it the call fails and the request gets `503`.
@@ -250,6 +260,9 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             redis_url: "redis://127.0.0.1:6379".into(),
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
             namespace: "keygate".into(),
             timeout: "1s".into(),
             health_check_interval: "1s".into(),

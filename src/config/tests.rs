@@ -487,3 +487,46 @@ fn a_mistake_set_aside_while_loading_fails_every_compile_step() {
         );
     }
 }
+
+#[test]
+fn redis_tls_files_need_rediss_and_each_other_and_name_their_file() {
+    let store_err = |vars: &[(&str, &str)]| {
+        Config::load(None, env(vars), &[])
+            .and_then(|c| c.store_settings())
+            .unwrap_err()
+            .to_string()
+    };
+    let err = store_err(&[("KEYGATE__STORE__TLS_CA", "/etc/ssl/ca.pem")]);
+    assert!(
+        err.starts_with("store.tls_ca (environment") && err.contains("rediss://"),
+        "{err}"
+    );
+    let err = store_err(&[
+        ("KEYGATE__STORE__REDIS_URL", "rediss://127.0.0.1:6380"),
+        ("KEYGATE__STORE__TLS_CERT", "/x/client.pem"),
+    ]);
+    assert!(
+        err.starts_with("store.tls_key") && err.contains("tls_cert"),
+        "{err}"
+    );
+    let err = store_err(&[
+        ("KEYGATE__STORE__REDIS_URL", "rediss://127.0.0.1:6380"),
+        ("KEYGATE__STORE__TLS_CA", "/nonexistent/keygate/ca.pem"),
+    ]);
+    assert!(
+        err.contains("store.tls_ca") && err.contains("/nonexistent/keygate/ca.pem: cannot open"),
+        "{err}"
+    );
+    // rediss:// alone: the system roots.
+    let settings = Config::load(
+        None,
+        env(&[("KEYGATE__STORE__REDIS_URL", "rediss://u:pw@127.0.0.1:6380")]),
+        &[],
+    )
+    .and_then(|c| c.store_settings())
+    .unwrap();
+    let crate::store::StoreSettings::Redis(r) = settings else {
+        panic!("not redis")
+    };
+    assert!(!r.tls.is_set());
+}

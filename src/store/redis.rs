@@ -26,9 +26,17 @@
 //!
 //! Every call goes over one multiplexed connection (reconnected on failure) and is bounded by
 //! the configured timeout, so a dead Redis yields an error, never a hang.
+//!
+//! A `rediss://` URL speaks TLS (rustls with keygate's one crypto provider) on the store's
+//! connection and the invalidation subscriber's alike: the server's certificate is checked
+//! against `store.tls_ca` (or the system roots), and keygate presents a client certificate
+//! when one is set. An ACL user and password in the URL authenticate both connections; error
+//! messages name the server by `host:port` only, never the URL, so the password is never
+//! logged or shown in `/readyz`.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +48,7 @@ use super::{
     subscriber, AuditEntry, InvalidationSink, KeyRecord, OldKeys, ServiceAccount, Store, StoreError,
 };
 use crate::key::{KeyDigest, KeyKind};
+use crate::tls::{self, TlsFileError};
 
 /// Lua shared by the scripts that write: every script checks everything it reads and every
 /// key it writes before its first write, because Lua has no rollback: a script that failed
@@ -245,12 +254,82 @@ pub const AUDIT_MAX_LEN: usize = 100_000;
 pub struct RedisSettings {
     /// `redis://` or `rediss://` URL.
     pub url: String,
+    /// TLS files for a `rediss://` URL.
+    pub tls: RedisTls,
     /// Prefix of every key keygate writes.
     pub namespace: String,
     /// Bound on every command, connection set-up included.
     pub timeout: Duration,
     /// Health-check period of the invalidation subscription.
     pub health_check_interval: Duration,
+}
+
+/// The TLS files of a `rediss://` connection (`store.tls_ca`, `store.tls_cert`,
+/// `store.tls_key`); all unset: the system roots, no client certificate.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RedisTls {
+    /// CA bundle (PEM) the server's certificate must chain to, instead of the system roots.
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain and its private key (PEM files), presented to Redis.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+impl RedisTls {
+    /// Whether any TLS file is set.
+    pub fn is_set(&self) -> bool {
+        self.ca.is_some() || self.client.is_some()
+    }
+
+    /// Reads and checks the files: each must hold what its setting needs (a CA bundle, a
+    /// certificate chain, a private key). The error names the setting and the file, never the
+    /// file's contents.
+    pub fn load(&self) -> Result<redis::TlsCertificates, (&'static str, TlsFileError)> {
+        let root_cert = match &self.ca {
+            Some(ca) => {
+                tls::load_root_store(ca).map_err(|e| ("store.tls_ca", e))?;
+                Some(tls::read_pem_file(ca).map_err(|e| ("store.tls_ca", e))?)
+            }
+            None => None,
+        };
+        let client_tls = match &self.client {
+            Some((cert, key)) => {
+                tls::load_certificates(cert).map_err(|e| ("store.tls_cert", e))?;
+                tls::load_private_key(key).map_err(|e| ("store.tls_key", e))?;
+                Some(redis::ClientTlsConfig {
+                    client_cert: tls::read_pem_file(cert).map_err(|e| ("store.tls_cert", e))?,
+                    client_key: tls::read_pem_file(key).map_err(|e| ("store.tls_key", e))?,
+                })
+            }
+            None => None,
+        };
+        Ok(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        })
+    }
+}
+
+/// The client for `settings`: over TLS for a `rediss://` URL (with its TLS files, if set).
+fn client(settings: &RedisSettings) -> Result<redis::Client, StoreError> {
+    let invalid = |e: redis::RedisError| StoreError::Unavailable(format!("invalid redis url: {e}"));
+    if !settings.url.starts_with("rediss://") {
+        if settings.tls.is_set() {
+            return Err(StoreError::Unavailable(
+                "store.tls_ca, store.tls_cert and store.tls_key need a rediss:// URL".into(),
+            ));
+        }
+        return redis::Client::open(settings.url.as_str()).map_err(invalid);
+    }
+    // The redis crate builds its rustls configuration with the process's default provider.
+    tls::install_default_provider();
+    if !settings.tls.is_set() {
+        return redis::Client::open(settings.url.as_str()).map_err(invalid);
+    }
+    let certificates = settings
+        .tls
+        .load()
+        .map_err(|(field, e)| StoreError::Unavailable(format!("{field}: {e}")))?;
+    redis::Client::build_with_tls(settings.url.as_str(), certificates).map_err(invalid)
 }
 
 /// A [`Store`] on a standalone Redis server.
@@ -274,8 +353,7 @@ impl RedisStore {
     /// Creates the store without connecting: keygate starts (unready) while Redis is down and
     /// connects when Redis comes up.
     pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
-        let client = redis::Client::open(settings.url.as_str())
-            .map_err(|e| StoreError::Unavailable(format!("invalid redis url: {e}")))?;
+        let client = client(settings)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout))
             .set_response_timeout(Some(settings.timeout))

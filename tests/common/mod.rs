@@ -252,6 +252,7 @@ pub fn redis_store(redis: &RedisServer, namespace: &str) -> Arc<RedisStore> {
     Arc::new(
         RedisStore::new(&RedisSettings {
             url: redis.url(),
+            tls: Default::default(),
             namespace: namespace.to_owned(),
             timeout: Duration::from_secs(2),
             health_check_interval: Duration::from_secs(1),
@@ -1168,3 +1169,7 @@ impl KeptAlive {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Redis over TLS: test certificates (rcgen) and a `redis-server` with a TLS port.
+pub mod tls_redis;
