@@ -15,7 +15,7 @@ use super::{Config, ConfigError, UpstreamConfig};
 use crate::policy;
 use crate::proxy::{IdentitySettings, IpNet, UnderscoreHeaders, UpstreamSettings};
 use crate::route::{self, Grant, MethodSet, Route, RouteTable, TenantFrom};
-use crate::server::Settings;
+use crate::server::{Http2Limits, Settings};
 use crate::store::redis::{RedisSettings, RedisTls};
 use crate::store::StoreSettings;
 use crate::telemetry::LogSettings;
@@ -123,6 +123,13 @@ fn serve(config: &Config) -> Result<Settings, ConfigError> {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         });
+    let http2 = c.ok(http2_limits(s));
+    let max_requests_per_connection = c.ok(bounded(
+        "server.max_requests_per_connection",
+        s.max_requests_per_connection as usize,
+        0,
+        u32::MAX as usize,
+    ));
     let store = c.ok(key_store(config));
     let capacity = c.ok(bounded(
         "cache.capacity",
@@ -184,6 +191,8 @@ fn serve(config: &Config) -> Result<Settings, ConfigError> {
             max_connections: max_connections?,
             admin_max_connections: admin_max_connections?,
             max_header_bytes: max_header_bytes?,
+            max_requests_per_connection: max_requests_per_connection? as u32,
+            http2: http2?,
             workers: workers?,
             headers_with_underscores: headers_with_underscores?,
             trusted_proxies: trusted_proxies?,
@@ -407,6 +416,40 @@ fn key_store(config: &Config) -> Result<StoreSettings, ConfigError> {
         timeout: nonzero("store.timeout", &st.timeout)?,
         health_check_interval: nonzero("store.health_check_interval", &st.health_check_interval)?,
     }))
+}
+
+/// Validates the HTTP/2 server limits.
+fn http2_limits(s: &super::ServerConfig) -> Result<Http2Limits, ConfigError> {
+    let streams = bounded(
+        "server.http2_max_concurrent_streams",
+        s.http2_max_concurrent_streams as usize,
+        1,
+        1 << 16,
+    )?;
+    let interval = duration(
+        "server.http2_keep_alive_interval",
+        &s.http2_keep_alive_interval,
+    )?;
+    Ok(Http2Limits {
+        max_concurrent_streams: streams as u32,
+        keep_alive_interval: (!interval.is_zero()).then_some(interval),
+        keep_alive_timeout: nonzero(
+            "server.http2_keep_alive_timeout",
+            &s.http2_keep_alive_timeout,
+        )?,
+        max_pending_accept_reset_streams: bounded(
+            "server.http2_max_pending_accept_reset_streams",
+            s.http2_max_pending_accept_reset_streams,
+            1,
+            1 << 16,
+        )?,
+        max_local_error_reset_streams: bounded(
+            "server.http2_max_local_error_reset_streams",
+            s.http2_max_local_error_reset_streams,
+            1,
+            1 << 20,
+        )?,
+    })
 }
 
 /// Validates the TLS files of a `rediss://` store: only with `rediss://`, a client

@@ -172,6 +172,21 @@ pub struct ServerConfig {
     pub headers_with_underscores: String,
     /// Peers (IP addresses or CIDR ranges) whose `X-Forwarded-*` headers are kept.
     pub trusted_proxies: Vec<String>,
+    /// Requests served on one client connection before keygate closes it gracefully
+    /// (HTTP/1.1: `Connection: close` on the last response; HTTP/2: a GOAWAY); 0: no limit.
+    pub max_requests_per_connection: u32,
+    /// HTTP/2: most streams a client may have open at once on one connection.
+    pub http2_max_concurrent_streams: u32,
+    /// HTTP/2: how often an idle connection is checked with a PING; `0s`: never.
+    pub http2_keep_alive_interval: String,
+    /// HTTP/2: a keep-alive PING unanswered this long closes the connection.
+    pub http2_keep_alive_timeout: String,
+    /// HTTP/2: most streams a client may open and reset before keygate has accepted them
+    /// (rapid reset); past it the connection is closed with a GOAWAY.
+    pub http2_max_pending_accept_reset_streams: usize,
+    /// HTTP/2: most streams keygate may reset because the client broke the protocol on them;
+    /// past it the connection is closed with a GOAWAY.
+    pub http2_max_local_error_reset_streams: usize,
 }
 
 impl Default for ServerConfig {
@@ -188,6 +203,12 @@ impl Default for ServerConfig {
             workers: 0,
             headers_with_underscores: "drop".into(),
             trusted_proxies: Vec::new(),
+            max_requests_per_connection: 1000,
+            http2_max_concurrent_streams: 256,
+            http2_keep_alive_interval: "30s".into(),
+            http2_keep_alive_timeout: "20s".into(),
+            http2_max_pending_accept_reset_streams: 20,
+            http2_max_local_error_reset_streams: 1024,
         }
     }
 }

@@ -14,6 +14,12 @@
 //! Invariant: a request is in flight from its complete head until its response body has been
 //! sent or dropped ([`InFlight`] lives in the response body), so neither deadline ever cuts a
 //! slow upstream or a long download.
+//!
+//! The request budget (`server.max_requests_per_connection`) retires a connection without
+//! losing a request: on HTTP/1.1 the last request's response carries `Connection: close`
+//! (so the client sends nothing more on it, and hyper closes it once that response is sent);
+//! on HTTP/2 the connection is shut down gracefully (GOAWAY), so every stream the client
+//! opened before it saw the GOAWAY is still served, and it opens no more.
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -29,13 +35,32 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-/// The time limits of a connection (`server.header_read_timeout`, `server.idle_timeout`).
+/// The limits of a connection: its time limits (`server.header_read_timeout`,
+/// `server.idle_timeout`) and its request budget (`server.max_requests_per_connection`).
 #[derive(Debug, Clone, Copy)]
 pub struct Deadlines {
     /// To a complete request head: the first from accept, later ones from their first byte.
     pub head: Duration,
     /// With no request in flight.
     pub idle: Duration,
+    /// Requests served before the connection is closed gracefully; 0: no limit.
+    pub max_requests: u32,
+}
+
+/// The HTTP/2 server limits of every connection (`server.http2_*`, and
+/// `server.max_header_bytes` as the header list size).
+#[derive(Debug, Clone, Copy)]
+pub struct Http2Limits {
+    /// Streams a client may have open at once.
+    pub max_concurrent_streams: u32,
+    /// Keep-alive PING period; `None`: no PINGs.
+    pub keep_alive_interval: Option<Duration>,
+    /// A PING unanswered this long closes the connection.
+    pub keep_alive_timeout: Duration,
+    /// Streams the client may reset before they are accepted (rapid reset), then GOAWAY.
+    pub max_pending_accept_reset_streams: usize,
+    /// Streams keygate may reset for the client's protocol errors, then GOAWAY.
+    pub max_local_error_reset_streams: usize,
 }
 
 /// How long an idle connection told to close (HTTP/2: sent a GOAWAY) may take to go, unless a
@@ -110,6 +135,12 @@ pub struct Activity {
     /// Milliseconds after `born` of the first byte read with no request in flight (HTTP/1.1:
     /// the start of the next head), or `NONE`.
     head_started: AtomicU64,
+    /// Requests begun.
+    requests: AtomicU32,
+    /// The request budget (0: none), set by [`serve`] before any request can begin.
+    max_requests: AtomicU32,
+    /// Whether the budget is spent: the connection is to be closed gracefully.
+    retiring: AtomicBool,
 }
 
 /// Why a connection's timer closed it.
@@ -136,6 +167,9 @@ impl Activity {
             h2: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(NONE),
+            requests: AtomicU32::new(0),
+            max_requests: AtomicU32::new(0),
+            retiring: AtomicBool::new(false),
         })
     }
 
@@ -154,7 +188,15 @@ impl Activity {
             self.served.store(true, Relaxed);
         }
         self.in_flight.fetch_add(1, Relaxed);
-        InFlight(self.clone())
+        let max = self.max_requests.load(Relaxed);
+        let last = max != 0 && self.requests.fetch_add(1, Relaxed) + 1 >= max;
+        if last {
+            self.retiring.store(true, Relaxed);
+        }
+        InFlight {
+            activity: self.clone(),
+            last,
+        }
     }
 
     /// Bytes arrived from the client.
@@ -199,17 +241,34 @@ impl Activity {
 }
 
 /// A request in flight on its connection: ends (and may start the idle deadline) on drop.
-pub struct InFlight(Arc<Activity>);
+pub struct InFlight {
+    activity: Arc<Activity>,
+    /// Whether it spends the connection's request budget.
+    last: bool,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let a = &self.0;
+        let a = &self.activity;
         if a.in_flight.fetch_sub(1, Relaxed) == 1 {
             // The next byte read starts the next head.
             a.head_started.store(NONE, Relaxed);
             a.idle_since.store(a.ms(Instant::now()), Relaxed);
         }
     }
+}
+
+/// The response to a request in flight, its body keeping the request in flight until sent.
+/// The response that spends an HTTP/1 connection's request budget says `Connection: close`,
+/// so the client sends no further request on it.
+pub fn respond<B>(mut resp: http::Response<B>, in_flight: InFlight) -> http::Response<Tracked<B>> {
+    if in_flight.last && !in_flight.activity.h2.load(Relaxed) {
+        resp.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+    resp.map(|body| Tracked::new(body, in_flight))
 }
 
 /// A response body that keeps its request in flight until it has been sent or dropped.
@@ -335,6 +394,9 @@ pub async fn serve<C, E>(
 where
     C: Future<Output = Result<(), E>>,
 {
+    // Before the connection is first polled, so before any request can begin.
+    activity.max_requests.store(deadlines.max_requests, Relaxed);
+    let mut retired = false;
     let mut conn = pin!(conn);
     let mut stopped = pin!(stop.changed());
     let mut armed = activity.born + deadlines.head;
@@ -349,6 +411,17 @@ where
         }
         if let Poll::Ready(ended) = conn.as_mut().poll(cx) {
             return Poll::Ready(ended);
+        }
+        // The budget is spent by a request begun while the connection was polled: shut it
+        // down gracefully (HTTP/2: GOAWAY; what is in flight finishes).
+        if !retired && activity.retiring.load(Relaxed) {
+            retired = true;
+            if !draining && !closing {
+                graceful(conn.as_mut());
+                if let Poll::Ready(ended) = conn.as_mut().poll(cx) {
+                    return Poll::Ready(ended);
+                }
+            }
         }
         // A head that just started may need an earlier deadline than the one armed (the idle
         // one). Later deadlines are left to the timer: when it fires, it looks again.

@@ -39,7 +39,8 @@ use crate::verify::{CacheSettings, Verifier};
 
 mod connection;
 
-use connection::{Activity, Cap, Deadlines, Drain, Expirations, Tracked, Watched};
+pub use connection::Http2Limits;
+use connection::{Activity, Cap, Deadlines, Drain, Expirations, Watched};
 
 /// Validated runtime settings of `keygate serve`.
 #[derive(Debug, Clone)]
@@ -58,8 +59,12 @@ pub struct Settings {
     pub max_connections: usize,
     /// Most open admin connections.
     pub admin_max_connections: usize,
-    /// Largest request head in bytes.
+    /// Largest request head in bytes (HTTP/2: the header list, CONTINUATION frames included).
     pub max_header_bytes: usize,
+    /// Requests per client connection before it is closed gracefully; 0: no limit.
+    pub max_requests_per_connection: u32,
+    /// HTTP/2 server limits.
+    pub http2: Http2Limits,
     /// Proxy worker threads (resolved: at least 1).
     pub workers: usize,
     /// What happens to request headers whose names contain `_`.
@@ -336,7 +341,7 @@ impl Server {
                     let in_flight = activity.begin(req.version());
                     async move {
                         let resp = admin::handle(&app, req).await;
-                        Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, in_flight)))
+                        Ok::<_, Infallible>(connection::respond(resp, in_flight))
                     }
                 })
             },
@@ -465,12 +470,20 @@ fn http_builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .header_read_timeout(None)
         .max_buf_size(settings.max_header_bytes);
+    // HTTP/2 floods are contained here: the header list bound also bounds the CONTINUATION
+    // frames of one header block (h2 refuses a block past it before decoding it), and
+    // clients that reset streams faster than they are served (rapid reset) or make keygate
+    // reset them get a GOAWAY past their bounds.
+    let h2 = &settings.http2;
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(settings.max_header_bytes as u32)
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Duration::from_secs(30));
+        .max_concurrent_streams(h2.max_concurrent_streams)
+        .keep_alive_interval(h2.keep_alive_interval)
+        .keep_alive_timeout(h2.keep_alive_timeout)
+        .max_pending_accept_reset_streams(h2.max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(h2.max_local_error_reset_streams);
     builder
 }
 
@@ -501,6 +514,7 @@ impl ListenerRules {
             deadlines: Deadlines {
                 head: settings.header_read_timeout,
                 idle: settings.idle_timeout,
+                max_requests: settings.max_requests_per_connection,
             },
             expired: Expirations {
                 head: metrics.timed_out_head.clone(),
@@ -558,7 +572,7 @@ fn proxy_worker(
                 async move {
                     let resp = proxy::handle(&app, req, &peer).await;
                     unanswered.answered();
-                    Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, in_flight)))
+                    Ok::<_, Infallible>(connection::respond(resp, in_flight))
                 }
             })
         };

@@ -1,0 +1,318 @@
+//! Connection limits over real connections: many HTTP/2 streams on one connection, each with its
+//! own decision, and `server.max_requests_per_connection` closing a connection gracefully (on
+//! HTTP/1.1 its last response says `Connection: close`, on HTTP/2 a GOAWAY) without losing a
+//! request.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use common::*;
+use keygate::store::Store;
+
+/// An HTTP/2 connection (prior knowledge) to keygate: every request goes over it, or fails.
+struct H2 {
+    sender: http2::SendRequest<Full<Bytes>>,
+    conn: tokio::task::JoinHandle<Result<(), hyper::Error>>,
+}
+
+impl H2 {
+    async fn connect(kg: &Keygate) -> Self {
+        let stream = within(
+            Duration::from_secs(5),
+            "an HTTP/2 connection",
+            tokio::net::TcpStream::connect(kg.proxy),
+        )
+        .await
+        .unwrap();
+        let (sender, conn) = within(
+            Duration::from_secs(5),
+            "the HTTP/2 handshake",
+            http2::handshake(TokioExecutor::new(), TokioIo::new(stream)),
+        )
+        .await
+        .unwrap();
+        H2 {
+            sender,
+            conn: tokio::spawn(conn),
+        }
+    }
+
+    /// A GET of `path` with `key` on this connection: its status and error code (empty for a
+    /// 200), within [`REQUEST_TIMEOUT`].
+    fn get(
+        &self,
+        path: &str,
+        key: &str,
+    ) -> impl std::future::Future<Output = Result<(StatusCode, String), String>> + 'static {
+        let mut sender = self.sender.clone();
+        let req = Request::get(format!("http://keygate.test{path}"))
+            .header("authorization", format!("Bearer {key}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        async move {
+            let exchange = async {
+                sender.ready().await.map_err(|e| e.to_string())?;
+                let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+                let status = resp.status();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .to_bytes();
+                let code = match status {
+                    StatusCode::OK => String::new(),
+                    _ => serde_json::from_slice::<serde_json::Value>(&body)
+                        .map(|v| v["error"].as_str().unwrap_or_default().to_owned())
+                        .unwrap_or_default(),
+                };
+                Ok((status, code))
+            };
+            tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {REQUEST_TIMEOUT:?}")))
+        }
+    }
+
+    /// Waits for keygate to end the connection (GOAWAY, then close) within `limit`.
+    async fn ended_within(self, limit: Duration) -> Result<(), String> {
+        match tokio::time::timeout(limit, self.conn).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(format!("the connection failed instead of closing: {e}")),
+            Ok(Err(e)) => Err(format!("the connection task panicked: {e}")),
+            Err(_) => Err(format!("still open after {limit:?}")),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_streams_with_a_valid_key_on_one_connection_all_succeed() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let mut config = test_config(&redis.url(), &namespace("h2-100"), &upstream.url());
+    config.server.workers = 1;
+    let kg = Keygate::start(config.clone()).await;
+    kg.wait_ready().await;
+    let store = redis_store(&redis, &config.store.namespace);
+    let key = create_key(&*store, "acme", "admin").await;
+    let h2 = H2::connect(&kg).await;
+
+    // Every stream is held at the upstream until all hundred have arrived there, so they are
+    // open on the one connection at the same time.
+    let mut streams = tokio::spawn(join_all(
+        (0..100).map(|_| h2.get("/hold", key.secret.expose())),
+    ));
+    eventually(
+        Duration::from_secs(10),
+        "100 streams held at the upstream at once",
+        || {
+            let n = upstream.requests().len();
+            async move { n >= 100 }
+        },
+    )
+    .await;
+    // A request the upstream has seen may not be waiting for the release yet: release until
+    // every stream has answered.
+    let answers = within(Duration::from_secs(10), "every stream's answer", async {
+        loop {
+            upstream.release();
+            tokio::select! {
+                answers = &mut streams => break answers.unwrap(),
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
+    })
+    .await;
+    for (i, a) in answers.into_iter().enumerate() {
+        assert_eq!(a, Ok((StatusCode::OK, String::new())), "stream {i}");
+    }
+    assert_eq!(upstream.requests().len(), 100);
+    kg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_and_a_revoked_key_interleaved_on_one_h2_connection_get_per_stream_decisions() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let ns = namespace("h2-mixed");
+    let mut config = test_config(&redis.url(), &ns, &upstream.url());
+    config.server.workers = 1;
+    let kg = Keygate::start(config).await;
+    kg.wait_ready().await;
+    let store = redis_store(&redis, &ns);
+    let valid = create_key(&*store, "acme", "admin").await;
+    let revoked = create_key(&*store, "acme", "admin").await;
+    let h2 = H2::connect(&kg).await;
+    // Both verdicts cached first, so the revocation must reach the cached one.
+    assert_eq!(
+        h2.get("/", revoked.secret.expose()).await.unwrap().0,
+        StatusCode::OK
+    );
+    store
+        .revoke(&revoked.record.id, keygate::store::now_unix())
+        .await
+        .unwrap();
+    let http = Http::new();
+    wait_for_status(&http, &kg, revoked.secret.expose(), 401, "the revocation").await;
+
+    let keys: Vec<&str> = (0..50)
+        .map(|i| {
+            if i % 2 == 0 {
+                valid.secret.expose()
+            } else {
+                revoked.secret.expose()
+            }
+        })
+        .collect();
+    let answers = join_all(keys.iter().map(|k| h2.get("/", k))).await;
+    for (i, a) in answers.into_iter().enumerate() {
+        let want = if i % 2 == 0 {
+            (StatusCode::OK, String::new())
+        } else {
+            (StatusCode::UNAUTHORIZED, "key_revoked".to_owned())
+        };
+        assert_eq!(a, Ok(want), "stream {i}");
+    }
+    // Only the valid key's streams reached the upstream (plus the one before the revocation).
+    let forwarded = upstream.requests().len();
+    assert_eq!(forwarded, 26, "{forwarded} requests forwarded");
+    kg.shutdown().await;
+}
+
+/// A raw HTTP/1.1 keep-alive connection to keygate.
+async fn h1_connect(
+    kg: &Keygate,
+) -> (
+    http1::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+) {
+    let stream = tokio::net::TcpStream::connect(kg.proxy).await.unwrap();
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.unwrap();
+    (sender, tokio::spawn(conn))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_max_requests_per_connection_an_http1_client_gets_connection_close_on_its_last_response(
+) {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let ns = namespace("h1-max");
+    let mut config = test_config(&redis.url(), &ns, &upstream.url());
+    config.server.max_requests_per_connection = 5;
+    let kg = Keygate::start(config).await;
+    kg.wait_ready().await;
+    let store = redis_store(&redis, &ns);
+    let key = create_key(&*store, "acme", "admin").await;
+    let auth = format!("Bearer {}", key.secret.expose());
+
+    let (mut sender, conn) = h1_connect(&kg).await;
+    for i in 1..=5 {
+        let req = Request::get("/")
+            .header("host", "keygate.test")
+            .header("authorization", &auth)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = within(REQUEST_TIMEOUT, "a response", async {
+            sender.ready().await.unwrap();
+            sender.send_request(req).await.unwrap()
+        })
+        .await;
+        assert_eq!(resp.status(), StatusCode::OK, "request {i}");
+        let close = resp
+            .headers()
+            .get("connection")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+        assert_eq!(
+            close,
+            i == 5,
+            "request {i}: Connection: close only on the last"
+        );
+        within(REQUEST_TIMEOUT, "the body", resp.into_body().collect())
+            .await
+            .unwrap();
+    }
+    // keygate closes the connection after the last response.
+    within(
+        Duration::from_secs(5),
+        "keygate closing the connection",
+        conn,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+
+    // A pooled client opens new connections as each is used up: no request is lost.
+    let http = Http::new();
+    let before = upstream.requests().len();
+    let url = kg.url("/");
+    for round in 0..6 {
+        let replies = join_all((0..4).map(|_| http.get_with_key(&url, key.secret.expose()))).await;
+        for r in replies {
+            assert_eq!(r.status, 200, "round {round}");
+        }
+    }
+    assert_eq!(upstream.requests().len() - before, 24);
+    kg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_max_requests_per_connection_an_h2_client_gets_a_goaway_and_loses_no_request() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let ns = namespace("h2-max");
+    let mut config = test_config(&redis.url(), &ns, &upstream.url());
+    config.server.max_requests_per_connection = 5;
+    let kg = Keygate::start(config).await;
+    kg.wait_ready().await;
+    let store = redis_store(&redis, &ns);
+    let key = create_key(&*store, "acme", "admin").await;
+
+    // One at a time: five answered, then the GOAWAY ends the connection.
+    let h2 = H2::connect(&kg).await;
+    for i in 1..=5 {
+        assert_eq!(
+            h2.get("/", key.secret.expose()).await,
+            Ok((StatusCode::OK, String::new())),
+            "request {i}"
+        );
+    }
+    h2.ended_within(Duration::from_secs(5)).await.unwrap();
+
+    // Twelve at once on one connection: the streams sent before the client saw the GOAWAY
+    // are all served; the connection then closes.
+    let h2 = H2::connect(&kg).await;
+    let answers = join_all((0..12).map(|_| h2.get("/", key.secret.expose()))).await;
+    let served = answers
+        .iter()
+        .filter(|a| **a == Ok((StatusCode::OK, String::new())))
+        .count();
+    for a in &answers {
+        assert!(
+            matches!(a, Ok((StatusCode::OK, _))),
+            "a stream was not served: {a:?}"
+        );
+    }
+    assert_eq!(served, 12);
+    h2.ended_within(Duration::from_secs(5)).await.unwrap();
+
+    // A pooled HTTP/2 client moves on to new connections: no request is lost.
+    let http = Http::http2();
+    let before = upstream.requests().len();
+    let url = kg.url("/");
+    for round in 0..6 {
+        let replies = join_all((0..4).map(|_| http.get_with_key(&url, key.secret.expose()))).await;
+        for r in replies {
+            assert_eq!(r.status, 200, "round {round}");
+        }
+    }
+    assert_eq!(upstream.requests().len() - before, 24);
+    kg.shutdown().await;
+}
