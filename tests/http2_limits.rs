@@ -59,8 +59,14 @@ impl H2 {
             .unwrap();
         async move {
             let exchange = async {
-                sender.ready().await.map_err(|e| e.to_string())?;
-                let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+                sender
+                    .ready()
+                    .await
+                    .map_err(|e| format!("connection gone, not sent: {e:?}"))?;
+                let resp = sender
+                    .send_request(req)
+                    .await
+                    .map_err(|e| format!("{e:?}"))?;
                 let status = resp.status();
                 let body = resp
                     .into_body()
@@ -303,16 +309,238 @@ async fn over_max_requests_per_connection_an_h2_client_gets_a_goaway_and_loses_n
     assert_eq!(served, 12);
     h2.ended_within(Duration::from_secs(5)).await.unwrap();
 
-    // A pooled HTTP/2 client moves on to new connections: no request is lost.
-    let http = Http::http2();
+    // A client moving on to a new connection at each GOAWAY: 24 requests, four at a time,
+    // each attempt with its own `?seq=`. A request the client raced with the GOAWAY fails
+    // before it is sent (refused by the GOAWAY, or canceled as the connection closes: a stream
+    // the server never saw, safe to send again) and goes again on the next connection. None
+    // is lost: every answered attempt reached the upstream, no failed one did.
     let before = upstream.requests().len();
-    let url = kg.url("/");
-    for round in 0..6 {
-        let replies = join_all((0..4).map(|_| http.get_with_key(&url, key.secret.expose()))).await;
-        for r in replies {
-            assert_eq!(r.status, 200, "round {round}");
+    let mut h2 = H2::connect(&kg).await;
+    let (mut answered, mut failed) = (Vec::new(), Vec::new());
+    let mut seq = 0;
+    while answered.len() < 24 {
+        let batch = (24 - answered.len()).min(4);
+        let attempts = join_all((0..batch).map(|_| {
+            seq += 1;
+            let (n, reply) = (seq, h2.get(&format!("/?seq={seq}"), key.secret.expose()));
+            async move { (n, reply.await) }
+        }))
+        .await;
+        for (n, a) in attempts {
+            match a {
+                Ok(ok) => {
+                    assert_eq!(ok, (StatusCode::OK, String::new()));
+                    answered.push(n);
+                }
+                Err(e)
+                    if e.contains("GoAway") || e.contains("Canceled") || e.contains("not sent") =>
+                {
+                    println!("attempt {n} sent again after: {e}");
+                    failed.push(n);
+                }
+                Err(e) => panic!("attempt {n} failed otherwise than unsent: {e}"),
+            }
+        }
+        if !h2.sender.is_ready() {
+            h2.ended_within(Duration::from_secs(5)).await.unwrap();
+            h2 = H2::connect(&kg).await;
         }
     }
-    assert_eq!(upstream.requests().len() - before, 24);
+    let reached: std::collections::HashSet<u32> = upstream.requests()[before..]
+        .iter()
+        .filter_map(|r| r.query.as_deref()?.strip_prefix("seq=")?.parse().ok())
+        .collect();
+    for n in &answered {
+        assert!(
+            reached.contains(n),
+            "answered attempt {n} never reached the upstream"
+        );
+    }
+    for n in &failed {
+        assert!(
+            !reached.contains(n),
+            "attempt {n} reached the upstream, yet its client saw it fail"
+        );
+    }
+    println!("{} attempts sent again after a GOAWAY", failed.len());
+    kg.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Floods, in raw HTTP/2 frames
+
+/// One HTTP/2 frame.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+/// `GET /` on `keygate.test` as an HPACK block: static-table entries and a literal authority,
+/// nothing indexed, so blocks can be sent in any number.
+fn get_block() -> Vec<u8> {
+    let mut b = vec![0x82, 0x86, 0x84, 0x01, 12];
+    b.extend_from_slice(b"keygate.test");
+    b
+}
+
+/// A connection that has sent the HTTP/2 preface and an empty SETTINGS frame.
+async fn raw_h2(kg: &Keygate) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(kg.proxy).await.unwrap();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(0x4, 0, 0, &[]));
+    s.write_all(&hello).await.unwrap();
+    s
+}
+
+/// Reads frames until a GOAWAY: its error code, or why none came within `limit`.
+async fn goaway_within(s: &mut tokio::net::TcpStream, limit: Duration) -> Result<u32, String> {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        loop {
+            let mut head = [0u8; 9];
+            s.read_exact(&mut head)
+                .await
+                .map_err(|e| format!("closed without a GOAWAY: {e}"))?;
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            s.read_exact(&mut payload)
+                .await
+                .map_err(|e| format!("closed mid-frame: {e}"))?;
+            if head[3] == GOAWAY && len >= 8 {
+                return Ok(u32::from_be_bytes([
+                    payload[4], payload[5], payload[6], payload[7],
+                ]));
+            }
+        }
+    };
+    tokio::time::timeout(limit, read)
+        .await
+        .unwrap_or_else(|_| Err(format!("no GOAWAY within {limit:?}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rapid_reset_flood_gets_a_goaway_and_the_next_client_is_served() {
+    use tokio::io::AsyncWriteExt;
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let ns = namespace("h2-reset");
+    let kg = Keygate::start(test_config(&redis.url(), &ns, &upstream.url())).await;
+    kg.wait_ready().await;
+    let store = redis_store(&redis, &ns);
+    let key = create_key(&*store, "acme", "admin").await;
+
+    // Streams opened and cancelled at once, far past the 20 the default allows.
+    let mut s = raw_h2(&kg).await;
+    let mut flood = Vec::new();
+    for i in 0..1000u32 {
+        let id = 2 * i + 1;
+        flood.extend(frame(HEADERS, END_HEADERS | END_STREAM, id, &get_block()));
+        flood.extend(frame(RST_STREAM, 0, id, &0x8u32.to_be_bytes()));
+    }
+    // keygate may close the connection before the flood is all written.
+    let _ = s.write_all(&flood).await;
+    assert_eq!(
+        goaway_within(&mut s, Duration::from_secs(5)).await,
+        Ok(ENHANCE_YOUR_CALM)
+    );
+    let h2 = H2::connect(&kg).await;
+    assert_eq!(
+        h2.get("/", key.secret.expose()).await,
+        Ok((StatusCode::OK, String::new()))
+    );
+    kg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continuation_flood_gets_a_goaway_before_the_header_block_ends() {
+    use tokio::io::AsyncWriteExt;
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let kg = Keygate::start(test_config(
+        &redis.url(),
+        &namespace("h2-cont"),
+        &upstream.url(),
+    ))
+    .await;
+    kg.wait_ready().await;
+
+    // A header block that never ends: CONTINUATION frames after a HEADERS without
+    // END_HEADERS, each carrying another header, together far over server.max_header_bytes.
+    let mut s = raw_h2(&kg).await;
+    let mut flood = frame(HEADERS, END_STREAM, 1, &get_block());
+    let mut header = vec![0x00, 5];
+    header.extend_from_slice(b"x-pad");
+    header.extend_from_slice(&[0x7f, 0x81, 0x7f]); // a 16,384-byte value (7-bit prefix 127 + 16,257)
+    header.extend(std::iter::repeat_n(b'a', 16_384));
+    for _ in 0..64 {
+        flood.extend(frame(
+            CONTINUATION,
+            0,
+            1,
+            &header[..16_384.min(header.len())],
+        ));
+    }
+    let _ = s.write_all(&flood).await;
+    let code = goaway_within(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        matches!(code, Ok(c) if c != 0),
+        "the flood did not end in an error GOAWAY: {code:?}"
+    );
+    // Nothing of it reached the upstream.
+    assert_eq!(upstream.requests().len(), 0);
+    kg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_client_that_never_answers_a_keep_alive_ping_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let redis = RedisServer::start();
+    let upstream = Upstream::start().await;
+    let mut config = test_config(&redis.url(), &namespace("h2-ping"), &upstream.url());
+    config.server.http2_keep_alive_interval = "200ms".into();
+    config.server.http2_keep_alive_timeout = "300ms".into();
+    let kg = Keygate::start(config).await;
+    kg.wait_ready().await;
+
+    // One request (so no head deadline runs), then silence: keygate's PINGs go unanswered.
+    let mut s = raw_h2(&kg).await;
+    s.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &get_block()))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut saw_ping = false;
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let mut head = [0u8; 9];
+            if s.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            if s.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            saw_ping |= head[3] == 0x6 && head[4] & 0x1 == 0;
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "still open 5s after its PING went unanswered"
+    );
+    assert!(saw_ping, "keygate sent no PING");
+    println!("closed {:?} after the request", started.elapsed());
     kg.shutdown().await;
 }
