@@ -257,3 +257,50 @@ fn key_management_commands_speak_tls_to_redis() {
     let n: u64 = tls.redis.cmd(&["EXISTS", &format!("{ns}:id:{id}")]);
     assert_eq!(n, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_acl_password_over_tls_fails_closed_and_is_never_shown() {
+    let ca = TestCa::new("redis");
+    let tls = TlsRedis::start(&ca, ClientCerts::None, &acl_user());
+    let upstream = Upstream::start().await;
+    let wrong = "not-the-acl-password";
+    let url = tls.url(&format!("keygate:{wrong}@"));
+    let kg = Keygate::start(tls_config(
+        &url,
+        &namespace("wrongpass"),
+        &upstream.url(),
+        &ca,
+        None,
+    ))
+    .await;
+
+    let addr = format!("127.0.0.1:{}", tls.tls_port);
+    let http = Http::new();
+    let ready_url = kg.admin_url("/readyz");
+    let body = Arc::new(Mutex::new(String::new()));
+    eventually(
+        Duration::from_secs(10),
+        "/readyz names the refused login",
+        || {
+            let (http, url, addr, body) =
+                (http.clone(), ready_url.clone(), addr.clone(), body.clone());
+            async move {
+                let r = http.get(&url, &[]).await;
+                let text = r.text();
+                let named = r.status == 503
+                    && text.contains(&addr)
+                    && text.contains("authentication failed");
+                *body.lock().unwrap() = text;
+                named
+            }
+        },
+    )
+    .await;
+    let body = body.lock().unwrap().clone();
+    println!("/readyz: {body}");
+    assert!(!body.contains(wrong), "the password was shown: {body}");
+    let key = keygate::key::generate(keygate::key::KeyKind::User);
+    let (status, code) = status_of(&http, &kg, key.secret.expose()).await;
+    assert_eq!((status, code.as_str()), (503, "store_unavailable"));
+    kg.shutdown().await;
+}
