@@ -135,7 +135,7 @@ return 1
 );
 
 /// Rotates a service account in one atomic step: every key of the account not yet revoked is
-/// revoked now (ARGV[4] = 'revoke') or made to expire at ARGV[5] unless it expires sooner (the
+/// revoked now (`ARGV[4] = 'revoke'`) or made to expire at `ARGV[5]` unless it expires sooner (the
 /// grace period), the new key is created and becomes the account's current key, and every
 /// changed key is announced. Returns 0 for an unknown account, -1 if the new id is taken. A key
 /// whose record is missing is skipped (nothing to revoke; no record is created); any other
