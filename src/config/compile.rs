@@ -15,12 +15,12 @@ use super::{Config, ConfigError, UpstreamConfig};
 use crate::policy;
 use crate::proxy::upstream::{Protocol, UpstreamTls};
 use crate::proxy::{IdentitySettings, IpNet, UnderscoreHeaders, UpstreamSettings};
-use crate::tls;
 use crate::route::{self, Grant, MethodSet, Route, RouteTable, TenantFrom};
 use crate::server::Settings;
 use crate::store::redis::RedisSettings;
 use crate::store::StoreSettings;
 use crate::telemetry::LogSettings;
+use crate::tls;
 use crate::verify::CacheSettings;
 
 impl Config {
@@ -537,7 +537,12 @@ impl<'a> RouteUpstream<'a> {
 
     /// The route's value of `upstream.<name>` if it sets one, else `[upstream]`'s, with the
     /// field to name in an error.
-    fn pick(&self, name: &str, own: Option<&'a str>, default: Option<&'a str>) -> (Option<&'a str>, String) {
+    fn pick(
+        &self,
+        name: &str,
+        own: Option<&'a str>,
+        default: Option<&'a str>,
+    ) -> (Option<&'a str>, String) {
         match (self.index, own) {
             (Some(i), Some(v)) => (Some(v), format!("routes[{i}].upstream_{name}")),
             _ => (default, format!("upstream.{name}")),
@@ -561,7 +566,10 @@ fn upstream_settings(
         .ok_or_else(|| field_err(f, "needs a scheme, e.g. http://127.0.0.1:3000"))?;
     let https = scheme == http::uri::Scheme::HTTPS;
     if scheme != http::uri::Scheme::HTTP && !https {
-        return Err(field_err(f, "only http:// and https:// upstreams are supported"));
+        return Err(field_err(
+            f,
+            "only http:// and https:// upstreams are supported",
+        ));
     }
     let authority = uri
         .authority()
@@ -575,9 +583,8 @@ fn upstream_settings(
         .map_err(|_| field_err(f, "host is not a valid header value"))?;
     let (protocol, pf) = over.pick("protocol", over.protocol, Some(&c.protocol));
     let protocol = protocol.unwrap_or("http1");
-    let protocol = Protocol::parse(protocol).ok_or_else(|| {
-        field_err(&pf, format!("{protocol:?}: expected \"http1\" or \"h2\""))
-    })?;
+    let protocol = Protocol::parse(protocol)
+        .ok_or_else(|| field_err(&pf, format!("{protocol:?}: expected \"http1\" or \"h2\"")))?;
     let h2_max_streams = bounded("upstream.h2_max_streams", c.h2_max_streams, 1, 1 << 16)?;
     let tls = if https {
         Some(upstream_tls(c, over, authority.host(), protocol)?)
@@ -625,7 +632,8 @@ fn upstream_tls(
     let (ca, ca_field) = over.pick("tls_ca", over.tls_ca, c.tls_ca.as_deref());
     let roots = match ca {
         Some(path) => std::sync::Arc::new(
-            tls::load_root_store(Path::new(path)).map_err(|e| field_err(&ca_field, e.to_string()))?,
+            tls::load_root_store(Path::new(path))
+                .map_err(|e| field_err(&ca_field, e.to_string()))?,
         ),
         None => tls::system_roots().map_err(|e| {
             field_err(
@@ -634,10 +642,16 @@ fn upstream_tls(
             )
         })?,
     };
-    let (cert, cert_field) =
-        over.pick("tls_client_cert", over.tls_client_cert, c.tls_client_cert.as_deref());
-    let (key, key_field) =
-        over.pick("tls_client_key", over.tls_client_key, c.tls_client_key.as_deref());
+    let (cert, cert_field) = over.pick(
+        "tls_client_cert",
+        over.tls_client_cert,
+        c.tls_client_cert.as_deref(),
+    );
+    let (key, key_field) = over.pick(
+        "tls_client_key",
+        over.tls_client_key,
+        c.tls_client_key.as_deref(),
+    );
     let client = match (cert, key) {
         (Some(cert), Some(key)) => Some((
             tls::load_certificates(Path::new(cert))

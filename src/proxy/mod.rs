@@ -57,7 +57,7 @@ pub use forwarded::{IpNet, Peer};
 pub use headers::{IdentitySettings, UnderscoreHeaders};
 pub use upstream::{Upstream, UpstreamSettings};
 
-pub use upstream::ResponseBody;
+pub use upstream::{ConnectError, ResponseBody, UpstreamIo};
 
 use headers::{Forwarded, HeaderScan, Removed};
 use request_id::X_REQUEST_ID;

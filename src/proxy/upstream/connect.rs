@@ -51,7 +51,11 @@ impl AsyncRead for UpstreamIo {
 }
 
 impl AsyncWrite for UpstreamIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             UpstreamIo::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
@@ -154,7 +158,10 @@ impl Connector {
 /// Why a handshake failed, in words: rustls's reason (a certificate for another name, an
 /// unknown issuer, an expired certificate, a refused client certificate), else the IO error.
 fn handshake_failure(e: &io::Error) -> String {
-    match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
         Some(tls) => tls.to_string(),
         None => e.to_string(),
     }

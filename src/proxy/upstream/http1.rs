@@ -115,7 +115,10 @@ impl Pool {
 impl Upstream {
     /// Opens a new HTTP/1.1 connection for `pool`; its task runs on the calling worker's
     /// event loop.
-    async fn connect_http1(&self, pool: &Arc<Pool>) -> Result<SendRequest<UpstreamBody>, SendError> {
+    async fn connect_http1(
+        &self,
+        pool: &Arc<Pool>,
+    ) -> Result<SendRequest<UpstreamBody>, SendError> {
         let io = self.connector.connect(super::Protocol::Http1).await?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
         tokio::spawn(async move {

@@ -69,9 +69,9 @@ impl Pool {
     fn checkout(&self, max_streams: usize) -> Option<(SendRequest<UpstreamBody>, Stream)> {
         let mut conns = self.lock();
         conns.retain(|c| !c.sender.is_closed());
-        let c = conns.iter_mut().find(|c| {
-            c.sender.is_ready() && c.streams.load(Ordering::Acquire) < max_streams
-        })?;
+        let c = conns
+            .iter_mut()
+            .find(|c| c.sender.is_ready() && c.streams.load(Ordering::Acquire) < max_streams)?;
         c.streams.fetch_add(1, Ordering::AcqRel);
         c.since = Instant::now();
         Some((c.sender.clone(), Stream(c.streams.clone())))
@@ -132,7 +132,10 @@ impl Drop for Opening<'_> {
 impl Upstream {
     /// Opens a new HTTP/2 connection; its task (and its streams' tasks) run on the calling
     /// worker's event loop.
-    async fn connect_http2(&self, pool: &Arc<Pool>) -> Result<SendRequest<UpstreamBody>, SendError> {
+    async fn connect_http2(
+        &self,
+        pool: &Arc<Pool>,
+    ) -> Result<SendRequest<UpstreamBody>, SendError> {
         let io = self.connector.connect(Protocol::H2).await?;
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
