@@ -140,7 +140,8 @@ enum Proto {
 
 /// A real hyper upstream that counts the connections requests arrive on. Paths: `/upload` answers the
 /// number of body bytes it read; `/download?bytes=N` streams N bytes; `/hold` waits until
-/// [`TestUpstream::release`]; anything else answers the request's HTTP version.
+/// [`TestUpstream::release`], `/hold-body` sends its head at once and its body only then;
+/// anything else answers the request's HTTP version.
 struct TestUpstream {
     addr: SocketAddr,
     /// Connections on which a request arrived (readiness probes only connect).
@@ -254,6 +255,14 @@ async fn answer(
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(0);
             Response::new(zeros(n))
+        }
+        "/hold-body" => {
+            // The head at once, the body only once released.
+            let body = futures_util::stream::once(async move {
+                let _ = released.wait_for(|r| *r).await;
+                Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from_static(b"released")))
+            });
+            Response::new(http_body_util::StreamBody::new(body).boxed())
         }
         "/hold" => {
             held.fetch_add(1, Ordering::SeqCst);
@@ -420,6 +429,39 @@ async fn a_saturated_h2_connection_makes_keygate_open_another() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_stream_counts_until_its_response_body_ends() {
+    let upstream = TestUpstream::start(Proto::H2, None).await;
+    let rig = keygate_for(&format!("http://{}", upstream.addr), |c| {
+        c.upstream.protocol = "h2".into();
+        c.upstream.h2_max_streams = 1;
+        c.server.workers = 1;
+    })
+    .await;
+    let http = Http::new();
+    // The response head is in, its body still streaming: the connection's one stream is
+    // taken, so the next request needs another connection.
+    let streaming = http
+        .send(
+            "GET",
+            &rig.kg.url("/hold-body"),
+            &[("authorization", &rig.auth)],
+            http_body_util::Empty::new().boxed(),
+        )
+        .await;
+    assert_eq!(streaming.status(), 200);
+    assert_eq!(rig.get(&Http::new(), "/").await.text(), "HTTP/2.0");
+    assert_eq!(upstream.accepted(), 2);
+    upstream.release();
+    let body = within(REQUEST_TIMEOUT, "the held body", streaming.collect()).await;
+    assert_eq!(body.unwrap().to_bytes(), "released");
+    // The body ended: its stream is free again, and the first connection takes the next one.
+    for _ in 0..3 {
+        assert_eq!(rig.get(&Http::new(), "/").await.text(), "HTTP/2.0");
+    }
+    assert_eq!(upstream.accepted(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_https_upstream_with_a_private_ca_is_verified_and_sent_sni() {
     let certs = Certs::new();
     let tls = server_tls(&certs.server, &[b"http/1.1"], None);
@@ -480,6 +522,10 @@ async fn an_upstream_requiring_a_client_certificate_accepts_keygate_s() {
     .await;
     let reply = without.get(&Http::new(), "/").await;
     assert_eq!(reply.status, 502);
+    assert_eq!(reply.error_code(), "upstream_unavailable");
+    let series = "keygate_upstream_errors_total{kind=\"upstream_tls\",route=\"default\"}";
+    let scrape = without.kg.scrape().await;
+    assert_eq!(scrape.get(series), 1.0, "{}", scrape.text);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

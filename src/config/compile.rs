@@ -587,6 +587,18 @@ fn upstream_settings(
         .ok_or_else(|| field_err(&pf, format!("{protocol:?}: expected \"http1\" or \"h2\"")))?;
     let h2_max_streams = bounded("upstream.h2_max_streams", c.h2_max_streams, 1, 1 << 16)?;
     let tls = if https {
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        if rustls::pki_types::ServerName::try_from(host).is_err() {
+            return Err(field_err(
+                f,
+                format!(
+                    "{host:?} is not a DNS name or IP address a certificate can be checked for"
+                ),
+            ));
+        }
         Some(upstream_tls(c, over, authority.host(), protocol)?)
     } else {
         // `[upstream]`'s TLS files apply to the https:// upstreams among the routes; a route

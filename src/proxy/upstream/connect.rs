@@ -167,6 +167,26 @@ fn handshake_failure(e: &io::Error) -> String {
     }
 }
 
+/// The TLS error under an exchange's failure, if TLS is what failed (an alert from the
+/// upstream, a record that does not decrypt), in words.
+pub(super) fn tls_cause(err: &hyper::Error) -> Option<String> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(e) = cause {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        if let Some(tls) = e
+            .downcast_ref::<io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(tls.to_string());
+        }
+        cause = e.source();
+    }
+    None
+}
+
 impl Upstream {
     /// A new connection to this upstream, outside the pools, for a request that leaves HTTP
     /// behind (an upgrade: WebSocket, CONNECT): TCP, or TLS for `https://` (verified, with SNI

@@ -205,7 +205,9 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let frame = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(None) = frame {
+        // Invariant: the stream is given back no later than the poll that yields the body's
+        // last frame, so before the client can have read the end of the response.
+        if self.stream.is_some() && frame.is_ready() && self.body.is_end_stream() {
             self.stream = None;
         }
         frame
@@ -347,21 +349,23 @@ impl Upstream {
     /// The refusal for a failed exchange, logged with the upstream's authority.
     fn failure(&self, err: SendError) -> Rejection {
         let upstream = &self.settings.authority;
-        match err {
-            SendError::Http(err) if client_body_failed(&err) => {
-                tracing::debug!(error = %err, "the client's request body failed");
-                Rejection::InvalidBody
+        let tls = match &err {
+            SendError::Http(e) if client_body_failed(e) => {
+                tracing::debug!(error = %e, "the client's request body failed");
+                return Rejection::InvalidBody;
             }
-            SendError::Connect(ConnectError::Tls(reason)) => {
-                tracing::warn!(
-                    %upstream,
-                    kind = "upstream_tls",
-                    reason = %reason,
-                    "upstream TLS handshake failed"
-                );
+            SendError::Connect(ConnectError::Tls(reason)) => Some(reason.clone()),
+            // With TLS 1.3 an upstream judges keygate's client certificate after keygate's
+            // side of the handshake is done: its refusal (an alert) ends the first exchange.
+            SendError::Http(e) => connect::tls_cause(e),
+            _ => None,
+        };
+        match tls {
+            Some(reason) => {
+                tracing::warn!(%upstream, kind = "upstream_tls", %reason, "upstream TLS failed");
                 Rejection::UpstreamTls
             }
-            err => {
+            None => {
                 let connect = matches!(err, SendError::Connect(_));
                 tracing::warn!(%upstream, error = %err, connect, "upstream request failed");
                 Rejection::UpstreamUnavailable
