@@ -13,7 +13,9 @@
 //! It starts: a fast upstream (this same binary, re-run with `--serve-upstream`), a
 //! `redis-server`, keygate with one cached key, keygate in front of a key population far larger
 //! than its cache (every request a miss answered by Redis), nginx (`proxy_pass`, keepalive, as
-//! many workers as keygate has threads), and the upstream alone. It prints one table of
+//! many workers as keygate has threads), the upstream alone, and the h2 row: keygate with the
+//! cached key in front of the same upstream served over h2c (`--serve-h2-upstream`,
+//! `upstream.protocol = "h2"`). It prints one table of
 //! requests/s and p50/p99/p99.9 latency, the ratios, an invalid-key flood with Redis's command
 //! counts, and the resident memory of 1,000,000 cached verdicts.
 //!
@@ -59,6 +61,10 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--serve-upstream") {
         serve_upstream(args[i + 1].parse().expect("an address"));
+        return;
+    }
+    if let Some(i) = args.iter().position(|a| a == "--serve-h2-upstream") {
+        h2_row::serve_upstream(args[i + 1].parse().expect("an address"));
         return;
     }
     if args.iter().any(|a| a == "--cache-floor") {
@@ -385,6 +391,7 @@ async fn run() {
         &[("KEYGATE__CACHE__CAPACITY", "1000")],
     );
     let (_nginx, nginx) = start_nginx(&dir, upstream);
+    let h2 = h2_row::start(&redis.url(), &ns).await;
     for (addr, what) in [
         (upstream, "the upstream"),
         (keygate, "keygate"),
@@ -397,7 +404,7 @@ async fn run() {
     // (name, address, wrk script, keys file, process): the same request to the first three.
     type Target<'a> = (&'a str, SocketAddr, &'a Path, &'a Path, u32);
     let upstream_pid = _upstream.0.id();
-    let targets: [Target; 4] = [
+    let targets: [Target; 5] = [
         (
             "upstream alone",
             upstream,
@@ -426,6 +433,13 @@ async fn run() {
             &miss_file,
             _kg_miss.0.id(),
         ),
+        (
+            h2_row::NAME,
+            h2.keygate,
+            &fixed,
+            &cached_file,
+            h2.keygate_pid(),
+        ),
     ];
     if load_only("hold") {
         // For profilers: the setup stays up until the harness is stopped.
@@ -444,6 +458,7 @@ async fn run() {
     let mut results: Vec<Vec<Run>> = vec![Vec::new(); targets.len()];
     for round in 0..rounds {
         for (i, (name, addr, script, keys, pid)) in targets.iter().enumerate() {
+            let upstream_pid = h2.upstream_pid_for(name).unwrap_or(upstream_pid);
             let (cpu, upstream_cpu) = (cpu_ticks(*pid), cpu_ticks(upstream_pid));
             let mut r = wrk(script, *addr, keys, seconds, conns);
             // Clock ticks of 10 ms, per 1,000 requests.
@@ -515,6 +530,16 @@ async fn run() {
             rps(3) / rps(2),
             "≥ 0.5",
         ),
+        (
+            "keygate cached, h2c upstream / nginx (HTTP/1.1 keepalive upstream), throughput",
+            rps(4) / rps(1),
+            "",
+        ),
+        (
+            "keygate cached, h2c upstream / keygate cached, HTTP/1.1 upstream, throughput",
+            rps(4) / rps(2),
+            "",
+        ),
     ] {
         println!("| {ratio} | {value:.2} | {target} |");
     }
@@ -525,6 +550,96 @@ async fn run() {
     flood(&random, &dir, &redis, upstream, &ns, seconds, conns).await;
     drop(store);
     cached_million().await;
+}
+
+/// The h2 row: keygate with the cached key in front of the same fast upstream served over
+/// HTTP/2 with prior knowledge (h2c, its own process), `upstream.protocol = "h2"`. nginx
+/// cannot proxy to an HTTP/2 upstream, so the comparison is with nginx's HTTP/1.1 keepalive
+/// pool and with keygate's own HTTP/1.1 pool, to the same answer over loopback.
+mod h2_row {
+    use super::*;
+
+    /// The row's name in the table.
+    pub const NAME: &str = "keygate, cached, h2c upstream";
+
+    /// What the row runs: the h2c upstream and keygate in front of it.
+    pub struct H2Row {
+        upstream: Proc,
+        kg: Proc,
+        /// keygate's proxy address.
+        pub keygate: SocketAddr,
+    }
+
+    impl H2Row {
+        pub fn keygate_pid(&self) -> u32 {
+            self.kg.0.id()
+        }
+
+        /// The h2c upstream's process, for the row named `name` if it is this one.
+        pub fn upstream_pid_for(&self, name: &str) -> Option<u32> {
+            (name == NAME).then(|| self.upstream.0.id())
+        }
+    }
+
+    /// Starts the h2c upstream and keygate (h2 to it), and waits for both.
+    pub async fn start(redis_url: &str, ns: &str) -> H2Row {
+        let upstream = loopback(free_port());
+        let up = Proc(
+            Command::new(std::env::current_exe().unwrap())
+                .args(["--serve-h2-upstream", &upstream.to_string()])
+                .spawn()
+                .unwrap(),
+        );
+        wait_for_port(upstream, "the h2c upstream").await;
+        let (kg, keygate) = start_keygate(
+            upstream,
+            redis_url,
+            ns,
+            &[("KEYGATE__UPSTREAM__PROTOCOL", "h2")],
+        );
+        wait_for_port(keygate, "keygate (h2 upstream)").await;
+        H2Row {
+            upstream: up,
+            kg,
+            keygate,
+        }
+    }
+
+    /// The fast upstream over h2c, as its own process: the same `200 ok` answer.
+    pub fn serve_upstream(addr: SocketAddr) {
+        use std::convert::Infallible;
+
+        use bytes::Bytes;
+        use http_body_util::Full;
+        use hyper::service::service_fn;
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers())
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(async move {
+                    let svc = service_fn(|_req| async {
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(
+                            b"ok",
+                        ))))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(1000)
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+    }
 }
 
 /// Floods a fresh keygate with malformed keys, then with well-formed unknown ones, counting

@@ -54,6 +54,7 @@ pub struct RouteMetrics {
     upstream: [Histogram; 5],
     upstream_unavailable: IntCounter,
     upstream_timeout: IntCounter,
+    upstream_tls: IntCounter,
 }
 
 impl RouteMetrics {
@@ -73,6 +74,7 @@ impl RouteMetrics {
         match rejection {
             Rejection::UpstreamTimeout => self.upstream_timeout.inc(),
             Rejection::UpstreamUnavailable => self.upstream_unavailable.inc(),
+            Rejection::UpstreamTls => self.upstream_tls.inc(),
             _ => {}
         }
     }
@@ -201,7 +203,7 @@ impl Metrics {
         let upstream_errors = IntCounterVec::new(
             Opts::new(
                 "keygate_upstream_errors_total",
-                "Upstream calls that failed, by route and kind (unavailable: refused or reset, answered 502; timeout: answered 504).",
+                "Upstream calls that failed, by route and kind (unavailable: refused or reset, answered 502; timeout: answered 504; upstream_tls: the TLS handshake with an https:// upstream failed, answered 502).",
             ),
             &["route", "kind"],
         )
@@ -437,6 +439,9 @@ impl Metrics {
                 .upstream_errors
                 .with_label_values(&[name, "unavailable"]),
             upstream_timeout: self.upstream_errors.with_label_values(&[name, "timeout"]),
+            upstream_tls: self
+                .upstream_errors
+                .with_label_values(&[name, "upstream_tls"]),
         }
     }
 

@@ -100,13 +100,17 @@ pub enum Rejection {
     /// More than one `Host`, an invalid one, none in HTTP/1.1, or an HTTP/2 `Host` that
     /// differs from `:authority`.
     InvalidHost,
+    /// The TLS handshake with an `https://` upstream failed (its certificate did not verify,
+    /// it refused keygate's): answered like [`Rejection::UpstreamUnavailable`] (the client
+    /// can do nothing about it), counted apart for the operator, who can.
+    UpstreamTls,
 }
 
 const REALM: &str = "Bearer realm=\"keygate\"";
 
 impl Rejection {
     /// Every refusal, in declaration order (its index is its discriminant).
-    pub(crate) const ALL: [Rejection; 15] = [
+    pub(crate) const ALL: [Rejection; 16] = [
         Rejection::MissingCredentials,
         Rejection::InvalidRequest,
         Rejection::MalformedKey,
@@ -122,6 +126,7 @@ impl Rejection {
         Rejection::InvalidBody,
         Rejection::InvalidHeader,
         Rejection::InvalidHost,
+        Rejection::UpstreamTls,
     ];
 
     /// The stable error code of the JSON body and of the `outcome` metric label.
@@ -134,7 +139,7 @@ impl Rejection {
             Rejection::KeyRevoked => "key_revoked",
             Rejection::InsufficientScope => "insufficient_scope",
             Rejection::StoreUnavailable => "store_unavailable",
-            Rejection::UpstreamUnavailable => "upstream_unavailable",
+            Rejection::UpstreamUnavailable | Rejection::UpstreamTls => "upstream_unavailable",
             Rejection::UpstreamTimeout => "upstream_timeout",
             Rejection::InvalidPath => "invalid_path",
             Rejection::NoRoute => "no_route",
@@ -155,7 +160,7 @@ impl Rejection {
             Rejection::InvalidRequest => StatusCode::BAD_REQUEST,
             Rejection::InsufficientScope => StatusCode::FORBIDDEN,
             Rejection::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Rejection::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Rejection::UpstreamUnavailable | Rejection::UpstreamTls => StatusCode::BAD_GATEWAY,
             Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Rejection::InvalidPath => StatusCode::BAD_REQUEST,
             Rejection::NoRoute => StatusCode::NOT_FOUND,
@@ -176,7 +181,9 @@ impl Rejection {
             Rejection::KeyRevoked => "the API key has been revoked",
             Rejection::InsufficientScope => "the API key may not perform this request",
             Rejection::StoreUnavailable => "the key store is unavailable; retry later",
-            Rejection::UpstreamUnavailable => "the upstream service is unavailable",
+            Rejection::UpstreamUnavailable | Rejection::UpstreamTls => {
+                "the upstream service is unavailable"
+            }
             Rejection::UpstreamTimeout => "the upstream service did not answer in time",
             Rejection::InvalidPath => "the request path is malformed or ambiguous",
             Rejection::NoRoute => "no route matches this request",
@@ -233,7 +240,7 @@ impl Rejection {
 mod tests {
     use super::*;
 
-    const ALL: [Rejection; 15] = Rejection::ALL;
+    const ALL: [Rejection; 16] = Rejection::ALL;
 
     #[test]
     fn all_is_in_declaration_order() {

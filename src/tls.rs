@@ -125,6 +125,31 @@ pub fn read_pem_file(path: &Path) -> Result<Vec<u8>, TlsFileError> {
     read_bounded(path)
 }
 
+/// The platform's trust store (on Linux the files `SSL_CERT_FILE` / `SSL_CERT_DIR` name, else
+/// the distribution's bundle), loaded once per process and shared; an error when it holds no
+/// usable CA certificate. It reads files: call it at startup, not on the request path.
+pub fn system_roots() -> Result<std::sync::Arc<RootCertStore>, String> {
+    static ROOTS: std::sync::OnceLock<Result<std::sync::Arc<RootCertStore>, String>> =
+        std::sync::OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let found = rustls_native_certs::load_native_certs();
+            let mut roots = RootCertStore::empty();
+            let (added, _unusable) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let why = found
+                    .errors
+                    .first()
+                    .map_or_else(|| "none found".to_owned(), |e| e.to_string());
+                return Err(format!(
+                    "the system trust store has no usable CA certificate ({why})"
+                ));
+            }
+            Ok(std::sync::Arc::new(roots))
+        })
+        .clone()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,7 @@
 //! value came from.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::{HeaderValue, Uri};
@@ -13,12 +13,14 @@ use http::{HeaderValue, Uri};
 use super::error::{field_err, Check};
 use super::{Config, ConfigError, UpstreamConfig};
 use crate::policy;
+use crate::proxy::upstream::{Protocol, UpstreamTls};
 use crate::proxy::{IdentitySettings, IpNet, UnderscoreHeaders, UpstreamSettings};
 use crate::route::{self, Grant, MethodSet, Route, RouteTable, TenantFrom};
 use crate::server::{Http2Limits, Settings};
 use crate::store::redis::{RedisSettings, RedisTls};
 use crate::store::StoreSettings;
 use crate::telemetry::LogSettings;
+use crate::tls;
 use crate::verify::CacheSettings;
 
 impl Config {
@@ -61,7 +63,12 @@ fn serve(config: &Config) -> Result<Settings, ConfigError> {
     let roles = c.ok(role_names(config));
     let upstream = match &config.upstream.url {
         Some(url) => c
-            .ok(upstream_settings(&config.upstream, url, "upstream.url"))
+            .ok(upstream_settings(
+                &config.upstream,
+                &RouteUpstream::default(),
+                url,
+                "upstream.url",
+            ))
             .map(Some),
         None => Some(None),
     };
@@ -285,7 +292,12 @@ fn route_table(config: &Config) -> Result<RouteTable<UpstreamSettings>, ConfigEr
                 "required (or set upstream.url as the default of every route)",
             )
         })?;
-        let upstream = upstream_settings(&config.upstream, url, &f("upstream"))?;
+        let upstream = upstream_settings(
+            &config.upstream,
+            &RouteUpstream::of(i, rc),
+            url,
+            &f("upstream"),
+        )?;
         let tenant = match &rc.tenant_from {
             Some(spec) => TenantFrom::parse(spec).map_err(|m| field_err(&f("tenant_from"), m))?,
             None => TenantFrom::Unbound,
@@ -365,7 +377,12 @@ fn route_table(config: &Config) -> Result<RouteTable<UpstreamSettings>, ConfigEr
             auth: true,
             grants: all_roles(),
             tenant: TenantFrom::Unbound,
-            upstream: upstream_settings(&config.upstream, url, "upstream.url")?,
+            upstream: upstream_settings(
+                &config.upstream,
+                &RouteUpstream::default(),
+                url,
+                "upstream.url",
+            )?,
         });
     }
     if routes.is_empty() {
@@ -575,9 +592,47 @@ fn bounded(field: &str, v: usize, min: usize, max: usize) -> Result<usize, Confi
     Ok(v)
 }
 
-/// Validates one upstream URL with the `[upstream]` settings.
+/// A route's own upstream settings, over `[upstream]`'s.
+#[derive(Default)]
+struct RouteUpstream<'a> {
+    /// The route's index, for field names; `None` for the default route.
+    index: Option<usize>,
+    protocol: Option<&'a str>,
+    tls_ca: Option<&'a str>,
+    tls_client_cert: Option<&'a str>,
+    tls_client_key: Option<&'a str>,
+}
+
+impl<'a> RouteUpstream<'a> {
+    fn of(index: usize, rc: &'a super::RouteConfig) -> Self {
+        RouteUpstream {
+            index: Some(index),
+            protocol: rc.upstream_protocol.as_deref(),
+            tls_ca: rc.upstream_tls_ca.as_deref(),
+            tls_client_cert: rc.upstream_tls_client_cert.as_deref(),
+            tls_client_key: rc.upstream_tls_client_key.as_deref(),
+        }
+    }
+
+    /// The route's value of `upstream.<name>` if it sets one, else `[upstream]`'s, with the
+    /// field to name in an error.
+    fn pick(
+        &self,
+        name: &str,
+        own: Option<&'a str>,
+        default: Option<&'a str>,
+    ) -> (Option<&'a str>, String) {
+        match (self.index, own) {
+            (Some(i), Some(v)) => (Some(v), format!("routes[{i}].upstream_{name}")),
+            _ => (default, format!("upstream.{name}")),
+        }
+    }
+}
+
+/// Validates one upstream URL with the `[upstream]` settings and the route's own.
 fn upstream_settings(
     c: &UpstreamConfig,
+    over: &RouteUpstream<'_>,
     url: &str,
     f: &str,
 ) -> Result<UpstreamSettings, ConfigError> {
@@ -588,8 +643,12 @@ fn upstream_settings(
         .scheme()
         .cloned()
         .ok_or_else(|| field_err(f, "needs a scheme, e.g. http://127.0.0.1:3000"))?;
-    if scheme != http::uri::Scheme::HTTP {
-        return Err(field_err(f, "only http:// upstreams are supported"));
+    let https = scheme == http::uri::Scheme::HTTPS;
+    if scheme != http::uri::Scheme::HTTP && !https {
+        return Err(field_err(
+            f,
+            "only http:// and https:// upstreams are supported",
+        ));
     }
     let authority = uri
         .authority()
@@ -601,6 +660,41 @@ fn upstream_settings(
     let base_path = uri.path().trim_end_matches('/').to_owned();
     let host_header = HeaderValue::from_str(authority.as_str())
         .map_err(|_| field_err(f, "host is not a valid header value"))?;
+    let (protocol, pf) = over.pick("protocol", over.protocol, Some(&c.protocol));
+    let protocol = protocol.unwrap_or("http1");
+    let protocol = Protocol::parse(protocol)
+        .ok_or_else(|| field_err(&pf, format!("{protocol:?}: expected \"http1\" or \"h2\"")))?;
+    let h2_max_streams = bounded("upstream.h2_max_streams", c.h2_max_streams, 1, 1 << 16)?;
+    let tls = if https {
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        if rustls::pki_types::ServerName::try_from(host).is_err() {
+            return Err(field_err(
+                f,
+                format!(
+                    "{host:?} is not a DNS name or IP address a certificate can be checked for"
+                ),
+            ));
+        }
+        Some(upstream_tls(c, over, authority.host(), protocol)?)
+    } else {
+        // `[upstream]`'s TLS files apply to the https:// upstreams among the routes; a route
+        // that sets its own for an http:// upstream is a mistake.
+        let own = [
+            ("tls_ca", over.tls_ca),
+            ("tls_client_cert", over.tls_client_cert),
+            ("tls_client_key", over.tls_client_key),
+        ];
+        if let (Some(i), Some((name, _))) = (over.index, own.iter().find(|(_, v)| v.is_some())) {
+            return Err(field_err(
+                &format!("routes[{i}].upstream_{name}"),
+                "set for an http:// upstream: TLS settings need an https:// URL",
+            ));
+        }
+        None
+    };
     Ok(UpstreamSettings {
         scheme,
         authority,
@@ -612,5 +706,59 @@ fn upstream_settings(
         pool_max_idle: c.pool_max_idle,
         preserve_host: c.preserve_host,
         readiness_check: c.readiness_check,
+        protocol,
+        h2_max_streams,
+        tls,
     })
+}
+
+/// The TLS client settings of an `https://` upstream: the CA bundle (or the system's trust
+/// store) and the client certificate, each error naming its field and file.
+fn upstream_tls(
+    c: &UpstreamConfig,
+    over: &RouteUpstream<'_>,
+    host: &str,
+    protocol: Protocol,
+) -> Result<UpstreamTls, ConfigError> {
+    let (ca, ca_field) = over.pick("tls_ca", over.tls_ca, c.tls_ca.as_deref());
+    let roots = match ca {
+        Some(path) => std::sync::Arc::new(
+            tls::load_root_store(Path::new(path))
+                .map_err(|e| field_err(&ca_field, e.to_string()))?,
+        ),
+        None => tls::system_roots().map_err(|e| {
+            field_err(
+                &ca_field,
+                format!("unset, so the system's trust store is used, but {e}; name a CA bundle"),
+            )
+        })?,
+    };
+    let (cert, cert_field) = over.pick(
+        "tls_client_cert",
+        over.tls_client_cert,
+        c.tls_client_cert.as_deref(),
+    );
+    let (key, key_field) = over.pick(
+        "tls_client_key",
+        over.tls_client_key,
+        c.tls_client_key.as_deref(),
+    );
+    let client = match (cert, key) {
+        (Some(cert), Some(key)) => Some((
+            tls::load_certificates(Path::new(cert))
+                .map_err(|e| field_err(&cert_field, e.to_string()))?,
+            tls::load_private_key(Path::new(key))
+                .map_err(|e| field_err(&key_field, e.to_string()))?,
+        )),
+        (None, None) => None,
+        (Some(_), None) => return Err(field_err(&key_field, "required with tls_client_cert")),
+        (None, Some(_)) => return Err(field_err(&cert_field, "required with tls_client_key")),
+    };
+    let files = format!(
+        "ca={} cert={} key={}",
+        ca.unwrap_or("system"),
+        cert.unwrap_or("-"),
+        key.unwrap_or("-")
+    );
+    UpstreamTls::new(host, protocol, roots, client, files).map_err(|m| field_err(&cert_field, m))
 }

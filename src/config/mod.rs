@@ -107,6 +107,18 @@ pub struct RouteConfig {
     pub tenant_from: Option<String>,
     /// Match `path_prefix` ignoring ASCII case (for upstreams that ignore case).
     pub ignore_case: bool,
+    /// This route's `upstream.protocol` (`http1` or `h2`); defaults to `upstream.protocol`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_protocol: Option<String>,
+    /// This route's `upstream.tls_ca`; defaults to `upstream.tls_ca`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_tls_ca: Option<String>,
+    /// This route's `upstream.tls_client_cert`; defaults to `upstream.tls_client_cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_tls_client_cert: Option<String>,
+    /// This route's `upstream.tls_client_key`; defaults to `upstream.tls_client_key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_tls_client_key: Option<String>,
 }
 
 impl Default for RouteConfig {
@@ -121,6 +133,10 @@ impl Default for RouteConfig {
             roles: None,
             tenant_from: None,
             ignore_case: false,
+            upstream_protocol: None,
+            upstream_tls_ca: None,
+            upstream_tls_client_cert: None,
+            upstream_tls_client_key: None,
         }
     }
 }
@@ -217,8 +233,23 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
-    /// `http://host:port[/base]` of the service keygate guards.
+    /// `http://host:port[/base]` or `https://host:port[/base]` of the service keygate guards.
     pub url: Option<String>,
+    /// How keygate speaks to the upstream: `http1` (HTTP/1.1, a pool of connections) or `h2`
+    /// (HTTP/2, many requests multiplexed on each connection: by ALPN over `https://`, with
+    /// prior knowledge (h2c) over `http://`).
+    pub protocol: String,
+    /// Most requests in flight on one HTTP/2 upstream connection before keygate opens another
+    /// (keep it at or below the upstream's own stream limit).
+    pub h2_max_streams: usize,
+    /// CA bundle (PEM) that `https://` upstream certificates are verified against; unset: the
+    /// system's trust store.
+    pub tls_ca: Option<String>,
+    /// Client certificate chain (PEM) keygate presents to `https://` upstreams that ask for
+    /// one; needs `tls_client_key`.
+    pub tls_client_cert: Option<String>,
+    /// Private key (PEM) of `tls_client_cert`.
+    pub tls_client_key: Option<String>,
     /// Time to establish a TCP connection to the upstream.
     pub connect_timeout: String,
     /// Time the upstream has to send response headers.
@@ -238,6 +269,11 @@ impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
             url: None,
+            protocol: "http1".into(),
+            h2_max_streams: 100,
+            tls_ca: None,
+            tls_client_cert: None,
+            tls_client_key: None,
             connect_timeout: "2s".into(),
             timeout: "30s".into(),
             pool_idle_timeout: "90s".into(),

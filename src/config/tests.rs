@@ -530,3 +530,66 @@ fn redis_tls_files_need_rediss_and_each_other_and_name_their_file() {
     };
     assert!(!r.tls.is_set());
 }
+
+#[test]
+fn upstream_protocol_and_tls_settings_name_their_field() {
+    use crate::proxy::upstream::Protocol;
+    let mut c = Config::default();
+    c.upstream.url = Some("http://127.0.0.1:3000".into());
+    let s = c.serve_settings().unwrap();
+    let up = s.upstream.unwrap();
+    assert_eq!(up.protocol, Protocol::Http1);
+    assert!(up.tls.is_none());
+
+    c.upstream.protocol = "h3".into();
+    let err = c.serve_settings().unwrap_err().to_string();
+    assert!(err.starts_with("upstream.protocol"), "{err}");
+    c.upstream.protocol = "h2".into();
+    assert_eq!(
+        c.serve_settings().unwrap().upstream.unwrap().protocol,
+        Protocol::H2
+    );
+
+    c.upstream.url = Some("ftp://127.0.0.1:3000".into());
+    let err = c.serve_settings().unwrap_err().to_string();
+    assert!(err.contains("only http:// and https://"), "{err}");
+
+    c.upstream.url = Some("https://127.0.0.1:3000".into());
+    c.upstream.tls_ca = Some("/nonexistent/keygate/ca.pem".into());
+    let err = c.serve_settings().unwrap_err().to_string();
+    assert!(err.starts_with("upstream.tls_ca"), "{err}");
+    assert!(
+        err.contains("/nonexistent/keygate/ca.pem: cannot open"),
+        "{err}"
+    );
+    c.upstream.tls_ca = None;
+    c.upstream.tls_client_cert = Some("/nonexistent/keygate/client.pem".into());
+    let err = c.serve_settings().unwrap_err().to_string();
+    assert!(err.contains("upstream.tls_client_key"), "{err}");
+    assert!(err.contains("required with tls_client_cert"), "{err}");
+    c.upstream.tls_client_cert = None;
+
+    // A route's own TLS file for an http:// upstream is a mistake; the same under
+    // [upstream] only applies to https:// routes.
+    c.upstream.url = Some("http://127.0.0.1:3000".into());
+    c.upstream.tls_ca = Some("/nonexistent/keygate/ca.pem".into());
+    assert!(c.serve_settings().is_ok());
+    c.upstream.tls_ca = None;
+    c.routes.push(RouteConfig {
+        path_prefix: "/api".into(),
+        upstream_tls_ca: Some("/nonexistent/keygate/ca.pem".into()),
+        ..Default::default()
+    });
+    let err = c.serve_settings().unwrap_err().to_string();
+    assert!(err.starts_with("routes[0].upstream_tls_ca"), "{err}");
+    c.routes[0].upstream_tls_ca = None;
+    c.routes[0].upstream_protocol = Some("http2".into());
+    let err = c.serve_settings().unwrap_err().to_string();
+    assert!(err.starts_with("routes[0].upstream_protocol"), "{err}");
+
+    c.routes.clear();
+    c.upstream.protocol = "http1".into();
+    c.upstream.h2_max_streams = 0;
+    let err = c.serve_settings().unwrap_err().to_string();
+    assert!(err.starts_with("upstream.h2_max_streams"), "{err}");
+}

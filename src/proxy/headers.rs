@@ -377,6 +377,9 @@ mod tests {
             pool_max_idle: 256,
             preserve_host: false,
             readiness_check: true,
+            protocol: crate::proxy::upstream::Protocol::Http1,
+            h2_max_streams: 100,
+            tls: None,
         }
     }
 

@@ -57,6 +57,8 @@ pub use forwarded::{IpNet, Peer};
 pub use headers::{IdentitySettings, UnderscoreHeaders};
 pub use upstream::{Upstream, UpstreamSettings};
 
+pub use upstream::{ConnectError, ResponseBody, UpstreamIo};
+
 use headers::{Forwarded, HeaderScan, Removed};
 use request_id::X_REQUEST_ID;
 
@@ -230,7 +232,7 @@ impl<'a> Context<'a> {
         &mut self,
         route: &Route<RouteTarget>,
         req: Request<Incoming>,
-    ) -> Result<Response<Incoming>, Rejection> {
+    ) -> Result<Response<ResponseBody>, Rejection> {
         let sent = Instant::now();
         let resp = route.upstream.upstream.send(req).await;
         self.upstream_time = Some(sent.elapsed());
@@ -239,7 +241,7 @@ impl<'a> Context<'a> {
 
     /// **log**: the response for the outcome, with the request id; the decision, header and
     /// route metrics; the span's route and outcome; and the access log line.
-    fn log(self, outcome: Result<Response<Incoming>, Rejection>) -> Response<ProxyBody> {
+    fn log(self, outcome: Result<Response<ResponseBody>, Rejection>) -> Response<ProxyBody> {
         let app = self.app;
         let series = self.target.map_or(&app.unrouted, |t| &t.metrics);
         let decision = outcome.as_ref().map(drop).map_err(|r| *r);
@@ -287,7 +289,7 @@ impl<'a> Context<'a> {
 }
 
 /// The body of every proxy response: the upstream's, streamed, or a small synthetic one.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<ResponseBody, Full<Bytes>>;
 
 /// Where a matched route sends its requests, and the route's metric series.
 pub struct RouteTarget {

@@ -206,7 +206,7 @@ impl Server {
         let names: Vec<Box<str>> = settings.routes.iter().map(|r| r.name.clone()).collect();
         let mut names = names.into_iter();
         let routes = settings.routes.clone().map_upstreams(|up| {
-            let id = format!("{}{}", up.authority, up.base_path);
+            let id = up.pool_key();
             let upstream = clients
                 .entry(id)
                 .or_insert_with(|| {
