@@ -1168,3 +1168,8 @@ impl KeptAlive {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// TLS on keygate's listeners: a test CA, a TLS client, HTTP over it
+
+pub mod tls_server;
