@@ -704,3 +704,24 @@ async fn the_serve_flags_turn_tls_on_and_sighup_reloads_the_certificates() {
     let reply = tls_get(&tls, kg.proxy, "/", &[]).await.unwrap();
     assert_eq!(reply.status, 401);
 }
+
+#[tokio::test]
+async fn the_certificate_expiry_alert_reads_a_series_a_tls_listener_exports() {
+    let r = rig("tls-alert", |_, _| {}).await;
+    let exported = r.scrape().await.names();
+    let rules = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/prometheus/keygate-alerts.yml"
+    ))
+    .unwrap();
+    let expr = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("expr:"))
+        .find(|e| e.contains("keygate_tls_certificate_expiry_seconds"))
+        .expect("an alert on certificate expiry");
+    assert!(expr.contains("14 * 86400"), "{expr}");
+    assert!(
+        exported.contains("keygate_tls_certificate_expiry_seconds"),
+        "{exported:?}"
+    );
+}
