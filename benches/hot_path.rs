@@ -131,6 +131,7 @@ fn hot_path(c: &mut Criterion) {
                         request_id: &request_id,
                         scan,
                         tenant_header: None,
+                        client_cert: None,
                     },
                 )
             },

@@ -13,9 +13,10 @@
 //! It starts: a fast upstream (this same binary, re-run with `--serve-upstream`), a
 //! `redis-server`, keygate with one cached key, keygate in front of a key population far larger
 //! than its cache (every request a miss answered by Redis), nginx (`proxy_pass`, keepalive, as
-//! many workers as keygate has threads), the upstream alone, and the h2 row: keygate with the
-//! cached key in front of the same upstream served over h2c (`--serve-h2-upstream`,
-//! `upstream.protocol = "h2"`). It prints one table of
+//! many workers as keygate has threads), the same two (cached key) over TLS with one rcgen
+//! certificate (nginx with `ssl_protocols TLSv1.2 TLSv1.3`, wrk on `https://`), the upstream
+//! alone, and the h2 row: keygate with the cached key in front of the same upstream served
+//! over h2c (`--serve-h2-upstream`, `upstream.protocol = "h2"`). It prints one table of
 //! requests/s and p50/p99/p99.9 latency, the ratios, an invalid-key flood with Redis's command
 //! counts, and the resident memory of 1,000,000 cached verdicts.
 //!
@@ -158,8 +159,21 @@ fn start_keygate(
     (Proc(child), addr)
 }
 
-fn start_nginx(dir: &Path, upstream: SocketAddr) -> (Proc, SocketAddr) {
+/// nginx as a plain reverse proxy: cleartext on the first address, TLS with `cert` and `key`
+/// (TLS 1.2 and 1.3, as keygate) on the second, the same `proxy_pass` behind both.
+fn start_nginx(
+    dir: &Path,
+    upstream: SocketAddr,
+    cert: &Path,
+    key: &Path,
+) -> (Proc, SocketAddr, SocketAddr) {
     let addr = loopback(free_port());
+    let tls_addr = loopback(free_port());
+    let location = "location / {
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection \"\";
+    }";
     let conf = format!(
         "worker_processes {workers};
 pid {dir}/nginx.pid;
@@ -170,16 +184,21 @@ http {{
   upstream app {{ server {upstream}; keepalive 256; }}
   server {{
     listen {addr} reuseport;
-    location / {{
-      proxy_pass http://app;
-      proxy_http_version 1.1;
-      proxy_set_header Connection \"\";
-    }}
+    {location}
+  }}
+  server {{
+    listen {tls_addr} ssl reuseport;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    {location}
   }}
 }}
 ",
         workers = workers(),
         dir = dir.display(),
+        cert = cert.display(),
+        key = key.display(),
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, conf).expect("write nginx.conf");
@@ -192,7 +211,7 @@ http {{
         .stderr(Stdio::null())
         .spawn()
         .expect("nginx");
-    (Proc(child), addr)
+    (Proc(child), addr, tls_addr)
 }
 
 /// wrk's result line, shared by both scripts.
@@ -244,14 +263,15 @@ struct Run {
     non_2xx: u64,
 }
 
-fn wrk(script: &Path, addr: SocketAddr, keys: &Path, seconds: u64, conns: u64) -> Run {
+/// `url`: `http://…/` or `https://…/` (wrk speaks TLS; it does not verify the certificate).
+fn wrk(script: &Path, url: &str, keys: &Path, seconds: u64, conns: u64) -> Run {
     let mut cmd = Command::new("wrk");
     cmd.args(["-t", &workers().to_string()])
         .args(["-c", &conns.to_string()])
         .args(["-d", &format!("{seconds}s")])
         .arg("-s")
         .arg(script)
-        .arg(format!("http://{addr}/"))
+        .arg(url)
         .arg("--")
         .arg(keys);
     let out = cmd.output().expect("wrk");
@@ -384,15 +404,33 @@ async fn run() {
     write_lines(&miss_file, keys[1..].iter().cloned());
 
     let (_kg, keygate) = start_keygate(upstream, &redis.url(), &ns, &[]);
+    // One certificate (ECDSA P-256, made here) for keygate's and nginx's TLS listeners.
+    let pki = common::tls_server::Pki::new("load");
+    let cert = pki.server("load", &["localhost", "127.0.0.1"]);
+    let (cert_path, key_path) = (
+        cert.cert.display().to_string(),
+        cert.key.display().to_string(),
+    );
+    let (_kg_tls, keygate_tls) = start_keygate(
+        upstream,
+        &redis.url(),
+        &ns,
+        &[
+            ("KEYGATE__SERVER__TLS_CERT", cert_path.as_str()),
+            ("KEYGATE__SERVER__TLS_KEY", key_path.as_str()),
+        ],
+    );
     let (_kg_miss, keygate_miss) = start_keygate(
         upstream,
         &redis.url(),
         &ns,
         &[("KEYGATE__CACHE__CAPACITY", "1000")],
     );
-    let (_nginx, nginx) = start_nginx(&dir, upstream);
+    let (_nginx, nginx, nginx_tls) = start_nginx(&dir, upstream, &cert.cert, &cert.key);
     let h2 = h2_row::start(&redis.url(), &ns).await;
     for (addr, what) in [
+        (keygate_tls, "keygate (TLS)"),
+        (nginx_tls, "nginx (TLS)"),
         (upstream, "the upstream"),
         (keygate, "keygate"),
         (keygate_miss, "keygate (miss path)"),
@@ -401,41 +439,58 @@ async fn run() {
         wait_for_port(addr, what).await;
     }
 
-    // (name, address, wrk script, keys file, process): the same request to the first three.
-    type Target<'a> = (&'a str, SocketAddr, &'a Path, &'a Path, u32);
+    // (name, URL, wrk script, keys file, process): the same request to all but the miss path.
+    type Target<'a> = (&'a str, String, &'a Path, &'a Path, u32);
     let upstream_pid = _upstream.0.id();
-    let targets: [Target; 5] = [
+    let http = |addr: SocketAddr| format!("http://{addr}/");
+    // By name, so that wrk sends SNI as a client would (not the IP address).
+    let https = |addr: SocketAddr| format!("https://localhost:{}/", addr.port());
+    let targets: [Target; 7] = [
         (
             "upstream alone",
-            upstream,
+            http(upstream),
             &fixed,
             &cached_file,
             upstream_pid,
         ),
         (
             "nginx proxy_pass",
-            nginx,
+            http(nginx),
             &fixed,
             &cached_file,
             _nginx.0.id(),
         ),
         (
             "keygate, cached key",
-            keygate,
+            http(keygate),
             &fixed,
             &cached_file,
             _kg.0.id(),
         ),
         (
             "keygate, miss path",
-            keygate_miss,
+            http(keygate_miss),
             &random,
             &miss_file,
             _kg_miss.0.id(),
         ),
         (
+            "nginx proxy_pass, TLS",
+            https(nginx_tls),
+            &fixed,
+            &cached_file,
+            _nginx.0.id(),
+        ),
+        (
+            "keygate TLS, cached key",
+            https(keygate_tls),
+            &fixed,
+            &cached_file,
+            _kg_tls.0.id(),
+        ),
+        (
             h2_row::NAME,
-            h2.keygate,
+            http(h2.keygate),
             &fixed,
             &cached_file,
             h2.keygate_pid(),
@@ -443,30 +498,27 @@ async fn run() {
     ];
     if load_only("hold") {
         // For profilers: the setup stays up until the harness is stopped.
-        for (name, addr, _, keys, pid) in &targets {
-            println!(
-                "{name}: http://{addr}/ (pid {pid}, keys {})",
-                keys.display()
-            );
+        for (name, url, _, keys, pid) in &targets {
+            println!("{name}: {url} (pid {pid}, keys {})", keys.display());
         }
         std::future::pending::<()>().await;
     }
     // Warm-up: connections, pools and the cached key.
-    for (_, addr, script, keys, _) in &targets {
-        wrk(script, *addr, keys, 2, conns);
+    for (_, url, script, keys, _) in &targets {
+        wrk(script, url, keys, 2, conns);
     }
     let mut results: Vec<Vec<Run>> = vec![Vec::new(); targets.len()];
     for round in 0..rounds {
-        for (i, (name, addr, script, keys, pid)) in targets.iter().enumerate() {
+        for (i, (name, url, script, keys, pid)) in targets.iter().enumerate() {
             let upstream_pid = h2.upstream_pid_for(name).unwrap_or(upstream_pid);
             let (cpu, upstream_cpu) = (cpu_ticks(*pid), cpu_ticks(upstream_pid));
-            let mut r = wrk(script, *addr, keys, seconds, conns);
+            let mut r = wrk(script, url, keys, seconds, conns);
             // Clock ticks of 10 ms, per 1,000 requests.
             let per_1k = |ticks: u64| ticks as f64 * 10.0 * 1000.0 / r.requests.max(1.0);
             r.cpu_ms = per_1k(cpu_ticks(*pid) - cpu);
             r.upstream_cpu_ms = per_1k(cpu_ticks(upstream_pid) - upstream_cpu);
             println!(
-                "round {}: {name:<22} {:>9.0} req/s  p99 {:>6.0} µs  cpu {:>5.2} ms/1k req (upstream {:>5.2})  errors {} non-2xx {}",
+                "round {}: {name:<24} {:>9.0} req/s  p99 {:>6.0} µs  cpu {:>5.2} ms/1k req (upstream {:>5.2})  errors {} non-2xx {}",
                 round + 1,
                 r.rps,
                 r.p99_us,
@@ -531,13 +583,29 @@ async fn run() {
             "≥ 0.5",
         ),
         (
+            "keygate TLS / nginx TLS, throughput",
+            rps(5) / rps(4),
+            "≥ 1.0",
+        ),
+        ("keygate TLS / nginx TLS, p99", p99(5) / p99(4), "≤ 1.1"),
+        (
+            "keygate TLS / nginx TLS, proxy CPU per request",
+            cpu(5) / cpu(4),
+            "",
+        ),
+        (
+            "keygate TLS / keygate cleartext, throughput",
+            rps(5) / rps(2),
+            "",
+        ),
+        (
             "keygate cached, h2c upstream / nginx (HTTP/1.1 keepalive upstream), throughput",
-            rps(4) / rps(1),
+            rps(6) / rps(1),
             "",
         ),
         (
             "keygate cached, h2c upstream / keygate cached, HTTP/1.1 upstream, throughput",
-            rps(4) / rps(2),
+            rps(6) / rps(2),
             "",
         ),
     ] {
@@ -692,7 +760,7 @@ async fn flood(
         ),
     ] {
         redis.reset_stats();
-        let r = wrk(script, kg, file, seconds, conns);
+        let r = wrk(script, &format!("http://{kg}/"), file, seconds, conns);
         let requests = (r.rps * seconds as f64) as u64;
         println!("| {name} | {requests} | {} | ≤ {bound} |", lookups(redis));
     }

@@ -12,7 +12,8 @@
 //! - [`config`]: the configuration file format, its loading (file, environment, flags, with
 //!   where each value came from) and its compiling into the runtime's settings, every error
 //!   reported at once.
-//! - [`server`]: listeners, proxy workers, connection caps and deadlines, drain on shutdown.
+//! - [`server`]: listeners, proxy workers, connection caps and deadlines, TLS termination
+//!   (certificates by SNI, client certificates, reloads), drain on shutdown.
 //! - `admin`: the admin listener: `/healthz`, `/readyz`, `/metrics`, and the management API
 //!   under `/v1/` (an operation table, one file per resource, the OpenAPI document).
 //! - [`proxy`]: **the request path**, as named phases (route → credential → verify →

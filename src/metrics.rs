@@ -102,7 +102,35 @@ pub struct ListenerMetrics {
     pub timed_out_head: IntCounter,
     /// Connections closed for being idle too long.
     pub timed_out_idle: IntCounter,
+    /// Failed TLS handshakes, by reason.
+    pub tls_failures: TlsFailures,
+    /// Certificate reloads that took effect.
+    pub tls_reloaded: IntCounter,
+    /// Certificate reloads refused (the old certificates kept serving).
+    pub tls_reload_failed: IntCounter,
 }
+
+/// One listener's failed TLS handshakes, by reason (`keygate_tls_handshake_failures_total`).
+#[derive(Clone)]
+pub struct TlsFailures {
+    /// The client offered no protocol version keygate speaks (TLS 1.2 and 1.3 only).
+    pub protocol_version: IntCounter,
+    /// Client certificates are required and the client sent none.
+    pub no_certificate: IntCounter,
+    /// The client's certificate did not verify (unknown issuer, expired, wrong use, …).
+    pub bad_certificate: IntCounter,
+    /// Anything else: not TLS at all, no common cipher suite, an alert from the client, a
+    /// reset mid-handshake.
+    pub other: IntCounter,
+}
+
+/// The `reason` label values of `keygate_tls_handshake_failures_total`.
+pub const TLS_FAILURE_REASONS: [&str; 4] = [
+    "protocol_version",
+    "no_certificate",
+    "bad_certificate",
+    "other",
+];
 
 /// The process's metrics.
 pub struct Metrics {
@@ -158,6 +186,9 @@ pub struct Metrics {
     pub last_used_dropped: IntCounter,
     /// Batches of last-used times the store failed to record.
     pub last_used_errors: IntCounter,
+    /// Unix time of each served certificate's `notAfter`, by listener and name (set at every
+    /// load of the listener's certificates).
+    pub tls_certificate_expiry: IntGaugeVec,
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
@@ -272,12 +303,47 @@ impl Metrics {
             &["listener", "kind"],
         )
         .expect("valid metric");
-        let listener = |name: &str| ListenerMetrics {
-            open: connections.with_label_values(&[name]),
-            refused: refused.with_label_values(&[name]),
-            accept_errors: accept_errors.with_label_values(&[name]),
-            timed_out_head: timed_out.with_label_values(&[name, "head"]),
-            timed_out_idle: timed_out.with_label_values(&[name, "idle"]),
+        let tls_failures = IntCounterVec::new(
+            Opts::new(
+                "keygate_tls_handshake_failures_total",
+                "Failed TLS handshakes, by listener and reason (protocol_version: no TLS 1.2 or 1.3 offered; no_certificate: a required client certificate missing; bad_certificate: the client's certificate did not verify; other). Handshakes cut by server.header_read_timeout count under keygate_connections_timed_out_total{kind=\"head\"}.",
+            ),
+            &["listener", "reason"],
+        )
+        .expect("valid metric");
+        let tls_reloads = IntCounterVec::new(
+            Opts::new(
+                "keygate_tls_certificate_reloads_total",
+                "Loads of a listener's certificates after a file change or SIGHUP, by listener and result (ok: now served; error: refused, the previous certificates still served, the reason in the log and /readyz).",
+            ),
+            &["listener", "result"],
+        )
+        .expect("valid metric");
+        let tls_certificate_expiry = IntGaugeVec::new(
+            Opts::new(
+                "keygate_tls_certificate_expiry_seconds",
+                "Unix time of the notAfter of each certificate a listener serves, by listener and name (the first host name the certificate is chosen for, or its subject).",
+            ),
+            &["listener", "name"],
+        )
+        .expect("valid metric");
+        let listener = |name: &str| {
+            let reason = |r: &str| tls_failures.with_label_values(&[name, r]);
+            ListenerMetrics {
+                open: connections.with_label_values(&[name]),
+                refused: refused.with_label_values(&[name]),
+                accept_errors: accept_errors.with_label_values(&[name]),
+                timed_out_head: timed_out.with_label_values(&[name, "head"]),
+                timed_out_idle: timed_out.with_label_values(&[name, "idle"]),
+                tls_failures: TlsFailures {
+                    protocol_version: reason(TLS_FAILURE_REASONS[0]),
+                    no_certificate: reason(TLS_FAILURE_REASONS[1]),
+                    bad_certificate: reason(TLS_FAILURE_REASONS[2]),
+                    other: reason(TLS_FAILURE_REASONS[3]),
+                },
+                tls_reloaded: tls_reloads.with_label_values(&[name, "ok"]),
+                tls_reload_failed: tls_reloads.with_label_values(&[name, "error"]),
+            }
         };
         let removed = IntCounterVec::new(
             Opts::new(
@@ -362,6 +428,7 @@ impl Metrics {
                 "keygate_last_used_flush_errors_total",
                 "Batches of last-used times the store failed to record.",
             ),
+            tls_certificate_expiry: tls_certificate_expiry.clone(),
             registry,
         };
         let r = &m.registry;
@@ -380,6 +447,9 @@ impl Metrics {
         register(Box::new(accept_errors));
         register(Box::new(timed_out));
         register(Box::new(removed));
+        register(Box::new(tls_failures));
+        register(Box::new(tls_reloads));
+        register(Box::new(tls_certificate_expiry));
         register(Box::new(m.store_latency.clone()));
         for c in [
             &m.cache_hits,

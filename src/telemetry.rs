@@ -5,8 +5,17 @@ use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber; a second call is a no-op (tests start many servers).
 pub fn init(settings: &LogSettings) {
+    // rustls warns once per connection about what a client sent (an IP address as SNI, …):
+    // lines any client can make keygate write. Unless the configured filter names rustls, only
+    // its errors are logged; failed handshakes are counted in
+    // keygate_tls_handshake_failures_total instead. RUST_LOG, when set, is taken as it is.
+    let configured = if settings.filter.contains("rustls") {
+        settings.filter.clone()
+    } else {
+        format!("{},rustls=error", settings.filter)
+    };
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&settings.filter))
+        .or_else(|_| EnvFilter::try_new(&configured))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

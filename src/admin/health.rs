@@ -1,7 +1,9 @@
-//! What readiness knows beyond the store and the upstreams: whether shutdown has begun, and
-//! whether the listeners could take new connections lately. The server reports into it; the
-//! `/readyz` probe reads it.
+//! What readiness knows beyond the store and the upstreams: whether shutdown has begun,
+//! whether the listeners could take new connections lately, and standing warnings (a TLS
+//! certificate that failed to reload). The server reports into it; the `/readyz` probe reads
+//! it.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -21,6 +23,8 @@ pub(crate) struct Health {
     refused_max: AtomicUsize,
     /// The last failed accept on either listener, and when.
     accept_failure: Mutex<Option<(Instant, String)>>,
+    /// Standing warnings by source (e.g. `tls proxy`), until their source clears them.
+    warnings: Mutex<BTreeMap<&'static str, String>>,
 }
 
 impl Default for Health {
@@ -32,6 +36,7 @@ impl Default for Health {
             refused_open: AtomicUsize::new(0),
             refused_max: AtomicUsize::new(0),
             accept_failure: Mutex::new(None),
+            warnings: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -63,6 +68,22 @@ impl Health {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         *last = Some((Instant::now(), err.to_string()));
+    }
+
+    /// Sets (`Some`) or clears (`None`) the standing warning of `source`, shown under
+    /// `/readyz` `warnings` until cleared. A warning does not make the instance unready.
+    pub fn warn(&self, source: &'static str, warning: Option<String>) {
+        let mut warnings = self.warnings.lock().unwrap_or_else(PoisonError::into_inner);
+        match warning {
+            Some(w) => warnings.insert(source, w),
+            None => warnings.remove(source),
+        };
+    }
+
+    /// The standing warnings, in the order of their sources' names.
+    pub fn warnings(&self) -> Vec<String> {
+        let warnings = self.warnings.lock().unwrap_or_else(PoisonError::into_inner);
+        warnings.values().cloned().collect()
     }
 
     /// Why the listeners cannot take new connections now, for `/readyz`: connections refused

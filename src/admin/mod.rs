@@ -95,6 +95,7 @@ async fn readiness(admin: &Admin) -> Response<Full<Bytes>> {
         reasons.push(format!("store: {err}"));
     }
     let mut warnings = store.warnings();
+    warnings.extend(admin.health.warnings());
     // Each distinct upstream once, named by the first route that uses it.
     let mut upstreams: Vec<(&str, &Upstream)> = Vec::new();
     for route in app.routes.iter() {

@@ -146,6 +146,12 @@ pub(super) struct ServeArgs {
     /// The upstream every authenticated request goes to (upstream.url).
     #[arg(long, value_name = "URL")]
     pub(super) upstream: Option<String>,
+    /// PEM certificate chain: the proxy listener speaks TLS (server.tls_cert, with --tls-key).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub(super) tls_cert: Option<String>,
+    /// PEM private key of --tls-cert (server.tls_key).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub(super) tls_key: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -215,6 +221,8 @@ impl Cli {
             push("server", "listen", &s.listen);
             push("server", "admin_listen", &s.admin_listen);
             push("upstream", "url", &s.upstream);
+            push("server", "tls_cert", &s.tls_cert);
+            push("server", "tls_key", &s.tls_key);
         }
         o
     }

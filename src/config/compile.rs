@@ -11,11 +11,12 @@ use std::time::Duration;
 use http::{HeaderValue, Uri};
 
 use super::error::{field_err, Check};
-use super::{Config, ConfigError, UpstreamConfig};
+use super::{Config, ConfigError, ServerConfig, UpstreamConfig};
 use crate::policy;
 use crate::proxy::upstream::{Protocol, UpstreamTls};
 use crate::proxy::{IdentitySettings, IpNet, UnderscoreHeaders, UpstreamSettings};
 use crate::route::{self, Grant, MethodSet, Route, RouteTable, TenantFrom};
+use crate::server::tls::{CertificateFiles, ClientAuth, TlsSettings};
 use crate::server::{Http2Limits, Settings};
 use crate::store::redis::{RedisSettings, RedisTls};
 use crate::store::StoreSettings;
@@ -138,6 +139,8 @@ fn serve(config: &Config) -> Result<Settings, ConfigError> {
         u32::MAX as usize,
     ));
     let store = c.ok(key_store(config));
+    let tls = c.ok(proxy_tls(s));
+    let admin_tls = c.ok(admin_tls(s));
     let capacity = c.ok(bounded(
         "cache.capacity",
         config.cache.capacity as usize,
@@ -217,8 +220,145 @@ fn serve(config: &Config) -> Result<Settings, ConfigError> {
             log: log?,
             last_used_interval: last_used_interval?,
             operator_tenant: operator_tenant?,
+            tls: tls?,
+            admin_tls: admin_tls?,
         })
     })
+}
+
+/// A setting that names a file: set and not empty.
+fn file_setting(field: &str, v: &Option<String>) -> Result<Option<PathBuf>, ConfigError> {
+    match v.as_deref() {
+        None => Ok(None),
+        Some("") => Err(field_err(field, "must not be empty (unset it instead)")),
+        Some(p) => Ok(Some(PathBuf::from(p))),
+    }
+}
+
+/// A certificate setting and its key setting: both or neither.
+fn cert_and_key(
+    cert_field: &str,
+    cert: &Option<String>,
+    key_field: &str,
+    key: &Option<String>,
+) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+    match (
+        file_setting(cert_field, cert)?,
+        file_setting(key_field, key)?,
+    ) {
+        (Some(c), Some(k)) => Ok(Some((c, k))),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err(field_err(key_field, format!("required with {cert_field}"))),
+        (None, Some(_)) => Err(field_err(cert_field, format!("required with {key_field}"))),
+    }
+}
+
+/// `required` or `optional`.
+fn client_auth(field: &str, v: &str) -> Result<ClientAuth, ConfigError> {
+    ClientAuth::parse(v).ok_or_else(|| {
+        field_err(
+            field,
+            format!("{v:?}: expected \"required\" or \"optional\""),
+        )
+    })
+}
+
+/// The client CA of a listener: only with TLS on it.
+fn client_ca(
+    field: &str,
+    v: &Option<String>,
+    tls: bool,
+    cert_field: &str,
+) -> Result<Option<PathBuf>, ConfigError> {
+    let ca = file_setting(field, v)?;
+    if ca.is_some() && !tls {
+        return Err(field_err(
+            field,
+            format!("client certificates need TLS on the listener: set {cert_field} too"),
+        ));
+    }
+    Ok(ca)
+}
+
+/// The proxy listener's TLS: `tls_cert`/`tls_key` (the default certificate) and
+/// `[[server.tls_certificates]]`, client certificates against `tls_client_ca`.
+fn proxy_tls(s: &ServerConfig) -> Result<Option<TlsSettings>, ConfigError> {
+    let mut certificates = Vec::new();
+    if let Some((cert, key)) =
+        cert_and_key("server.tls_cert", &s.tls_cert, "server.tls_key", &s.tls_key)?
+    {
+        certificates.push(CertificateFiles {
+            cert,
+            key,
+            hosts: Vec::new(),
+            setting: "server.tls_cert".into(),
+        });
+    }
+    for (i, tc) in s.tls_certificates.iter().enumerate() {
+        let f = |field: &str| format!("server.tls_certificates[{i}].{field}");
+        let (cert, key) = cert_and_key(
+            &f("cert"),
+            &Some(tc.cert.clone()),
+            &f("key"),
+            &Some(tc.key.clone()),
+        )?
+        .expect("both set");
+        for (j, host) in tc.hosts.iter().enumerate() {
+            let name = host.strip_prefix("*.").unwrap_or(host);
+            if route::parse_host(name).is_err() || name.contains(':') || name.contains('*') {
+                return Err(field_err(
+                    &format!("server.tls_certificates[{i}].hosts[{j}]"),
+                    format!("{host:?} is not a host name like api.example.com or *.example.com"),
+                ));
+            }
+        }
+        certificates.push(CertificateFiles {
+            cert,
+            key,
+            hosts: tc.hosts.clone(),
+            setting: format!("server.tls_certificates[{i}]"),
+        });
+    }
+    let tls = !certificates.is_empty();
+    let client_ca = client_ca(
+        "server.tls_client_ca",
+        &s.tls_client_ca,
+        tls,
+        "server.tls_cert",
+    )?;
+    let client_auth = client_auth("server.tls_client_auth", &s.tls_client_auth)?;
+    Ok(tls.then_some(TlsSettings {
+        certificates,
+        client_ca,
+        client_auth,
+    }))
+}
+
+/// The admin listener's TLS (off unless `admin_tls_cert` is set).
+fn admin_tls(s: &ServerConfig) -> Result<Option<TlsSettings>, ConfigError> {
+    let pair = cert_and_key(
+        "server.admin_tls_cert",
+        &s.admin_tls_cert,
+        "server.admin_tls_key",
+        &s.admin_tls_key,
+    )?;
+    let client_ca = client_ca(
+        "server.admin_tls_client_ca",
+        &s.admin_tls_client_ca,
+        pair.is_some(),
+        "server.admin_tls_cert",
+    )?;
+    let client_auth = client_auth("server.admin_tls_client_auth", &s.admin_tls_client_auth)?;
+    Ok(pair.map(|(cert, key)| TlsSettings {
+        certificates: vec![CertificateFiles {
+            cert,
+            key,
+            hosts: Vec::new(),
+            setting: "server.admin_tls_cert".into(),
+        }],
+        client_ca,
+        client_auth,
+    }))
 }
 
 /// Every role a key may be given under this configuration: the routes' roles (built-in and

@@ -203,6 +203,48 @@ pub struct ServerConfig {
     /// HTTP/2: most streams keygate may reset because the client broke the protocol on them;
     /// past it the connection is closed with a GOAWAY.
     pub http2_max_local_error_reset_streams: usize,
+    /// PEM certificate chain of the proxy listener: set with `tls_key`, the listener speaks
+    /// TLS only (the default certificate, for clients without SNI or with an unknown name).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<String>,
+    /// PEM private key of `tls_cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<String>,
+    /// `[[server.tls_certificates]]`: more certificates of the proxy listener, chosen by SNI
+    /// (the first is the default when `tls_cert` is unset).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tls_certificates: Vec<TlsCertificateConfig>,
+    /// PEM CA bundle the proxy listener verifies client certificates against (mTLS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca: Option<String>,
+    /// With `tls_client_ca`: `required` (no handshake without a verified client certificate)
+    /// or `optional` (a client may send none; routes may still require one).
+    pub tls_client_auth: String,
+    /// PEM certificate chain of the admin listener (off by default; may be `tls_cert`'s file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_tls_cert: Option<String>,
+    /// PEM private key of `admin_tls_cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_tls_key: Option<String>,
+    /// PEM CA bundle the admin listener verifies client certificates against.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_tls_client_ca: Option<String>,
+    /// With `admin_tls_client_ca`: `required` or `optional`.
+    pub admin_tls_client_auth: String,
+}
+
+/// `[[server.tls_certificates]]`: one certificate of the proxy listener chosen by SNI.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsCertificateConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: String,
+    /// PEM private key.
+    pub key: String,
+    /// Host names it is chosen for (`api.example.com`, `*.example.com`); unset: the DNS names
+    /// the certificate lists.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -225,6 +267,15 @@ impl Default for ServerConfig {
             http2_keep_alive_timeout: "20s".into(),
             http2_max_pending_accept_reset_streams: 20,
             http2_max_local_error_reset_streams: 1024,
+            tls_cert: None,
+            tls_key: None,
+            tls_certificates: Vec::new(),
+            tls_client_ca: None,
+            tls_client_auth: "required".into(),
+            admin_tls_cert: None,
+            admin_tls_key: None,
+            admin_tls_client_ca: None,
+            admin_tls_client_auth: "required".into(),
         }
     }
 }

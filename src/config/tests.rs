@@ -4,6 +4,7 @@ use super::*;
 use crate::proxy::{IpNet, UnderscoreHeaders};
 use crate::route::MethodSet;
 use crate::server::Settings;
+use std::path::PathBuf;
 
 #[test]
 fn workers_default_to_one_per_cpu_and_are_bounded() {
@@ -592,4 +593,83 @@ fn upstream_protocol_and_tls_settings_name_their_field() {
     c.upstream.h2_max_streams = 0;
     let err = c.serve_settings().unwrap_err().to_string();
     assert!(err.starts_with("upstream.h2_max_streams"), "{err}");
+}
+
+#[test]
+fn tls_settings_are_validated_with_their_field() {
+    let mut c = Config::default();
+    c.upstream.url = Some("http://127.0.0.1:3000".into());
+    let s = c.serve_settings().unwrap();
+    assert!(
+        s.tls.is_none() && s.admin_tls.is_none(),
+        "cleartext by default"
+    );
+
+    c.server.tls_cert = Some("/etc/keygate/tls.crt".into());
+    let err = c.serve_settings().unwrap_err().to_string();
+    assert!(err.starts_with("server.tls_key"), "{err}");
+    c.server.tls_key = Some("/etc/keygate/tls.key".into());
+    c.server.tls_certificates.push(TlsCertificateConfig {
+        cert: "api.crt".into(),
+        key: "api.key".into(),
+        hosts: vec!["*.apps.example.com".into()],
+    });
+    let s = c.serve_settings().unwrap();
+    let tls = s.tls.unwrap();
+    assert_eq!(tls.certificates.len(), 2);
+    assert_eq!(
+        tls.certificates[0].setting, "server.tls_cert",
+        "the default first"
+    );
+    assert!(tls.client_ca.is_none());
+
+    c.server.tls_certificates[0].hosts = vec!["api.example.com:443".into()];
+    let err = c.serve_settings().unwrap_err().to_string();
+    assert!(
+        err.starts_with("server.tls_certificates[0].hosts[0]"),
+        "{err}"
+    );
+    c.server.tls_certificates.clear();
+    c.server.tls_client_auth = "sometimes".into();
+    let err = c.serve_settings().unwrap_err().to_string();
+    assert!(err.starts_with("server.tls_client_auth"), "{err}");
+    c.server.tls_client_auth = "optional".into();
+    c.server.tls_client_ca = Some("ca.crt".into());
+    let tls = c.serve_settings().unwrap().tls.unwrap();
+    assert_eq!(tls.client_auth, crate::server::tls::ClientAuth::Optional);
+
+    // Client certificates need TLS on their listener; the admin listener's TLS is its own.
+    c.server.admin_tls_client_ca = Some("ca.crt".into());
+    let err = c.serve_settings().unwrap_err().to_string();
+    assert!(err.starts_with("server.admin_tls_client_ca"), "{err}");
+    c.server.admin_tls_key = Some("admin.key".into());
+    let err = c.serve_settings().unwrap_err().to_string();
+    assert!(err.starts_with("server.admin_tls_cert"), "{err}");
+    c.server.admin_tls_cert = Some(String::new());
+    let err = c.serve_settings().unwrap_err().to_string();
+    assert!(err.starts_with("server.admin_tls_cert"), "{err}");
+    assert!(err.contains("must not be empty"), "{err}");
+    c.server.admin_tls_cert = Some("admin.crt".into());
+    let s = c.serve_settings().unwrap();
+    assert_eq!(
+        s.admin_tls.unwrap().certificates[0].key,
+        PathBuf::from("admin.key")
+    );
+}
+
+#[test]
+fn the_tls_flags_and_environment_set_the_proxy_certificate() {
+    let config = Config::load(
+        None,
+        env(&[("KEYGATE__SERVER__TLS_KEY", "/env/tls.key")]),
+        &[
+            ("server", "tls_cert", "/flag/tls.crt".into()),
+            ("upstream", "url", "http://127.0.0.1:3000".into()),
+        ],
+    )
+    .unwrap();
+    assert_eq!(config.server.tls_cert.as_deref(), Some("/flag/tls.crt"));
+    assert_eq!(config.server.tls_key.as_deref(), Some("/env/tls.key"));
+    let tls = config.serve_settings().unwrap().tls.unwrap();
+    assert_eq!(tls.certificates[0].cert, PathBuf::from("/flag/tls.crt"));
 }

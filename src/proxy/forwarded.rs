@@ -17,20 +17,38 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
-/// The client end of a proxy connection, worked out once per connection.
+/// The client end of a proxy connection, worked out once per connection: every phase of its
+/// requests sees it.
 pub struct Peer {
     /// Its address, as an `X-Forwarded-For` value.
     pub ip: HeaderValue,
     /// Whether it is a trusted proxy (`server.trusted_proxies`).
     pub trusted: bool,
+    /// The scheme the client spoke to keygate: `http`, or `https` over TLS (sent upstream as
+    /// `X-Forwarded-Proto`).
+    pub proto: &'static str,
+    /// The subject of the client certificate the TLS handshake verified, if any (sent
+    /// upstream as `<prefix>client-cert-subject`).
+    pub client_cert: Option<HeaderValue>,
 }
 
 impl Peer {
-    /// The peer at `ip`, trusted if a trusted network contains it.
+    /// The peer at `ip` over cleartext, trusted if a trusted network contains it.
     pub fn new(ip: IpAddr, trusted: &[IpNet]) -> Self {
         Peer {
             ip: ip_value(ip),
             trusted: trusted.iter().any(|net| net.contains(ip)),
+            proto: "http",
+            client_cert: None,
+        }
+    }
+
+    /// The same peer over TLS, with the subject of its verified client certificate, if any.
+    pub fn over_tls(self, client_cert: Option<HeaderValue>) -> Self {
+        Peer {
+            proto: "https",
+            client_cert,
+            ..self
         }
     }
 }

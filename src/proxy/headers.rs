@@ -200,6 +200,8 @@ pub struct Forwarded<'a> {
     /// The tenant header the route's decision was made on, with its value: it reaches the
     /// upstream in the configured spelling and as decided, whatever the client did.
     pub tenant_header: Option<(&'a HeaderName, HeaderValue)>,
+    /// The subject of the connection's verified TLS client certificate, if any.
+    pub client_cert: Option<&'a HeaderValue>,
 }
 
 /// Rewrites a request head for the upstream (see the module docs for the order). `identity` is
@@ -241,6 +243,11 @@ pub fn rewrite_request_headers(
             ids.subject_kind.clone(),
             HeaderValue::from_static(identity.kind.as_str()),
         );
+    }
+
+    // The transport's identity, whether or not the route needs a key.
+    if let Some(subject) = fwd.client_cert {
+        headers.insert(ids.client_cert_subject.clone(), subject.clone());
     }
 
     set_forwarding_headers(
@@ -287,6 +294,8 @@ pub struct IdentitySettings {
     pub subject: HeaderName,
     /// `<prefix>subject-kind`.
     pub subject_kind: HeaderName,
+    /// `<prefix>client-cert-subject`: the verified TLS client certificate's subject.
+    pub client_cert_subject: HeaderName,
     /// Forward `Authorization` upstream.
     pub forward_authorization: bool,
 }
@@ -314,6 +323,7 @@ impl IdentitySettings {
             role: name("role")?,
             subject: name("subject")?,
             subject_kind: name("subject-kind")?,
+            client_cert_subject: name("client-cert-subject")?,
             prefix,
             forward_authorization,
         })
@@ -412,6 +422,7 @@ mod tests {
                 request_id: &rid,
                 scan,
                 tenant_header: None,
+                client_cert: None,
             },
         )
     }
@@ -498,6 +509,7 @@ mod tests {
                 request_id: &rid,
                 scan,
                 tenant_header: Some((&name, HeaderValue::from_static("acme"))),
+                client_cert: None,
             },
         );
         assert_eq!(h.get_all("x-tenant").iter().count(), 1);
@@ -604,6 +616,7 @@ mod tests {
                 request_id: &rid,
                 scan,
                 tenant_header: None,
+                client_cert: None,
             },
         );
         assert!(h.keys().all(|k| !k.as_str().starts_with("x-keygate-")));

@@ -211,7 +211,8 @@ impl<'a> Context<'a> {
         let fwd = Forwarded {
             client_ip: &self.peer.ip,
             trusted: self.peer.trusted,
-            proto: "http",
+            proto: self.peer.proto,
+            client_cert: self.peer.client_cert.as_ref(),
             host,
             request_id: &self.request_id,
             scan: self.scan,

@@ -173,6 +173,11 @@ impl Activity {
         })
     }
 
+    /// When the first request head is due (its handshake included, on a TLS listener).
+    pub fn first_head_due(&self, d: Deadlines) -> Instant {
+        self.born + d.head
+    }
+
     fn ms(&self, t: Instant) -> u64 {
         t.saturating_duration_since(self.born).as_millis() as u64
     }

@@ -9,6 +9,10 @@
 //! accept, no idling past `idle_timeout`) and hyper's size limits. Shutdown is a sequence:
 //! readiness goes false, the listeners close, in-flight requests get up to `shutdown_grace`
 //! to finish.
+//!
+//! A listener with TLS (`server/tls.rs`) runs each admitted connection's handshake in the
+//! connection's task, under the same first-head deadline: from accept, the handshake and the
+//! first request head together get `header_read_timeout`.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -17,12 +21,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{oneshot, watch};
 
 use crate::admin::{self, Admin, Health};
@@ -38,9 +42,11 @@ use crate::telemetry::LogSettings;
 use crate::verify::{CacheSettings, Verifier};
 
 mod connection;
+pub mod tls;
 
 pub use connection::Http2Limits;
 use connection::{Activity, Cap, Deadlines, Drain, Expirations, Watched};
+use tls::{ListenerTls, TlsError, TlsSettings};
 
 /// Validated runtime settings of `keygate serve`.
 #[derive(Debug, Clone)]
@@ -89,6 +95,10 @@ pub struct Settings {
     pub operator_tenant: String,
     /// How often a key's last use is recorded.
     pub last_used_interval: Duration,
+    /// TLS on the proxy listener (`None`: cleartext, HTTP/1.1 and h2c).
+    pub tls: Option<TlsSettings>,
+    /// TLS on the admin listener (`None`: cleartext).
+    pub admin_tls: Option<TlsSettings>,
 }
 
 /// A failure to start serving. Each message names the setting at fault; the OS error is
@@ -109,6 +119,9 @@ pub enum ServerError {
     /// The store could not be set up.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A listener's certificates could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// keygate's listeners, for errors that name their setting.
@@ -153,6 +166,8 @@ pub struct Server {
     health: Arc<Health>,
     proxy_cap: Arc<Cap>,
     admin_cap: Arc<Cap>,
+    proxy_tls: Option<Arc<ListenerTls>>,
+    admin_tls: Option<Arc<ListenerTls>>,
     /// The proxy listener, once per worker (the same socket).
     proxy: Vec<std::net::TcpListener>,
     admin: TcpListener,
@@ -196,6 +211,14 @@ impl Server {
         proxy.push(first);
         let (proxy_cap, admin_cap) = connection_caps(&settings);
         let metrics = Arc::new(Metrics::new());
+        let load_tls = |listener, settings: &Option<TlsSettings>, series: &ListenerMetrics| {
+            settings
+                .clone()
+                .map(|s| ListenerTls::load(listener, s, metrics.clone(), series.clone()))
+                .transpose()
+        };
+        let proxy_tls = load_tls("proxy", &settings.tls, &metrics.proxy_listener)?;
+        let admin_tls = load_tls("admin", &settings.admin_tls, &metrics.admin_listener)?;
         let verifier = Arc::new(
             Verifier::new(store.clone(), &settings.cache, metrics.clone())
                 .with_last_used_interval(settings.last_used_interval),
@@ -244,6 +267,8 @@ impl Server {
             health,
             proxy_cap,
             admin_cap,
+            proxy_tls,
+            admin_tls,
             proxy,
             admin,
             settings,
@@ -283,12 +308,17 @@ impl Server {
             health,
             proxy_cap,
             admin_cap,
+            proxy_tls,
+            admin_tls,
             proxy,
             admin,
             settings,
         } = self;
         let builder = http_builder(&settings);
         let (stop_tx, stop_rx) = watch::channel(false);
+        for tls in proxy_tls.iter().chain(&admin_tls) {
+            tls.clone().watch(health.clone(), stop_rx.clone());
+        }
         tracing::info!(
             listen = %proxy[0].local_addr().map(|a| a.to_string()).unwrap_or_default(),
             admin = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -306,6 +336,7 @@ impl Server {
                 &app.metrics.proxy_listener,
                 &settings,
                 &health,
+                proxy_tls.clone(),
                 true,
             );
             let spawned = std::thread::Builder::new()
@@ -326,6 +357,7 @@ impl Server {
             &app.metrics.admin_listener,
             &settings,
             &health,
+            admin_tls,
             false,
         );
         let admin_loop = accept_loop(
@@ -334,7 +366,7 @@ impl Server {
             &drain,
             stop_rx,
             admin_rules,
-            move |_, activity| {
+            move |_, activity: Arc<Activity>, _: Transport| {
                 let app = admin_app.clone();
                 service_fn(move |req: Request<Incoming>| {
                     let app = app.clone();
@@ -487,11 +519,13 @@ fn http_builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// One listener's connection rules: its cap, the deadlines, its series, and where accept
-/// failures and refusals are reported for readiness.
+/// One listener's connection rules: its cap, the deadlines, its series, its TLS, and where
+/// accept failures and refusals are reported for readiness.
 #[derive(Clone)]
 struct ListenerRules {
     cap: Arc<Cap>,
+    /// `None`: cleartext.
+    tls: Option<Arc<ListenerTls>>,
     deadlines: Deadlines,
     metrics: ListenerMetrics,
     expired: Expirations,
@@ -506,10 +540,12 @@ impl ListenerRules {
         metrics: &ListenerMetrics,
         settings: &Settings,
         health: &Arc<Health>,
+        tls: Option<Arc<ListenerTls>>,
         proxy: bool,
     ) -> Self {
         ListenerRules {
             cap: cap.clone(),
+            tls,
             health: health.clone(),
             deadlines: Deadlines {
                 head: settings.header_read_timeout,
@@ -561,21 +597,26 @@ fn proxy_worker(
         };
         let drain = Drain::default();
         let service_app = app.clone();
-        let make_service = move |peer: SocketAddr, activity: Arc<Activity>| {
-            let app = service_app.clone();
-            // Worked out once per connection, shared by its requests.
-            let peer = Arc::new(Peer::new(peer.ip(), &app.trusted_proxies));
-            service_fn(move |req: Request<Incoming>| {
-                let (app, peer) = (app.clone(), peer.clone());
-                let in_flight = activity.begin(req.version());
-                let unanswered = Unanswered::new(app.metrics.requests_abandoned.clone());
-                async move {
-                    let resp = proxy::handle(&app, req, &peer).await;
-                    unanswered.answered();
-                    Ok::<_, Infallible>(connection::respond(resp, in_flight))
+        let make_service =
+            move |peer: SocketAddr, activity: Arc<Activity>, transport: Transport| {
+                let app = service_app.clone();
+                // Worked out once per connection, shared by its requests.
+                let mut peer = Peer::new(peer.ip(), &app.trusted_proxies);
+                if transport.tls {
+                    peer = peer.over_tls(transport.client_cert);
                 }
-            })
-        };
+                let peer = Arc::new(peer);
+                service_fn(move |req: Request<Incoming>| {
+                    let (app, peer) = (app.clone(), peer.clone());
+                    let in_flight = activity.begin(req.version());
+                    let unanswered = Unanswered::new(app.metrics.requests_abandoned.clone());
+                    async move {
+                        let resp = proxy::handle(&app, req, &peer).await;
+                        unanswered.answered();
+                        Ok::<_, Infallible>(connection::respond(resp, in_flight))
+                    }
+                })
+            };
         accept_loop(listener, builder, &drain, stop, rules, make_service).await;
         drain_within(drain, grace).await;
     });
@@ -597,16 +638,25 @@ async fn drain_within(drain: Drain, grace: Duration) -> bool {
     }
 }
 
+/// What a connection's transport tells its requests.
+pub struct Transport {
+    /// Whether the connection is TLS.
+    pub tls: bool,
+    /// The verified client certificate's subject, if the client presented one.
+    pub client_cert: Option<HeaderValue>,
+}
+
 /// Accepts connections until `stop` turns true. Each admitted connection runs in its own task
 /// under `rules` and is watched by `drain`; one over the cap is closed at once, unread.
-async fn accept_loop<S, B>(
+async fn accept_loop<S, B, M>(
     listener: TcpListener,
     builder: auto::Builder<TokioExecutor>,
     drain: &Drain,
     mut stop: watch::Receiver<bool>,
     rules: ListenerRules,
-    make_service: impl Fn(SocketAddr, Arc<Activity>) -> S,
+    make_service: M,
 ) where
+    M: Fn(SocketAddr, Arc<Activity>, Transport) -> S + Clone + Send + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Send
         + 'static,
@@ -615,6 +665,8 @@ async fn accept_loop<S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    // Shared with the TLS connections' tasks, which build their connection after the handshake.
+    let builder = Arc::new(builder);
     loop {
         let accepted = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
@@ -644,12 +696,34 @@ async fn accept_loop<S, B>(
         };
         let _ = stream.set_nodelay(true);
         let activity = Activity::new();
-        let io = TokioIo::new(Watched::new(stream, activity.clone()));
-        let conn = builder
-            .serve_connection(io, make_service(peer, activity.clone()))
-            .into_owned();
         let (watcher, rules) = (drain.watcher(), rules.clone());
         rules.metrics.open.inc();
+        if rules.tls.is_some() {
+            let (builder, make_service) = (builder.clone(), make_service.clone());
+            tokio::spawn(async move {
+                serve_tls(
+                    stream,
+                    peer,
+                    activity,
+                    &builder,
+                    make_service,
+                    watcher,
+                    &rules,
+                )
+                .await;
+                rules.metrics.open.dec();
+                drop(admitted);
+            });
+            continue;
+        }
+        let io = TokioIo::new(Watched::new(stream, activity.clone()));
+        let transport = Transport {
+            tls: false,
+            client_cert: None,
+        };
+        let conn = builder
+            .serve_connection(io, make_service(peer, activity.clone(), transport))
+            .into_owned();
         tokio::spawn(async move {
             let ended = connection::serve(
                 conn,
@@ -666,6 +740,70 @@ async fn accept_loop<S, B>(
             rules.metrics.open.dec();
             drop(admitted);
         });
+    }
+}
+
+/// One TLS connection: the handshake, then HTTP over it, all under the connection's deadlines.
+///
+/// Invariant: the handshake runs under the first-head deadline counted from accept (the same
+/// instant [`connection::serve`] counts from), so a client that trickles its handshake, or
+/// completes it and then sends nothing, is closed `header_read_timeout` after accept, and the
+/// handshake never extends the deadline. A failed handshake is counted by reason and logged at
+/// debug level with the peer and the reason only.
+async fn serve_tls<S, B, M>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    activity: Arc<Activity>,
+    builder: &auto::Builder<TokioExecutor>,
+    make_service: M,
+    mut watcher: watch::Receiver<()>,
+    rules: &ListenerRules,
+) where
+    M: Fn(SocketAddr, Arc<Activity>, Transport) -> S,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let Some(tls) = &rules.tls else { return };
+    let deadline = activity.first_head_due(rules.deadlines);
+    let handshake = tokio::time::timeout_at(deadline, tls.acceptor().accept(stream));
+    let stream = tokio::select! {
+        done = handshake => match done {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err)) => {
+                let reason = tls::count_failure(tls.failures(), &err);
+                tracing::debug!(%peer, reason, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                rules.expired.head.inc();
+                return;
+            }
+        },
+        // Shutdown: a connection still in its handshake has no request to finish.
+        _ = watcher.changed() => return,
+    };
+    let transport = Transport {
+        tls: true,
+        client_cert: tls::client_subject(stream.get_ref().1),
+    };
+    let io = TokioIo::new(Watched::new(stream, activity.clone()));
+    let conn = builder.serve_connection(io, make_service(peer, activity.clone(), transport));
+    let ended = connection::serve(
+        conn,
+        |c| c.graceful_shutdown(),
+        activity,
+        rules.deadlines,
+        watcher,
+        &rules.expired,
+    )
+    .await;
+    if let Err(err) = ended {
+        tracing::debug!(error = %err, %peer, "connection ended with an error");
     }
 }
 

@@ -1173,3 +1173,7 @@ impl KeptAlive {
 // ---------------------------------------------------------------------------------------------
 // Redis over TLS: test certificates (rcgen) and a `redis-server` with a TLS port.
 pub mod tls_redis;
+
+// TLS on keygate's listeners: a test CA, a TLS client, HTTP over it
+
+pub mod tls_server;
