@@ -260,7 +260,7 @@ impl Upstream {
     }
 
     /// The request target in origin form (`/base/path?query`), as HTTP/1.1 sends it.
-    fn target(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
+    pub(super) fn target(&self, pq: Option<&PathAndQuery>) -> Result<Uri, http::Error> {
         match (self.settings.base_path.is_empty(), pq) {
             // Reuse the parsed path and query (a reference count, no copy, no re-parse).
             (true, Some(pq)) => Ok(Uri::from(pq.clone())),

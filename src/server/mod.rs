@@ -470,6 +470,8 @@ fn http_builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_header_list_size(settings.max_header_bytes as u32)
         .max_concurrent_streams(256)
+        // Extended CONNECT (RFC 8441): WebSockets over HTTP/2, passed through by the proxy.
+        .enable_connect_protocol()
         .keep_alive_interval(Duration::from_secs(30));
     builder
 }
@@ -551,9 +553,16 @@ fn proxy_worker(
             let app = service_app.clone();
             // Worked out once per connection, shared by its requests.
             let peer = Arc::new(Peer::new(peer.ip(), &app.trusted_proxies));
-            service_fn(move |req: Request<Incoming>| {
+            service_fn(move |mut req: Request<Incoming>| {
                 let (app, peer) = (app.clone(), peer.clone());
                 let in_flight = activity.begin(req.version());
+                if req.method() == http::Method::CONNECT {
+                    // An HTTP/2 tunnel outlives its response: the connection stays busy (no
+                    // idle deadline) while the proxy keeps this.
+                    let busy = activity.begin(req.version());
+                    req.extensions_mut()
+                        .insert(proxy::ConnectionHold::new(busy));
+                }
                 let unanswered = Unanswered::new(app.metrics.requests_abandoned.clone());
                 async move {
                     let resp = proxy::handle(&app, req, &peer).await;
@@ -632,7 +641,7 @@ async fn accept_loop<S, B>(
         let activity = Activity::new();
         let io = TokioIo::new(Watched::new(stream, activity.clone()));
         let conn = builder
-            .serve_connection(io, make_service(peer, activity.clone()))
+            .serve_connection_with_upgrades(io, make_service(peer, activity.clone()))
             .into_owned();
         let (watcher, rules) = (drain.watcher(), rules.clone());
         rules.metrics.open.inc();
