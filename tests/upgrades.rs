@@ -620,6 +620,67 @@ async fn an_h2c_upgrade_is_never_passed_through() {
 }
 
 #[tokio::test]
+async fn an_open_websocket_counts_under_the_connection_cap() {
+    let s = setup_with("ws-cap", |c| c.server.max_connections = 2).await;
+    let key = create_key(&*s.store, "acme", "member").await;
+    let open = "keygate_open_connections{listener=\"proxy\"}";
+    let mut first = ws_h1(&s.keygate, "/chat", Some(key.secret.expose()))
+        .await
+        .unwrap();
+    let mut second = ws_h1(&s.keygate, "/chat", Some(key.secret.expose()))
+        .await
+        .unwrap();
+    echo(&mut first, "1").await;
+    echo(&mut second, "2").await;
+    assert_eq!(s.keygate.scrape().await.get(open), 2.0);
+    // At the cap: a third connection is closed at once, unread.
+    let mut third = TcpStream::connect(s.keygate.proxy).await.unwrap();
+    assert!(
+        closed_within(&mut third, REQUEST_TIMEOUT).await.is_some(),
+        "a connection past the cap was admitted"
+    );
+    echo(&mut first, "still served").await;
+    // Once one WebSocket ends, its place is free again.
+    drop(second);
+    eventually(
+        Duration::from_secs(10),
+        "the ended WebSocket's place is free",
+        || async { s.keygate.scrape().await.get(open) == 1.0 },
+    )
+    .await;
+    let mut again = ws_h1(&s.keygate, "/chat", Some(key.secret.expose()))
+        .await
+        .unwrap();
+    echo(&mut again, "3").await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_open_websockets_after_the_grace() {
+    let s = setup_with("ws-shutdown", |c| c.server.shutdown_grace = "1s".into()).await;
+    let key = create_key(&*s.store, "acme", "member").await;
+    let mut h1 = ws_h1(&s.keygate, "/chat", Some(key.secret.expose()))
+        .await
+        .unwrap();
+    let mut h2 = H2::connect(&s.keygate).await;
+    assert_eq!(h2.get("/plain", key.secret.expose()).await, StatusCode::OK);
+    let mut over_h2 = h2
+        .websocket("/chat", Some(key.secret.expose()))
+        .await
+        .unwrap();
+    echo(&mut h1, "before").await;
+    echo(&mut over_h2, "before").await;
+    let Setup { keygate, .. } = s;
+    let started = Instant::now();
+    keygate.shutdown().await;
+    println!(
+        "shutdown with two open WebSockets took {:?}",
+        started.elapsed()
+    );
+    closes(&mut h1, "the HTTP/1.1 WebSocket to close at shutdown").await;
+    closes(&mut over_h2, "the HTTP/2 WebSocket to close at shutdown").await;
+}
+
+#[tokio::test]
 async fn a_client_closing_its_websocket_is_counted_as_such() {
     let s = setup("ws-client-close").await;
     let key = create_key(&*s.store, "acme", "member").await;

@@ -13,7 +13,9 @@
 //!
 //! Invariant: a request is in flight from its complete head until its response body has been
 //! sent or dropped ([`InFlight`] lives in the response body), so neither deadline ever cuts a
-//! slow upstream or a long download.
+//! slow upstream or a long download. An upgraded connection (a WebSocket) keeps one more in
+//! flight for the tunnel's whole life, which its HTTP/1.1 connection outlives: the
+//! connection's place under the cap and in the drain is kept until [`Activity::settled`].
 
 use std::future::{poll_fn, Future};
 use std::io;
@@ -26,7 +28,7 @@ use std::time::Duration;
 use hyper::body::{Body, Frame, SizeHint};
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 /// The time limits of a connection (`server.header_read_timeout`, `server.idle_timeout`).
@@ -110,6 +112,8 @@ pub struct Activity {
     /// Milliseconds after `born` of the first byte read with no request in flight (HTTP/1.1:
     /// the start of the next head), or `NONE`.
     head_started: AtomicU64,
+    /// Woken when the last request in flight ends.
+    settled: Notify,
 }
 
 /// Why a connection's timer closed it.
@@ -136,7 +140,22 @@ impl Activity {
             h2: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(NONE),
+            settled: Notify::new(),
         })
+    }
+
+    /// Resolves once no request is in flight. An upgraded HTTP/1.1 connection outlives its
+    /// hyper connection: the tunnel keeps a request in flight, so waiting for this keeps the
+    /// connection under the listener's cap and in the drain until the tunnel ends.
+    pub async fn settled(&self) {
+        loop {
+            let mut woken = pin!(self.settled.notified());
+            woken.as_mut().enable();
+            if self.in_flight.load(Relaxed) == 0 {
+                return;
+            }
+            woken.await;
+        }
     }
 
     fn ms(&self, t: Instant) -> u64 {
@@ -208,6 +227,7 @@ impl Drop for InFlight {
             // The next byte read starts the next head.
             a.head_started.store(NONE, Relaxed);
             a.idle_since.store(a.ms(Instant::now()), Relaxed);
+            a.settled.notify_waiters();
         }
     }
 }
@@ -329,7 +349,7 @@ pub async fn serve<C, E>(
     graceful: impl Fn(Pin<&mut C>),
     activity: Arc<Activity>,
     deadlines: Deadlines,
-    mut stop: watch::Receiver<()>,
+    stop: &mut watch::Receiver<()>,
     expired: &Expirations,
 ) -> Result<(), E>
 where

@@ -556,9 +556,15 @@ fn proxy_worker(
             service_fn(move |mut req: Request<Incoming>| {
                 let (app, peer) = (app.clone(), peer.clone());
                 let in_flight = activity.begin(req.version());
-                if req.method() == http::Method::CONNECT {
-                    // An HTTP/2 tunnel outlives its response: the connection stays busy (no
-                    // idle deadline) while the proxy keeps this.
+                if req
+                    .extensions()
+                    .get::<hyper::upgrade::OnUpgrade>()
+                    .is_some()
+                {
+                    // A tunnel outlives its response: while the proxy keeps this, an HTTP/2
+                    // connection stays busy (no idle deadline) and an HTTP/1.1 one stays
+                    // under the cap and in the drain (hyper sets `OnUpgrade` only on upgrade
+                    // and CONNECT requests).
                     let busy = activity.begin(req.version());
                     req.extensions_mut()
                         .insert(proxy::ConnectionHold::new(busy));
@@ -643,21 +649,25 @@ async fn accept_loop<S, B>(
         let conn = builder
             .serve_connection_with_upgrades(io, make_service(peer, activity.clone()))
             .into_owned();
-        let (watcher, rules) = (drain.watcher(), rules.clone());
+        let (mut watcher, rules) = (drain.watcher(), rules.clone());
         rules.metrics.open.inc();
         tokio::spawn(async move {
             let ended = connection::serve(
                 conn,
                 |c| c.graceful_shutdown(),
-                activity,
+                activity.clone(),
                 rules.deadlines,
-                watcher,
+                &mut watcher,
                 &rules.expired,
             )
             .await;
             if let Err(err) = ended {
                 tracing::debug!(error = %err, %peer, "connection ended with an error");
             }
+            // An upgraded HTTP/1.1 connection lives on as a tunnel: it stays open (and under
+            // the cap, and drained at shutdown) until the tunnel ends.
+            activity.settled().await;
+            drop(watcher);
             rules.metrics.open.dec();
             drop(admitted);
         });
