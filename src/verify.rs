@@ -330,6 +330,33 @@ impl Verifier {
         });
     }
 
+    /// Starts the task that keeps live upgraded connections to the trust bound while the
+    /// invalidation feed cannot vouch for the cache: every half bound, if cached verdicts are
+    /// not trusted now (`cache.trust_while_unsubscribed` passed since the feed was last known
+    /// good), every live connection is checked against the store (fail closed). A revocation
+    /// missed while the feed is down so closes its key's connections within the bound and
+    /// half of it again; the resubscribe's flush checks them all once more. It ends when the
+    /// verifier is dropped. Call once.
+    pub fn start_live_sweeper(self: &Arc<Self>) {
+        let verifier = Arc::downgrade(self);
+        let every = (self.link.trust_for / 2).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(v) = verifier.upgrade() else { return };
+                if v.link.trusted() {
+                    continue;
+                }
+                let digests = v.live.digests();
+                if !digests.is_empty() {
+                    v.live.recheck_now(&v.store, &v.metrics, digests).await;
+                }
+            }
+        });
+    }
+
     /// Queues a last-used note for a verified key, at most once per key per interval. Never
     /// waits: a full queue drops the note.
     fn note_use(&self, id: &Identity, digest: KeyDigest, now: u64) {

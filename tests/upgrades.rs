@@ -681,6 +681,53 @@ async fn shutdown_closes_open_websockets_after_the_grace() {
 }
 
 #[tokio::test]
+async fn a_websocket_is_not_trusted_past_the_bound_while_the_feed_is_down() {
+    // keygate reaches Redis through a relay the test pauses: a silently dead link. The key is
+    // revoked meanwhile and keygate misses the announcement; past the trust bound it stops
+    // trusting what it knew and checks the live connection against the store, which does not
+    // answer either: fail closed.
+    let redis = RedisServer::start();
+    let ns = namespace("ws-unsynced");
+    let store = redis_store(&redis, &ns);
+    let upstream = WsUpstream::start().await;
+    let relay = Relay::start(format!("127.0.0.1:{}", redis.port).parse().unwrap()).await;
+    let mut config = test_config(&relay.url(), &ns, &upstream.url());
+    config.store.health_check_interval = "200ms".into();
+    config.cache.trust_while_unsubscribed = "1s".into();
+    let keygate = Keygate::start(config).await;
+    keygate.wait_ready().await;
+    let seen = keygate.invalidations();
+    let key = create_key(&*store, "acme", "member").await;
+    // The key's creation is announced too: applied before the pause, it cannot trigger a
+    // re-check that the pause would fail.
+    eventually(
+        Duration::from_secs(10),
+        "the creation is applied",
+        || async { keygate.invalidations() > seen },
+    )
+    .await;
+    let mut ws = ws_h1(&keygate, "/chat", Some(key.secret.expose()))
+        .await
+        .unwrap();
+    echo(&mut ws, "before").await;
+
+    relay.pause();
+    let paused = Instant::now();
+    store.revoke(&key.record.id, now_unix()).await.unwrap();
+    closes(&mut ws, "the WebSocket to close past the trust bound").await;
+    println!(
+        "with the feed silently down, the WebSocket closed {:?} after the pause (trust bound 1 s)",
+        paused.elapsed()
+    );
+    let m = keygate.scrape().await;
+    assert_eq!(
+        m.get(&closed_by("store_unavailable")) + m.get(&closed_by("revoked")),
+        1.0
+    );
+    relay.resume();
+}
+
+#[tokio::test]
 async fn a_client_closing_its_websocket_is_counted_as_such() {
     let s = setup("ws-client-close").await;
     let key = create_key(&*s.store, "acme", "member").await;

@@ -216,6 +216,7 @@ impl Server {
             }
         });
         verifier.start_last_used_flusher();
+        verifier.start_live_sweeper();
         let app = Arc::new(App {
             unrouted: metrics.route(proxy::UNROUTED),
             metrics,

@@ -149,25 +149,30 @@ impl Live {
             return;
         };
         let live = self.clone();
-        runtime.spawn(async move {
-            futures_util::stream::iter(digests)
-                .map(|d| {
-                    let store = store.clone();
-                    let metrics = metrics.clone();
-                    async move {
-                        let started = std::time::Instant::now();
-                        let found = store.lookup(&d).await;
-                        metrics.store_lookup(started.elapsed(), found.is_ok());
-                        (d, found)
-                    }
-                })
-                .buffer_unordered(RECHECK_CONCURRENCY)
-                .for_each(|(d, found)| {
-                    live.apply(&d, found, now_unix());
-                    std::future::ready(())
-                })
-                .await;
-        });
+        runtime.spawn(async move { live.recheck_now(&store, &metrics, digests).await });
+    }
+
+    /// Checks the connections of `digests` against the store, as [`Live::recheck`] does, and
+    /// resolves when done.
+    pub async fn recheck_now(
+        &self,
+        store: &Arc<dyn Store>,
+        metrics: &Arc<Metrics>,
+        digests: Vec<KeyDigest>,
+    ) {
+        futures_util::stream::iter(digests)
+            .map(|d| async move {
+                let started = std::time::Instant::now();
+                let found = store.lookup(&d).await;
+                metrics.store_lookup(started.elapsed(), found.is_ok());
+                (d, found)
+            })
+            .buffer_unordered(RECHECK_CONCURRENCY)
+            .for_each(|(d, found)| {
+                self.apply(&d, found, now_unix());
+                std::future::ready(())
+            })
+            .await;
     }
 
     fn release(&self, digest: &KeyDigest, ticket: &Arc<Ticket>) {
