@@ -262,14 +262,16 @@ impl<'a> Context<'a> {
         let sent = Instant::now();
         let app = self.app;
         let upstream = &route.upstream.upstream;
-        let resp = upgrade::forward(
+        // Boxed: its state is large, and inline it would make every request's future (moved
+        // on each poll setup) that much larger.
+        let resp = Box::pin(upgrade::forward(
             &app.verifier,
             &app.metrics.upgrades,
             upstream,
             req,
             upgrade,
             key,
-        )
+        ))
         .await;
         self.upstream_time = Some(sent.elapsed());
         resp

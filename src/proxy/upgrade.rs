@@ -80,16 +80,21 @@ pub(super) fn requested(
     Ok(None)
 }
 
-/// Something the server puts in an HTTP/2 CONNECT request that keeps its client connection
-/// busy while it lives (no idle deadline cuts a connection whose tunnel is open): the tunnel
-/// keeps it to its end.
+/// What the server puts in an upgrade request (HTTP/1.1 `Upgrade`, HTTP/2 CONNECT) to keep
+/// its client connection busy while it lives: the tunnel keeps it to its end, so no idle
+/// deadline cuts an HTTP/2 connection whose tunnel is open, and an upgraded HTTP/1.1
+/// connection keeps its place under the listener's cap.
 #[derive(Clone)]
-pub struct ConnectionHold(#[allow(dead_code)] std::sync::Arc<dyn Send + Sync>);
+pub struct ConnectionHold {
+    _busy: std::sync::Arc<dyn Send + Sync>,
+}
 
 impl ConnectionHold {
     /// Wraps what keeps the connection busy until it is dropped.
     pub fn new(busy: impl Send + Sync + 'static) -> Self {
-        ConnectionHold(std::sync::Arc::new(busy))
+        ConnectionHold {
+            _busy: std::sync::Arc::new(busy),
+        }
     }
 }
 

@@ -20,7 +20,9 @@
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst,
+};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -112,7 +114,9 @@ pub struct Activity {
     /// Milliseconds after `born` of the first byte read with no request in flight (HTTP/1.1:
     /// the start of the next head), or `NONE`.
     head_started: AtomicU64,
-    /// Woken when the last request in flight ends.
+    /// Tunnels open ([`Activity::tunnel`]), a part of `in_flight`.
+    tunnels: AtomicU32,
+    /// Woken when a tunnel ends.
     settled: Notify,
 }
 
@@ -140,18 +144,26 @@ impl Activity {
             h2: AtomicBool::new(false),
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(NONE),
+            tunnels: AtomicU32::new(0),
             settled: Notify::new(),
         })
     }
 
-    /// Resolves once no request is in flight. An upgraded HTTP/1.1 connection outlives its
-    /// hyper connection: the tunnel keeps a request in flight, so waiting for this keeps the
-    /// connection under the listener's cap and in the drain until the tunnel ends.
+    /// A request in flight that may outlive its response and its hyper connection (an
+    /// upgrade's tunnel), until the guard drops.
+    pub fn tunnel(self: &Arc<Self>, version: http::Version) -> Tunnel {
+        self.tunnels.fetch_add(1, Relaxed);
+        Tunnel(Some(self.begin(version)))
+    }
+
+    /// Resolves once no tunnel is open. An upgraded HTTP/1.1 connection outlives its hyper
+    /// connection, so waiting for this after it keeps the connection under the listener's
+    /// cap and in the drain until its tunnel ends.
     pub async fn settled(&self) {
         loop {
             let mut woken = pin!(self.settled.notified());
             woken.as_mut().enable();
-            if self.in_flight.load(Relaxed) == 0 {
+            if self.tunnels.load(SeqCst) == 0 {
                 return;
             }
             woken.await;
@@ -227,7 +239,21 @@ impl Drop for InFlight {
             // The next byte read starts the next head.
             a.head_started.store(NONE, Relaxed);
             a.idle_since.store(a.ms(Instant::now()), Relaxed);
-            a.settled.notify_waiters();
+        }
+    }
+}
+
+/// A tunnel's request in flight ([`Activity::tunnel`]); its end wakes [`Activity::settled`].
+/// (Only tunnels wake it, so an ordinary request's end costs no wake-up.)
+pub struct Tunnel(Option<InFlight>);
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        if let Some(in_flight) = self.0.take() {
+            let activity = in_flight.0.clone();
+            drop(in_flight);
+            activity.tunnels.fetch_sub(1, SeqCst);
+            activity.settled.notify_waiters();
         }
     }
 }

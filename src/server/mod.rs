@@ -566,7 +566,7 @@ fn proxy_worker(
                     // connection stays busy (no idle deadline) and an HTTP/1.1 one stays
                     // under the cap and in the drain (hyper sets `OnUpgrade` only on upgrade
                     // and CONNECT requests).
-                    let busy = activity.begin(req.version());
+                    let busy = activity.tunnel(req.version());
                     req.extensions_mut()
                         .insert(proxy::ConnectionHold::new(busy));
                 }
