@@ -728,6 +728,35 @@ async fn a_websocket_is_not_trusted_past_the_bound_while_the_feed_is_down() {
 }
 
 #[tokio::test]
+async fn a_revocation_in_the_keys_file_closes_the_websocket() {
+    // The embedded file store announces no revocation as such: its reload reports the changed
+    // key, and the live connection is checked against the store again.
+    let dir = temp_dir("ws-file");
+    let keys_file = dir.join("keys.toml");
+    let store = keygate::store::file::FileStore::open(&keys_file, true).unwrap();
+    let key = create_key(&store, "acme", "member").await;
+    let upstream = WsUpstream::start().await;
+    let keygate = Keygate::start(file_test_config(&keys_file, &upstream.url())).await;
+    keygate.wait_ready().await;
+    let mut ws = ws_h1(&keygate, "/chat", Some(key.secret.expose()))
+        .await
+        .unwrap();
+    echo(&mut ws, "from the file").await;
+    let started = Instant::now();
+    store.revoke(&key.record.id, now_unix()).await.unwrap();
+    closes(
+        &mut ws,
+        "the WebSocket of a key revoked in the file to close",
+    )
+    .await;
+    println!(
+        "a key revoked in the keys file: its WebSocket closed {:?} after the revocation began",
+        started.elapsed()
+    );
+    assert_eq!(keygate.scrape().await.get(&closed_by("revoked")), 1.0);
+}
+
+#[tokio::test]
 async fn a_client_closing_its_websocket_is_counted_as_such() {
     let s = setup("ws-client-close").await;
     let key = create_key(&*s.store, "acme", "member").await;
