@@ -189,6 +189,8 @@ pub struct Metrics {
     /// Unix time of each served certificate's `notAfter`, by listener and name (set at every
     /// load of the listener's certificates).
     pub tls_certificate_expiry: IntGaugeVec,
+    /// Upgraded connections (WebSocket and the like).
+    pub upgrades: UpgradeMetrics,
 }
 
 fn counter(name: &str, help: &str) -> IntCounter {
@@ -429,6 +431,7 @@ impl Metrics {
                 "Batches of last-used times the store failed to record.",
             ),
             tls_certificate_expiry: tls_certificate_expiry.clone(),
+            upgrades: UpgradeMetrics::new(),
             registry,
         };
         let r = &m.registry;
@@ -470,6 +473,7 @@ impl Metrics {
         for g in [&m.cache_entries, &m.subscription_up] {
             register(Box::new(g.clone()));
         }
+        m.upgrades.register(r);
         m
     }
 
@@ -544,6 +548,95 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Why an upgraded connection ended: the `reason` label values of
+/// `keygate_upgraded_connections_closed_total`, in the order of [`UpgradeClose::ALL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpgradeClose {
+    /// keygate closed it: its key was revoked (service-account removal revokes its keys).
+    Revoked,
+    /// keygate closed it: its key reached its expiry.
+    Expired,
+    /// keygate closed it: a re-check found its key gone from the store.
+    Unknown,
+    /// keygate closed it: a re-check could not reach the store (fail closed).
+    StoreUnavailable,
+    /// The client closed it (or its side failed) first.
+    Client,
+    /// The upstream closed it (or its side failed) first.
+    Upstream,
+    /// The upgrade never completed on one side (the client or the upstream went away while
+    /// switching).
+    Aborted,
+}
+
+impl UpgradeClose {
+    /// Every reason, in label order.
+    pub const ALL: [UpgradeClose; 7] = [
+        UpgradeClose::Revoked,
+        UpgradeClose::Expired,
+        UpgradeClose::Unknown,
+        UpgradeClose::StoreUnavailable,
+        UpgradeClose::Client,
+        UpgradeClose::Upstream,
+        UpgradeClose::Aborted,
+    ];
+
+    /// The `reason` label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            UpgradeClose::Revoked => "revoked",
+            UpgradeClose::Expired => "expired",
+            UpgradeClose::Unknown => "unknown",
+            UpgradeClose::StoreUnavailable => "store_unavailable",
+            UpgradeClose::Client => "client",
+            UpgradeClose::Upstream => "upstream",
+            UpgradeClose::Aborted => "aborted",
+        }
+    }
+}
+
+/// The series of upgraded connections, resolved at startup.
+#[derive(Clone)]
+pub struct UpgradeMetrics {
+    /// Upgraded connections spliced now.
+    pub live: IntGauge,
+    closed_vec: IntCounterVec,
+    closed: [IntCounter; UpgradeClose::ALL.len()],
+}
+
+impl UpgradeMetrics {
+    fn new() -> Self {
+        let closed_vec = IntCounterVec::new(
+            Opts::new(
+                "keygate_upgraded_connections_closed_total",
+                "Upgraded connections (WebSocket over HTTP/1.1 Upgrade or HTTP/2 extended CONNECT) that ended, by reason: revoked, expired, unknown (closed by keygate because the key that opened them stopped working), store_unavailable (a re-check could not reach the store), client or upstream (that side closed first), aborted (the switch never completed).",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        UpgradeMetrics {
+            live: gauge(
+                "keygate_upgraded_connections",
+                "Upgraded connections (WebSocket and the like) spliced to an upstream now.",
+            ),
+            closed: UpgradeClose::ALL.map(|r| closed_vec.with_label_values(&[r.label()])),
+            closed_vec,
+        }
+    }
+
+    fn register(&self, r: &Registry) {
+        r.register(Box::new(self.live.clone()))
+            .expect("unique metric");
+        r.register(Box::new(self.closed_vec.clone()))
+            .expect("unique metric");
+    }
+
+    /// Counts one upgraded connection that ended.
+    pub fn closed(&self, reason: UpgradeClose) {
+        self.closed[reason as usize].inc();
     }
 }
 

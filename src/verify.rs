@@ -5,6 +5,9 @@
 //! cached. A known key's entry lives at most the configured TTL and never past the key's expiry;
 //! an unknown key is remembered as unknown for the (short) negative TTL, so a flood of made-up
 //! keys reaches the store once per key per negative TTL.
+//!
+//! Beside the cache, the registry of live upgraded connections ([`live`]): what invalidates a
+//! key's verdicts reaches the connections it opened too.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +23,10 @@ use crate::identity::Identity;
 use crate::key::KeyDigest;
 use crate::metrics::Metrics;
 use crate::store::{now_unix, InvalidationSink, Store, StoreError};
+
+pub mod live;
+
+use live::{Held, Live};
 
 /// Validated cache settings.
 #[derive(Debug, Clone)]
@@ -221,6 +228,8 @@ pub struct Verifier {
     link: Link,
     metrics: Arc<Metrics>,
     usage: Usage,
+    /// The live upgraded connections, by key.
+    live: Arc<Live>,
 }
 
 impl Verifier {
@@ -260,7 +269,17 @@ impl Verifier {
                 trust_for: settings.trust_while_unsubscribed,
             },
             metrics,
+            live: Arc::default(),
         }
+    }
+
+    /// Registers a live upgraded connection opened with the key `digest`: from now on a
+    /// revocation, a change or a flush after which the store no longer vouches for the key
+    /// closes it (see [`Held::ended`]); it leaves the registry when the [`Held`] drops.
+    /// Register *before* the key's last check, so that an invalidation is either seen by that
+    /// check or finds the connection here.
+    pub fn hold(&self, digest: KeyDigest) -> Held {
+        self.live.hold(digest)
     }
 
     /// Sets how often a key's last use is recorded (at least 1 s).
@@ -306,6 +325,33 @@ impl Verifier {
                     // Bookkeeping only: these times are lost, later uses are recorded again.
                     metrics.last_used_errors.inc();
                     tracing::warn!(error = %e, keys = batch.len(), "cannot record last-used times");
+                }
+            }
+        });
+    }
+
+    /// Starts the task that keeps live upgraded connections to the trust bound while the
+    /// invalidation feed cannot vouch for the cache: every half bound, if cached verdicts are
+    /// not trusted now (`cache.trust_while_unsubscribed` passed since the feed was last known
+    /// good), every live connection is checked against the store (fail closed). A revocation
+    /// missed while the feed is down so closes its key's connections within the bound and
+    /// half of it again; the resubscribe's flush checks them all once more. It ends when the
+    /// verifier is dropped. Call once.
+    pub fn start_live_sweeper(self: &Arc<Self>) {
+        let verifier = Arc::downgrade(self);
+        let every = (self.link.trust_for / 2).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(v) = verifier.upgrade() else { return };
+                if v.link.trusted() {
+                    continue;
+                }
+                let digests = v.live.digests();
+                if !digests.is_empty() {
+                    v.live.recheck_now(&v.store, &v.metrics, digests).await;
                 }
             }
         });
@@ -449,6 +495,12 @@ impl InvalidationSink for Verifier {
         self.generations.slot(digest).fetch_add(1, Ordering::SeqCst);
         self.cache.invalidate(digest).await;
         self.metrics.invalidations.inc();
+        // The record changed (an expiry moved, a key deleted): the key's live connections are
+        // checked against the store, after the cache was told (see `live`).
+        if self.live.holds(digest) {
+            let (store, metrics) = (self.store.clone(), self.metrics.clone());
+            self.live.recheck(store, metrics, vec![*digest]);
+        }
     }
 
     async fn revoked(&self, digest: &KeyDigest) {
@@ -467,12 +519,26 @@ impl InvalidationSink for Verifier {
         self.generations.slot(digest).fetch_add(1, Ordering::SeqCst);
         self.cache.insert(*digest, revoked()).await;
         self.metrics.invalidations.inc();
+        // Invariant (no upgraded connection outlives its key's revocation by more than the
+        // propagation bound): the connections the key opened are closed here, as the
+        // revocation is applied, after the cache holds "revoked". A connection registers
+        // before its key's last check (`Verifier::hold`), so it is either found here or its
+        // check reads the "revoked" cached above. Tested by
+        // `a_websocket_echoes_through_keygate_and_closes_when_its_key_is_revoked` in
+        // tests/upgrades.rs.
+        self.live
+            .close(digest, crate::metrics::UpgradeClose::Revoked);
     }
 
     fn invalidate_all(&self) {
         self.generations.epoch.fetch_add(1, Ordering::SeqCst);
         self.cache.invalidate_all();
         self.metrics.cache_flushes.inc();
+        // Any record may have changed (messages were missed): every live connection is checked
+        // against the store again. Tested by
+        // `a_whole_cache_flush_closes_the_websockets_of_keys_found_dead` in tests/upgrades.rs.
+        let (store, metrics) = (self.store.clone(), self.metrics.clone());
+        self.live.recheck(store, metrics, self.live.digests());
     }
 
     fn link(&self, up: bool) {

@@ -22,7 +22,7 @@ use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Uri};
 
 use super::forwarded::{client_addresses, set_forwarding_headers};
-use super::hop::{hop_by_hop, remove_hop_by_hop};
+use super::hop::{hop_by_hop, remove_hop_by_hop, UPGRADE_BIT};
 use super::request_id::X_REQUEST_ID;
 use super::upstream::UpstreamSettings;
 use crate::identity::{Identity, Part};
@@ -60,6 +60,11 @@ fn method_overrides() -> [&'static HeaderName; 3] {
 }
 
 impl HeaderScan {
+    /// Whether the request has an `Upgrade` header (known from the scan, at no cost).
+    pub(super) fn upgrade(&self) -> bool {
+        self.hop & UPGRADE_BIT != 0
+    }
+
     /// Whether some header name contains `_`.
     pub(super) fn underscores(&self) -> bool {
         self.found & UNDERSCORE != 0

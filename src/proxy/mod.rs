@@ -18,6 +18,9 @@
 //!    upstream sees what was decided on and nothing the client sent can replace it.
 //! 6. `forward`: one exchange with the route's upstream on this worker's pool (`upstream.rs`),
 //!    whose failures become `502`/`504`. Timed alone, for the upstream's share of the latency.
+//!    An upgrade (a WebSocket over HTTP/1.1 `Upgrade` or HTTP/2 extended CONNECT, recognised
+//!    before `route` and decided as the `GET` it stands for) is forwarded on a connection of
+//!    its own and spliced once both sides switch (`upgrade.rs`).
 //! 7. `log`: the outcome becomes the response (a refusal through
 //!    [`Rejection::into_response`], the one place refusals are mapped), with its request id
 //!    (`request_id.rs`); then the metrics, the span's outcome and the access log line. It runs
@@ -51,10 +54,12 @@ pub mod forwarded;
 pub mod headers;
 mod hop;
 mod request_id;
+mod upgrade;
 pub(crate) mod upstream;
 
 pub use forwarded::{IpNet, Peer};
 pub use headers::{IdentitySettings, UnderscoreHeaders};
+pub use upgrade::ConnectionHold;
 pub use upstream::{Upstream, UpstreamSettings};
 
 pub use upstream::{ConnectError, ResponseBody, UpstreamIo};
@@ -68,17 +73,25 @@ pub async fn handle(app: &App, mut req: Request<Incoming>, peer: &Peer) -> Respo
     let mut cx = Context::new(app, peer, &req);
     let span = cx.span.clone();
     let outcome = async {
+        let upgrade = upgrade::requested(&mut req, &cx.scan)?;
         let (route, host) = cx.route(&mut req)?;
-        let identity = if route.auth {
+        let key = if route.auth {
             let digest = cx.credential(&req)?;
             let identity = cx.verify(digest).await?;
             cx.authorize(route, &identity, &req)?;
-            Some(identity)
+            Some((digest, identity))
         } else {
             None
         };
-        cx.rewrite(&mut req, route, host, identity.as_deref());
-        cx.forward(route, req).await
+        cx.rewrite(&mut req, route, host, key.as_ref().map(|(_, id)| &**id));
+        match upgrade {
+            None => cx.forward(route, req).await,
+            Some(upgrade) => {
+                let digest = key.map(|(digest, _)| digest);
+                let resp = cx.forward_upgrade(route, req, upgrade, digest).await?;
+                Ok(resp.map(upstream::ResponseBody::from))
+            }
+        }
     }
     .instrument(span)
     .await;
@@ -236,6 +249,34 @@ impl<'a> Context<'a> {
     ) -> Result<Response<ResponseBody>, Rejection> {
         let sent = Instant::now();
         let resp = route.upstream.upstream.send(req).await;
+        self.upstream_time = Some(sent.elapsed());
+        resp
+    }
+
+    /// **forward**, for an upgrade (a WebSocket): on a connection of its own to the route's
+    /// upstream; once both sides switch, the tunnel runs on its own task, closed when `key`
+    /// stops working (`upgrade.rs`). Timed to the upstream's answer, like `forward`.
+    async fn forward_upgrade(
+        &mut self,
+        route: &Route<RouteTarget>,
+        req: Request<Incoming>,
+        upgrade: upgrade::Upgrade,
+        key: Option<KeyDigest>,
+    ) -> Result<Response<Incoming>, Rejection> {
+        let sent = Instant::now();
+        let app = self.app;
+        let upstream = &route.upstream.upstream;
+        // Boxed: its state is large, and inline it would make every request's future (moved
+        // on each poll setup) that much larger.
+        let resp = Box::pin(upgrade::forward(
+            &app.verifier,
+            &app.metrics.upgrades,
+            upstream,
+            req,
+            upgrade,
+            key,
+        ))
+        .await;
         self.upstream_time = Some(sent.elapsed());
         resp
     }

@@ -13,7 +13,9 @@
 //!
 //! Invariant: a request is in flight from its complete head until its response body has been
 //! sent or dropped ([`InFlight`] lives in the response body), so neither deadline ever cuts a
-//! slow upstream or a long download.
+//! slow upstream or a long download. An upgraded connection (a WebSocket) keeps one more in
+//! flight for the tunnel's whole life, which its HTTP/1.1 connection outlives: the
+//! connection's place under the cap and in the drain is kept until [`Activity::settled`].
 //!
 //! The request budget (`server.max_requests_per_connection`) retires a connection without
 //! losing a request: on HTTP/1.1 the last request's response carries `Connection: close`
@@ -24,7 +26,9 @@
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst,
+};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -32,7 +36,7 @@ use std::time::Duration;
 use hyper::body::{Body, Frame, SizeHint};
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 /// The limits of a connection: its time limits (`server.header_read_timeout`,
@@ -141,6 +145,10 @@ pub struct Activity {
     max_requests: AtomicU32,
     /// Whether the budget is spent: the connection is to be closed gracefully.
     retiring: AtomicBool,
+    /// Tunnels open ([`Activity::tunnel`]), a part of `in_flight`.
+    tunnels: AtomicU32,
+    /// Woken when a tunnel ends.
+    settled: Notify,
 }
 
 /// Why a connection's timer closed it.
@@ -170,12 +178,35 @@ impl Activity {
             requests: AtomicU32::new(0),
             max_requests: AtomicU32::new(0),
             retiring: AtomicBool::new(false),
+            tunnels: AtomicU32::new(0),
+            settled: Notify::new(),
         })
     }
 
     /// When the first request head is due (its handshake included, on a TLS listener).
     pub fn first_head_due(&self, d: Deadlines) -> Instant {
         self.born + d.head
+    }
+
+    /// A request in flight that may outlive its response and its hyper connection (an
+    /// upgrade's tunnel), until the guard drops.
+    pub fn tunnel(self: &Arc<Self>, version: http::Version) -> Tunnel {
+        self.tunnels.fetch_add(1, Relaxed);
+        Tunnel(Some(self.begin(version)))
+    }
+
+    /// Resolves once no tunnel is open. An upgraded HTTP/1.1 connection outlives its hyper
+    /// connection, so waiting for this after it keeps the connection under the listener's
+    /// cap and in the drain until its tunnel ends.
+    pub async fn settled(&self) {
+        loop {
+            let mut woken = pin!(self.settled.notified());
+            woken.as_mut().enable();
+            if self.tunnels.load(SeqCst) == 0 {
+                return;
+            }
+            woken.await;
+        }
     }
 
     fn ms(&self, t: Instant) -> u64 {
@@ -274,6 +305,21 @@ pub fn respond<B>(mut resp: http::Response<B>, in_flight: InFlight) -> http::Res
         );
     }
     resp.map(|body| Tracked::new(body, in_flight))
+}
+
+/// A tunnel's request in flight ([`Activity::tunnel`]); its end wakes [`Activity::settled`].
+/// (Only tunnels wake it, so an ordinary request's end costs no wake-up.)
+pub struct Tunnel(Option<InFlight>);
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        if let Some(in_flight) = self.0.take() {
+            let activity = in_flight.activity.clone();
+            drop(in_flight);
+            activity.tunnels.fetch_sub(1, SeqCst);
+            activity.settled.notify_waiters();
+        }
+    }
 }
 
 /// A response body that keeps its request in flight until it has been sent or dropped.
@@ -393,7 +439,7 @@ pub async fn serve<C, E>(
     graceful: impl Fn(Pin<&mut C>),
     activity: Arc<Activity>,
     deadlines: Deadlines,
-    mut stop: watch::Receiver<()>,
+    stop: &mut watch::Receiver<()>,
     expired: &Expirations,
 ) -> Result<(), E>
 where

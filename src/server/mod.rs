@@ -244,6 +244,7 @@ impl Server {
             }
         });
         verifier.start_last_used_flusher();
+        verifier.start_live_sweeper();
         let app = Arc::new(App {
             unrouted: metrics.route(proxy::UNROUTED),
             metrics,
@@ -512,6 +513,8 @@ fn http_builder(settings: &Settings) -> auto::Builder<TokioExecutor> {
         .timer(TokioTimer::new())
         .max_header_list_size(settings.max_header_bytes as u32)
         .max_concurrent_streams(h2.max_concurrent_streams)
+        // Extended CONNECT (RFC 8441): WebSockets over HTTP/2, passed through by the proxy.
+        .enable_connect_protocol()
         .keep_alive_interval(h2.keep_alive_interval)
         .keep_alive_timeout(h2.keep_alive_timeout)
         .max_pending_accept_reset_streams(h2.max_pending_accept_reset_streams)
@@ -606,9 +609,22 @@ fn proxy_worker(
                     peer = peer.over_tls(transport.client_cert);
                 }
                 let peer = Arc::new(peer);
-                service_fn(move |req: Request<Incoming>| {
+                service_fn(move |mut req: Request<Incoming>| {
                     let (app, peer) = (app.clone(), peer.clone());
                     let in_flight = activity.begin(req.version());
+                    if req
+                        .extensions()
+                        .get::<hyper::upgrade::OnUpgrade>()
+                        .is_some()
+                    {
+                        // A tunnel outlives its response: while the proxy keeps this, an
+                        // HTTP/2 connection stays busy (no idle deadline) and an HTTP/1.1 one
+                        // stays under the cap and in the drain (hyper sets `OnUpgrade` only on
+                        // upgrade and CONNECT requests).
+                        let busy = activity.tunnel(req.version());
+                        req.extensions_mut()
+                            .insert(proxy::ConnectionHold::new(busy));
+                    }
                     let unanswered = Unanswered::new(app.metrics.requests_abandoned.clone());
                     async move {
                         let resp = proxy::handle(&app, req, &peer).await;
@@ -696,7 +712,7 @@ async fn accept_loop<S, B, M>(
         };
         let _ = stream.set_nodelay(true);
         let activity = Activity::new();
-        let (watcher, rules) = (drain.watcher(), rules.clone());
+        let (mut watcher, rules) = (drain.watcher(), rules.clone());
         rules.metrics.open.inc();
         if rules.tls.is_some() {
             let (builder, make_service) = (builder.clone(), make_service.clone());
@@ -722,21 +738,25 @@ async fn accept_loop<S, B, M>(
             client_cert: None,
         };
         let conn = builder
-            .serve_connection(io, make_service(peer, activity.clone(), transport))
+            .serve_connection_with_upgrades(io, make_service(peer, activity.clone(), transport))
             .into_owned();
         tokio::spawn(async move {
             let ended = connection::serve(
                 conn,
                 |c| c.graceful_shutdown(),
-                activity,
+                activity.clone(),
                 rules.deadlines,
-                watcher,
+                &mut watcher,
                 &rules.expired,
             )
             .await;
             if let Err(err) = ended {
                 tracing::debug!(error = %err, %peer, "connection ended with an error");
             }
+            // An upgraded HTTP/1.1 connection lives on as a tunnel: it stays open (and under
+            // the cap, and drained at shutdown) until the tunnel ends.
+            activity.settled().await;
+            drop(watcher);
             rules.metrics.open.dec();
             drop(admitted);
         });
@@ -792,19 +812,24 @@ async fn serve_tls<S, B, M>(
         client_cert: tls::client_subject(stream.get_ref().1),
     };
     let io = TokioIo::new(Watched::new(stream, activity.clone()));
-    let conn = builder.serve_connection(io, make_service(peer, activity.clone(), transport));
+    let conn =
+        builder.serve_connection_with_upgrades(io, make_service(peer, activity.clone(), transport));
     let ended = connection::serve(
         conn,
         |c| c.graceful_shutdown(),
-        activity,
+        activity.clone(),
         rules.deadlines,
-        watcher,
+        &mut watcher,
         &rules.expired,
     )
     .await;
     if let Err(err) = ended {
         tracing::debug!(error = %err, %peer, "connection ended with an error");
     }
+    // An upgraded HTTP/1.1 connection lives on as a tunnel: it stays open (and under the cap,
+    // and drained at shutdown) until the tunnel ends.
+    activity.settled().await;
+    drop(watcher);
 }
 
 #[cfg(test)]

@@ -196,6 +196,13 @@ pub struct ResponseBody {
     stream: Option<http2::Stream>,
 }
 
+impl From<Incoming> for ResponseBody {
+    /// A body that holds no HTTP/2 stream (an upgrade's answer on its dedicated connection).
+    fn from(body: Incoming) -> Self {
+        ResponseBody { body, stream: None }
+    }
+}
+
 impl Body for ResponseBody {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -262,7 +269,7 @@ impl Upstream {
     }
 
     /// The request target in origin form (`/base/path?query`), as HTTP/1.1 sends it.
-    fn target(&self, pq: Option<&PathAndQuery>) -> Result<PathAndQuery, http::Error> {
+    pub(super) fn target(&self, pq: Option<&PathAndQuery>) -> Result<PathAndQuery, http::Error> {
         match (self.settings.base_path.is_empty(), pq) {
             // Reuse the parsed path and query (a reference count, no copy, no re-parse).
             (true, Some(pq)) => Ok(pq.clone()),
