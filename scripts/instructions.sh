@@ -6,6 +6,9 @@
 #   scripts/instructions.sh            # needs valgrind, wrk and nginx
 #   RUN_SECONDS=20 CONNECTIONS=16 scripts/instructions.sh
 #   PROXY=nginx scripts/instructions.sh   # the same count for nginx as a plain proxy_pass
+#   KEYGATE_BIN=path/to/keygate scripts/instructions.sh   # a binary already built (a release
+#                                         # build counts the same instructions), e.g. to compare
+#                                         # two commits without two profiling builds
 #
 # It builds keygate with the `profiling` profile, starts nginx as a keep-alive upstream that
 # answers `200 ok`, runs keygate under callgrind (one proxy worker, the embedded file store,
@@ -53,8 +56,12 @@ wait_for() {
   exit 1
 }
 
-cargo build --profile profiling --quiet
-keygate=${CARGO_TARGET_DIR:-target}/profiling/keygate
+if [ -n "${KEYGATE_BIN:-}" ]; then
+  keygate=$KEYGATE_BIN
+else
+  cargo build --profile profiling --quiet
+  keygate=${CARGO_TARGET_DIR:-target}/profiling/keygate
+fi
 
 upstream=$(free_port)
 cat >"$dir/nginx.conf" <<EOF

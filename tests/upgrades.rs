@@ -51,6 +51,11 @@ struct WsUpstream {
 
 impl WsUpstream {
     async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// The same server, over TLS with `tls` when set (an `https://` upstream).
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -60,15 +65,28 @@ impl WsUpstream {
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let (s, o, e) = (s.clone(), o.clone(), e.clone());
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let (s, o, e) = (s.clone(), o.clone(), e.clone());
                         async move { Ok::<_, std::convert::Infallible>(ws_answer(req, s, o, e)) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .with_upgrades()
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    let _ = match tls {
+                        None => {
+                            http.serve_connection(TokioIo::new(stream), svc)
+                                .with_upgrades()
+                                .await
+                        }
+                        Some(tls) => {
+                            let Ok(stream) = tls.accept(stream).await else {
+                                return;
+                            };
+                            http.serve_connection(TokioIo::new(stream), svc)
+                                .with_upgrades()
+                                .await
+                        }
+                    };
                 });
             }
         });
@@ -806,5 +824,52 @@ async fn an_h2_websocket_echoes_through_keygate_and_closes_when_its_key_is_revok
     assert_eq!(
         h2.get("/plain", key.secret.expose()).await,
         StatusCode::UNAUTHORIZED
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// An https:// upstream: the upgrade's own connection is TLS, verified like every other
+
+#[tokio::test]
+async fn a_websocket_reaches_an_https_upstream_over_verified_tls() {
+    let pki = common::tls_server::Pki::new("ws-https");
+    let cert = pki.server("upstream", &["localhost"]);
+    let tls = common::tls_server::server_tls(&(cert.cert, cert.key), &[b"http/1.1"], None);
+    let upstream = WsUpstream::start_with(Some(tls)).await;
+    let redis = RedisServer::start();
+    let ns = namespace("ws-https");
+    let store = redis_store(&redis, &ns);
+    let url = format!("https://localhost:{}", upstream.addr.port());
+
+    // Trusting the upstream's CA: the WebSocket opens and echoes.
+    let mut config = test_config(&redis.url(), &ns, &url);
+    config.upstream.tls_ca = Some(pki.ca_pem.display().to_string());
+    let keygate = Keygate::start(config).await;
+    keygate.wait_ready().await;
+    let key = create_key(&*store, "acme", "member").await;
+    let mut ws = ws_h1(&keygate, "/chat", Some(key.secret.expose()))
+        .await
+        .expect("a valid key opens the WebSocket to the https:// upstream");
+    echo(&mut ws, "over tls").await;
+    assert_eq!(upstream.opened.load(Ordering::SeqCst), 1);
+
+    // Trusting another CA: the upstream's certificate does not verify, so no switch: a 502
+    // counted as an upstream TLS failure, and the upstream never sees the request.
+    let other = common::tls_server::Pki::new("ws-https-other");
+    let mut config = test_config(&redis.url(), &ns, &url);
+    config.upstream.tls_ca = Some(other.ca_pem.display().to_string());
+    let keygate = Keygate::start(config).await;
+    keygate.wait_ready().await;
+    let status = ws_h1(&keygate, "/chat", Some(key.secret.expose()))
+        .await
+        .map(|_| ())
+        .expect_err("an unverified upstream must not be switched to");
+    assert_eq!(status, 502);
+    let series = "keygate_upstream_errors_total{kind=\"upstream_tls\",route=\"default\"}";
+    assert_eq!(keygate.scrape().await.get(series), 1.0);
+    assert_eq!(
+        upstream.seen.lock().unwrap().len(),
+        1,
+        "only the first keygate's request"
     );
 }

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::tls_server::server_tls;
 use common::*;
 use http::{Request, Response};
 use http_body_util::combinators::BoxBody;
@@ -97,36 +98,6 @@ impl Certs {
             client,
         }
     }
-}
-
-fn server_tls(
-    (cert, key): &(PathBuf, PathBuf),
-    alpn: &[&[u8]],
-    client_ca: Option<&PathBuf>,
-) -> tokio_rustls::TlsAcceptor {
-    let provider = keygate::tls::provider();
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap();
-    let builder = match client_ca {
-        Some(ca) => {
-            let roots = Arc::new(keygate::tls::load_root_store(ca).unwrap());
-            let verifier =
-                rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
-                    .build()
-                    .unwrap();
-            builder.with_client_cert_verifier(verifier)
-        }
-        None => builder.with_no_client_auth(),
-    };
-    let mut config = builder
-        .with_single_cert(
-            keygate::tls::load_certificates(cert).unwrap(),
-            keygate::tls::load_private_key(key).unwrap(),
-        )
-        .unwrap();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
 // ---------------------------------------------------------------------------------------------

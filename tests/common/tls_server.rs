@@ -397,3 +397,35 @@ pub fn key_material(issued: &Issued) -> String {
         .unwrap()
         .to_owned()
 }
+
+/// A TLS acceptor for a test server (an upstream) with this certificate and key, offering
+/// `alpn`, asking for client certificates from `client_ca` when set.
+pub fn server_tls(
+    (cert, key): &(PathBuf, PathBuf),
+    alpn: &[&[u8]],
+    client_ca: Option<&PathBuf>,
+) -> tokio_rustls::TlsAcceptor {
+    let provider = keygate::tls::provider();
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_ca {
+        Some(ca) => {
+            let roots = Arc::new(keygate::tls::load_root_store(ca).unwrap());
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
+                    .build()
+                    .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(
+            keygate::tls::load_certificates(cert).unwrap(),
+            keygate::tls::load_private_key(key).unwrap(),
+        )
+        .unwrap();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
