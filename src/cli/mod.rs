@@ -24,11 +24,7 @@ pub use print::{redact_keys, report};
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut config = Config::load(cli.config.as_deref(), std::env::vars(), &cli.overrides())?;
-    // `--redis-url` on the command line picks Redis even when the config names a keys file.
-    if cli.redis_url.is_some() && cli.keys_file.is_none() {
-        config.store.keys_file = None;
-    }
+    let config = cli.load_config(std::env::vars())?;
     match cli.command {
         Command::Serve(_) => serve(&config).await,
         Command::Demo(args) => {
@@ -39,6 +35,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(k) => keys(&config, k.command, k.output.output).await,
         Command::ServiceAccounts(a) => accounts(&config, a.command, a.output.output).await,
         Command::Audit { limit, output } => audit(&config, limit, output.output).await,
+    }
+}
+
+impl Cli {
+    /// The configuration this command line runs with: `--config`, then the
+    /// `KEYGATE__SECTION__FIELD` variables of `env`, then the flags. A variable or value that
+    /// names no setting is kept in [`Config::load_errors`], so compiling the result fails.
+    pub fn load_config(
+        &self,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, crate::config::ConfigError> {
+        let mut config = Config::load(self.config.as_deref(), env, &self.overrides())?;
+        // `--redis-url` on the command line picks Redis even when the config names a keys file.
+        if self.redis_url.is_some() && self.keys_file.is_none() {
+            config.store.keys_file = None;
+        }
+        Ok(config)
     }
 }
 
