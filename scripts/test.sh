@@ -38,6 +38,35 @@ if ! installed_schemathesis; then
     fi
 fi
 
+# The Kubernetes manifest test (tests/manifests.rs) renders deploy/kubernetes/ with kubectl's
+# built-in kustomize and validates it offline with kubernetes-validate, which bundles the
+# Kubernetes schemas: kubectl from the distribution (apt), kubernetes-validate pinned (pip),
+# each installed here when missing.
+KUBERNETES_VALIDATE_VERSION=1.37.0
+if ! command -v kubectl >/dev/null 2>&1 && ! command -v kustomize >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+        echo "test.sh: installing kubectl for the manifest test" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq kubectl >/dev/null ||
+            echo "test.sh: no kubectl package; install kubectl or kustomize" >&2
+    else
+        echo "test.sh: the manifest test needs kubectl (or kustomize):" >&2
+        echo "    sudo apt-get install -y kubectl" >&2
+    fi
+fi
+if ! kubernetes-validate --version 2>/dev/null | grep -qxF "$KUBERNETES_VALIDATE_VERSION"; then
+    echo "test.sh: installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION (pip) for the manifest test" >&2
+    if ! { command -v python3 >/dev/null 2>&1 &&
+        python3 -m pip install --quiet --disable-pip-version-check \
+            "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" >&2 && hash -r &&
+        kubernetes-validate --version | grep -qxF "$KUBERNETES_VALIDATE_VERSION"; }; then
+        echo "test.sh: cannot install kubernetes-validate; install it with:" >&2
+        echo "    python3 -m pip install kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" >&2
+        echo "test.sh: without it the manifest test is skipped, and fails under CI=true" >&2
+    fi
+fi
+
 if [ "${CI:-}" = "true" ]; then
     # A clean clone builds once: incremental state would only double the disk the build needs.
     export CARGO_INCREMENTAL=0
