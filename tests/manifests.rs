@@ -417,7 +417,25 @@ fn keygate_problems(docs: &[Value]) -> Vec<String> {
                 }
             }
 
-            // Beside an app in one pod, keygate guards it on localhost.
+            // Beside an app in one pod, keygate guards it on localhost, and the app stops only
+            // after keygate's drain (the kubelet sends both SIGTERM once their preStop ends).
+            for other in containers.iter().filter(|c| c["name"] != container["name"]) {
+                let app_stop = duration_secs(&other["lifecycle"]["preStop"]["sleep"]["seconds"]);
+                if app_stop >= grace {
+                    problem(format!(
+                        "container {} is killed before its preStop ({app_stop}s) ends \
+                         (terminationGracePeriodSeconds {grace})",
+                        other["name"]
+                    ));
+                }
+                if app_stop < drain {
+                    problem(format!(
+                        "container {} stops after {app_stop}s, before keygate's drain ends \
+                         ({drain}s)",
+                        other["name"]
+                    ));
+                }
+            }
             if containers.len() > 1 {
                 let url = config.upstream.url.as_deref().unwrap_or_default();
                 if !(url.starts_with("http://127.0.0.1:") || url.starts_with("http://localhost:")) {
@@ -480,10 +498,11 @@ fn hardening_problems(docs: &[Value]) -> Vec<String> {
                 .as_array()
                 .is_some_and(|i| i.iter().any(|i| i["name"] == c["name"]));
             if !is_init
-                && (c["resources"]["requests"]["memory"].is_null()
+                && (c["resources"]["requests"]["cpu"].is_null()
+                    || c["resources"]["requests"]["memory"].is_null()
                     || c["resources"]["limits"]["memory"].is_null())
             {
-                problems.push(format!("{at}: no memory request and limit"));
+                problems.push(format!("{at}: no cpu and memory requests and memory limit"));
             }
         }
     }
