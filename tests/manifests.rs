@@ -373,6 +373,12 @@ fn keygate_problems(docs: &[Value]) -> Vec<String> {
             // Drain: the preStop sleep, then server.shutdown_grace, within the grace period.
             let pre_stop = duration_secs(&container["lifecycle"]["preStop"]["sleep"]["seconds"]);
             let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+            if pre_stop == 0 {
+                problem(
+                    "no preStop sleep: SIGTERM would come before the pod leaves the endpoints"
+                        .into(),
+                );
+            }
             let drain = pre_stop + settings.shutdown_grace.as_secs();
             if drain > grace {
                 problem(format!(
