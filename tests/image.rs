@@ -3,16 +3,19 @@
 //! and inspected: its OCI config (non-root user, entrypoint keygate, keygate's default ports,
 //! labels) against keygate's own config defaults and against the Dockerfile's runtime stage,
 //! line by line; then its root filesystem is unpacked and the image's binary runs under
-//! `chroot` as the image's user, with nothing else from this machine.
+//! `chroot` as the image's user, with nothing else from this machine: `--version`, a
+//! `keys create` that writes only in the working directory, and `serve` answering a probe.
 //!
 //! Building the archive needs root and umoci (`scripts/test.sh` installs umoci). Without them
 //! those tests are skipped with a message, except under `CI=true`, where they fail.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -360,6 +363,40 @@ fn files(dir: &Path, under: &Path, out: &mut BTreeMap<PathBuf, u64>) {
     }
 }
 
+/// A child process killed (and reaped) when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The status line of `GET path` on a loopback port, or None while nothing answers there.
+fn get(port: u16, path: &str) -> Option<String> {
+    let timeout = Duration::from_secs(2);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut conn = TcpStream::connect_timeout(&addr, timeout).ok()?;
+    conn.set_read_timeout(Some(timeout)).unwrap();
+    conn.set_write_timeout(Some(timeout)).unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    conn.write_all(req.as_bytes()).ok()?;
+    let mut head = Vec::new();
+    let _ = conn.take(64 * 1024).read_to_end(&mut head);
+    let head = String::from_utf8_lossy(&head);
+    let line = head.lines().next()?.to_owned();
+    (!line.is_empty()).then_some(line)
+}
+
 #[test]
 fn the_images_binary_runs_as_its_non_root_user_with_nothing_but_the_image() {
     if !can_build("the_images_binary_runs_as_its_non_root_user_with_nothing_but_the_image") {
@@ -424,6 +461,41 @@ fn the_images_binary_runs_as_its_non_root_user_with_nothing_but_the_image() {
         written.iter().all(|p| p.starts_with(workdir)),
         "written outside the working directory: {written:?}"
     );
+
+    // And it serves from the image: the probe answers, a request without a key is refused.
+    let (proxy, admin) = (free_port(), free_port());
+    let child = Command::new("chroot")
+        .arg(format!("--userspec={user}"))
+        .arg(&rootfs)
+        .arg(ENTRYPOINT)
+        .args([
+            "serve",
+            "--keys-file",
+            &format!("{}/keys.toml", workdir.display()),
+        ])
+        .args(["--listen", &format!("127.0.0.1:{proxy}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        // No upstream is needed for these two answers: a closed port.
+        .args(["--upstream", "http://127.0.0.1:9"])
+        .env_clear()
+        .envs(env.iter().cloned())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let _child = KillOnDrop(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let healthz = loop {
+        match get(admin, "/healthz") {
+            Some(head) => break head,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            None => panic!("the image's keygate serve did not answer /healthz within 20 s"),
+        }
+    };
+    assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
+    let refused = get(proxy, "/anything").expect("the proxy listener answers");
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
 
     for shell in ["sh", "bash", "dash", "busybox"] {
         let found: Vec<_> = all.keys().filter(|p| p.ends_with(shell)).collect();
