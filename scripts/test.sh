@@ -67,6 +67,22 @@ if ! kubernetes-validate --version 2>/dev/null | grep -qxF "$KUBERNETES_VALIDATE
     fi
 fi
 
+# The container image test (tests/image.rs) assembles the image with umoci, as root.
+if ! command -v umoci >/dev/null 2>&1; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+        echo "test.sh: installing umoci for the container image test" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        { apt-get install -y -qq umoci >/dev/null 2>&1 ||
+            { apt-get update -qq && apt-get install -y -qq umoci >/dev/null; }; } ||
+            echo "test.sh: cannot install umoci" >&2
+    fi
+    if ! command -v umoci >/dev/null 2>&1; then
+        echo "test.sh: the container image test needs umoci (as root):" >&2
+        echo "    sudo apt-get install -y umoci" >&2
+        echo "test.sh: without it the image test is skipped, and fails under CI=true" >&2
+    fi
+fi
+
 if [ "${CI:-}" = "true" ]; then
     # A clean clone builds once: incremental state would only double the disk the build needs.
     export CARGO_INCREMENTAL=0
