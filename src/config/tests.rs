@@ -673,3 +673,59 @@ fn the_tls_flags_and_environment_set_the_proxy_certificate() {
     let tls = config.serve_settings().unwrap().tls.unwrap();
     assert_eq!(tls.certificates[0].cert, PathBuf::from("/flag/tls.crt"));
 }
+
+#[test]
+fn sentinel_mode_is_read_from_the_environment_and_its_password_masked() {
+    let vars = env(&[
+        (
+            "KEYGATE__STORE__SENTINELS",
+            "10.0.0.1:26379, 10.0.0.2:26379",
+        ),
+        ("KEYGATE__STORE__SENTINEL_MASTER", "mymaster"),
+        ("KEYGATE__STORE__SENTINEL_PASSWORD", "sentinel-secret"),
+    ]);
+    let c = Config::load(None, vars, &[]).unwrap();
+    let Ok(crate::store::StoreSettings::Sentinel(s)) = c.store_settings() else {
+        panic!("not sentinel mode");
+    };
+    assert_eq!(s.sentinels.len(), 2);
+    assert_eq!(s.master, "mymaster");
+    assert_eq!(s.password.as_deref(), Some("sentinel-secret"));
+    assert!(!c.redacted_json().contains("sentinel-secret"));
+    assert!(!format!("{s:?}").contains("sentinel-secret"));
+}
+
+#[test]
+fn sentinel_settings_name_their_field() {
+    let check = |vars: &[(&str, &str)], field: &str| {
+        let c = Config::load(None, env(vars), &[]).unwrap();
+        let err = c.store_settings().unwrap_err().to_string();
+        assert!(err.starts_with(field), "{vars:?}: {err}");
+    };
+    check(
+        &[("KEYGATE__STORE__SENTINEL_MASTER", "m")],
+        "store.sentinel_master",
+    );
+    check(
+        &[("KEYGATE__STORE__SENTINEL_PASSWORD", "p")],
+        "store.sentinel_password",
+    );
+    check(
+        &[("KEYGATE__STORE__SENTINELS", "h:1")],
+        "store.sentinel_master",
+    );
+    check(
+        &[
+            ("KEYGATE__STORE__SENTINELS", "h:1,nohost"),
+            ("KEYGATE__STORE__SENTINEL_MASTER", "m"),
+        ],
+        "store.sentinels",
+    );
+    check(
+        &[
+            ("KEYGATE__STORE__SENTINELS", "h:1"),
+            ("KEYGATE__STORE__SENTINEL_MASTER", "two words"),
+        ],
+        "store.sentinel_master",
+    );
+}

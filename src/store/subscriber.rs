@@ -16,6 +16,10 @@
 //!   connections) is noticed by a PING on the subscribed connection every
 //!   `health_check_interval`; a PING still unanswered at the next one counts as a disconnect.
 //! - Reconnects back off exponentially with jitter, so a fleet does not stampede Redis.
+//! - In Sentinel mode every (re)subscribe first asks the sentinels for the master, so after a
+//!   failover the subscription moves to the new master, and the flush above covers whatever
+//!   was published while it moved (on the old master after the link broke, or on the new one
+//!   before SUBSCRIBE was confirmed there).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,6 +29,7 @@ use std::time::{Duration, Instant};
 use futures_util::{FutureExt, StreamExt};
 use redis::aio::{PubSubSink, PubSubStream};
 
+use super::sentinel::Target;
 use super::InvalidationSink;
 use crate::key::KeyDigest;
 
@@ -33,7 +38,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Follows the invalidation channel forever.
 pub(super) async fn run(
-    client: redis::Client,
+    target: Arc<Target>,
     addr: String,
     channel: String,
     connect_timeout: Duration,
@@ -43,7 +48,7 @@ pub(super) async fn run(
     let mut backoff = BACKOFF_MIN;
     loop {
         let attempted = Instant::now();
-        match subscribe(&client, &channel, connect_timeout).await {
+        match subscribe(&target, &channel, connect_timeout).await {
             Ok((conn, mut messages)) => {
                 // Flush, then report the feed good as of the attempt: nothing cached from
                 // before the flush is trusted on the strength of this subscription.
@@ -69,11 +74,12 @@ pub(super) async fn run(
 }
 
 async fn subscribe(
-    client: &redis::Client,
+    target: &Target,
     channel: &str,
     timeout: Duration,
 ) -> Result<(PubSubSink, PubSubStream), String> {
     let attempt = async {
+        let client = target.client().await?;
         let (mut conn, messages) = client.get_async_pubsub().await?.split();
         conn.subscribe(channel).await?;
         Ok::<_, redis::RedisError>((conn, messages))
