@@ -430,7 +430,7 @@ impl RedisStore {
         let addr = sentinel::describe(&sentinels);
         Ok(Self::build(
             Target::Sentinel(sentinels.clone()),
-            Link::sentinel(sentinels, manager_config(redis.timeout)),
+            Link::sentinel(sentinels, manager_config(redis.timeout), redis.timeout),
             addr,
             redis,
         ))

@@ -13,11 +13,13 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
-use redis::{ConnectionAddr, RedisResult};
+use redis::{ConnectionAddr, RedisError, RedisResult};
 
 /// How to find the master through the sentinels, and how to talk to it.
 #[derive(Clone)]
@@ -89,7 +91,8 @@ impl Target {
 /// `READONLY`: the server was demoted) forgets it, and the next call asks the sentinels for the
 /// master again; so after a failover keygate writes to and reads from the new master only, and
 /// while there is none every call fails (fail closed). A generation number makes sure a late
-/// failure on an old connection never forgets a newer one.
+/// failure on an old connection never forgets a newer one. The `(_, found)` fallback hands a
+/// connection of generation 0, which never matches a recorded one, so it can forget nothing.
 pub(super) enum Link {
     /// Standalone: the connection manager reconnects to the one server by itself.
     Fixed(ConnectionManager),
@@ -101,51 +104,110 @@ pub(super) enum Link {
 pub(super) struct Master {
     sentinels: Sentinels,
     config: ConnectionManagerConfig,
-    current: Mutex<Option<(u64, ConnectionManager)>>,
+    /// Bound on one lookup through the sentinels (`store.timeout`).
+    timeout: Duration,
+    state: Mutex<State>,
     generation: AtomicU64,
 }
 
+/// One lookup of the master, shared by every call that waits for it.
+type Finding = Shared<BoxFuture<'static, RedisResult<ConnectionManager>>>;
+
+/// Where Sentinel mode stands.
+enum State {
+    /// No master known: the next call looks it up.
+    Idle,
+    /// A lookup in flight; calls wait for it instead of asking the sentinels again.
+    Finding(Finding),
+    /// The latest lookup failed at this time; calls fail at once for [`RETRY_AFTER`], so a busy
+    /// fleet without a master does not flood the sentinels with one lookup per request.
+    Failed(Instant, RedisError),
+    /// The master's connection, with its generation.
+    Connected(u64, ConnectionManager),
+}
+
+/// How long a failed lookup answers for the calls after it.
+const RETRY_AFTER: Duration = Duration::from_millis(100);
+
 impl Link {
-    pub(super) fn sentinel(sentinels: Sentinels, config: ConnectionManagerConfig) -> Self {
+    pub(super) fn sentinel(
+        sentinels: Sentinels,
+        config: ConnectionManagerConfig,
+        timeout: Duration,
+    ) -> Self {
         Link::Sentinel(Box::new(Master {
             sentinels,
             config,
-            current: Mutex::new(None),
+            timeout,
+            state: Mutex::new(State::Idle),
             generation: AtomicU64::new(0),
         }))
     }
 
     /// The connection to use, with its generation.
     async fn get(&self) -> RedisResult<(u64, ConnectionManager)> {
-        match self {
-            Link::Fixed(c) => Ok((0, c.clone())),
-            Link::Sentinel(m) => {
-                let Master {
-                    sentinels,
-                    config,
-                    current,
-                    generation,
-                } = &**m;
-                if let Some(c) = lock(current).as_ref() {
-                    return Ok(c.clone());
+        let m = match self {
+            Link::Fixed(c) => return Ok((0, c.clone())),
+            Link::Sentinel(m) => m,
+        };
+        // At most one lookup at a time (single flight); the lock is never held across the
+        // await, the shared future is what the waiters share.
+        let finding = {
+            let mut state = lock(&m.state);
+            match &*state {
+                State::Connected(g, c) => return Ok((*g, c.clone())),
+                State::Failed(at, e) if at.elapsed() < RETRY_AFTER => return Err(e.clone()),
+                State::Finding(f) => f.clone(),
+                State::Idle | State::Failed(..) => {
+                    let (sentinels, config, timeout) =
+                        (m.sentinels.clone(), m.config.clone(), m.timeout);
+                    // Bounded by itself: a lookup left behind by callers that timed out
+                    // still ends, so a blackholed sentinel cannot wedge the store.
+                    let f = async move {
+                        let find = async {
+                            let client = sentinels.master().await?;
+                            ConnectionManager::new_lazy_with_config(client, config)
+                        };
+                        match tokio::time::timeout(timeout, find).await {
+                            Ok(r) => r,
+                            Err(_) => Err(std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "no master found through the sentinels in time",
+                            )
+                            .into()),
+                        }
+                    }
+                    .boxed()
+                    .shared();
+                    *state = State::Finding(f.clone());
+                    f
                 }
-                // Concurrent calls may each find the master; the last one found is kept, and
-                // each is a checked master, so any of them is right to use.
-                let client = sentinels.master().await?;
-                let conn = ConnectionManager::new_lazy_with_config(client, config.clone())?;
-                let gen = generation.fetch_add(1, Ordering::Relaxed) + 1;
-                *lock(current) = Some((gen, conn.clone()));
+            }
+        };
+        let found = finding.await;
+        let mut state = lock(&m.state);
+        // The first waiter to wake records the outcome; the others read it.
+        match (&*state, found) {
+            (State::Finding(_), Ok(conn)) => {
+                let gen = m.generation.fetch_add(1, Ordering::Relaxed) + 1;
+                *state = State::Connected(gen, conn.clone());
                 Ok((gen, conn))
             }
+            (State::Finding(_), Err(e)) => {
+                *state = State::Failed(Instant::now(), e.clone());
+                Err(e)
+            }
+            (State::Connected(g, c), _) => Ok((*g, c.clone())),
+            (_, found) => found.map(|c| (0, c)),
         }
     }
 
     /// Forgets connection `gen` (Sentinel mode), so that the next call finds the master anew.
     fn forget(&self, gen: u64) {
         if let Link::Sentinel(m) = self {
-            let mut cur = lock(&m.current);
-            if cur.as_ref().is_some_and(|(g, _)| *g == gen) {
-                *cur = None;
+            let mut state = lock(&m.state);
+            if matches!(&*state, State::Connected(g, _) if *g == gen) {
+                *state = State::Idle;
             }
         }
     }
@@ -226,6 +288,51 @@ pub(super) fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+
+    /// A "sentinel" on loopback that accepts connections, counts them and hangs up.
+    async fn hang_up_sentinel() -> (ConnectionAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                drop(conn);
+            }
+        });
+        (ConnectionAddr::Tcp("127.0.0.1".into(), port), accepted)
+    }
+
+    #[tokio::test]
+    async fn without_a_master_concurrent_calls_share_one_lookup_and_then_fail_fast() {
+        let (addr, accepted) = hang_up_sentinel().await;
+        let sentinels = Sentinels {
+            addrs: vec![addr.clone(), addr.clone(), addr],
+            master: "m".into(),
+            sentinel_username: None,
+            sentinel_password: None,
+            master_info: Default::default(),
+            master_tls: None,
+        };
+        let timeout = Duration::from_secs(2);
+        let link = Link::sentinel(sentinels, manager_config(timeout), timeout);
+        let calls = (0..20).map(|_| link.get());
+        let results = futures_util::future::join_all(calls).await;
+        assert!(results.iter().all(Result::is_err));
+        let first = accepted.load(Ordering::SeqCst);
+        // One lookup asks each of the three sentinels; twenty would have asked sixty times.
+        assert!(
+            (1..=6).contains(&first),
+            "{first} connections to the sentinels"
+        );
+        // Right after a failed lookup, calls fail without asking again.
+        let results = futures_util::future::join_all((0..20).map(|_| link.get())).await;
+        assert!(results.iter().all(Result::is_err));
+        assert_eq!(accepted.load(Ordering::SeqCst), first);
+    }
 
     #[test]
     fn sentinel_addresses_are_host_and_port() {
