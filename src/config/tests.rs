@@ -729,3 +729,21 @@ fn sentinel_settings_name_their_field() {
         "store.sentinel_master",
     );
 }
+
+#[test]
+fn the_readme_sentinel_example_is_valid() {
+    let readme = include_str!("../../README.md");
+    let section = &readme[readme.find("### Redis Sentinel").unwrap()..];
+    let block = section.split("```toml\n").nth(1).unwrap();
+    let block = &block[..block.find("```").unwrap()];
+    let dir = std::env::temp_dir().join(format!("keygate-cfg-sentinel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("keygate.toml");
+    std::fs::write(&path, block).unwrap();
+    let c = Config::load(Some(&path), Vec::new(), &[]).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let Ok(crate::store::StoreSettings::Sentinel(s)) = c.store_settings() else {
+        panic!("the README's example is not Sentinel mode");
+    };
+    assert_eq!((s.sentinels.len(), s.master.as_str()), (3, "mymaster"));
+}
