@@ -249,3 +249,59 @@ async fn sentinel_settings_are_checked_and_the_password_is_never_shown() {
     assert!(c.serve_settings().is_ok());
     assert!(!format!("{:?}", c.serve_settings().unwrap()).contains(SENTINEL_PASSWORD));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_moves_reads_and_writes_to_the_new_master_without_a_restart() {
+    let s = Sentinels::start();
+    let old_master = s.master.port;
+    let upstream = Upstream::start().await;
+    let ns = namespace("switchover");
+    let store = test_store(&s, &ns);
+    let key = create_key(&*store, "acme", "admin").await;
+    let kg = Keygate::start(sentinel_config(&s, &ns, &upstream.url())).await;
+    kg.wait_ready().await;
+    let http = Http::new();
+    assert_eq!(status_of(&http, &kg, key.secret.expose()).await.0, 200);
+
+    // A graceful failover: the old master stays up, still a master, until the sentinels
+    // demote it (seconds later); what is written on the new master meanwhile never reaches it.
+    let ok: String = s.sentinels[0]
+        .try_cmd(&["SENTINEL", "FAILOVER", MASTER_NAME])
+        .unwrap();
+    assert_eq!(ok, "OK");
+    let t0 = Instant::now();
+    eventually(
+        FAILOVER,
+        "the sentinels name the replica master",
+        || async { s.master_port() == Some(s.replica.port) },
+    )
+    .await;
+    assert_ne!(s.master_port(), Some(old_master));
+    let promoted = t0.elapsed();
+    // Written through a store opened now (as by `keygate keys …`): on the new master.
+    let now_store = test_store(&s, &ns);
+    let fresh = create_key(&*now_store, "acme", "admin").await;
+    now_store
+        .revoke(&key.record.id, keygate::store::now_unix())
+        .await
+        .unwrap();
+    let on_new: i64 = s
+        .replica
+        .try_cmd(&["EXISTS", &format!("{ns}:id:{}", fresh.record.id)])
+        .unwrap();
+    assert_eq!(on_new, 1, "the new key is not on the new master");
+    // keygate reads the new master and hears its announcements well before the old master
+    // is demoted: its store and its subscriber both move when the sentinels name another.
+    wait_for_status(&http, &kg, key.secret.expose(), 401, "the revocation").await;
+    wait_for_status(&http, &kg, fresh.secret.expose(), 200, "the new key").await;
+    let demoted = s
+        .master
+        .try_cmd::<Vec<redis::Value>>(&["ROLE"])
+        .is_ok_and(|r| matches!(r.first(), Some(redis::Value::BulkString(b)) if b == b"slave"));
+    println!(
+        "switchover: promoted within {promoted:?}; keygate on the new master within {:?}; \
+         old master demoted yet: {demoted}",
+        t0.elapsed()
+    );
+    kg.shutdown().await;
+}

@@ -875,6 +875,25 @@ impl Store for RedisStore {
     fn start(self: Arc<Self>, sink: Arc<dyn InvalidationSink>) -> Result<(), StoreError> {
         // Down until the first SUBSCRIBE is confirmed.
         sink.link(false);
+        if self.link.follows_sentinels() {
+            // Moves the store's connection off a master the sentinels no longer name (see
+            // `Link::forget_unless_at`); ends with the store.
+            let (store, target) = (Arc::downgrade(&self), self.target.clone());
+            let (interval, timeout) = (self.health_check_interval, self.timeout);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(interval).await;
+                    let Ok(Ok(master)) = tokio::time::timeout(timeout, target.client()).await
+                    else {
+                        continue;
+                    };
+                    let Some(store) = store.upgrade() else { return };
+                    store
+                        .link
+                        .forget_unless_at(master.get_connection_info().addr());
+                }
+            });
+        }
         tokio::spawn(subscriber::run(
             self.target.clone(),
             self.addr.clone(),

@@ -1,12 +1,13 @@
 //! Where the Redis store's connections go: one fixed server (standalone), or whichever server
 //! the Redis Sentinels name master (Sentinel mode).
 //!
-//! In Sentinel mode the master is asked of the sentinels (`SENTINEL MASTERS`, through the
-//! `redis` crate's sentinel client), and the server they name is checked with `ROLE` before it
-//! is used, so keygate never reads from or writes to a replica it was wrongly pointed at. A
+//! In Sentinel mode the master is asked of the sentinels (`SENTINEL GET-MASTER-ADDR-BY-NAME`),
+//! and the server they name is checked with `ROLE` before it is used, so keygate never reads
+//! from or writes to a replica it was wrongly pointed at. A
 //! master marked down by the sentinels is not used: until a replica has been promoted every
 //! lookup fails, and keygate answers `503` (fail closed). Connections to a master are kept
-//! until a call on them fails (see [`Link`]), then the master is looked up afresh; a failover
+//! until a call on them fails (see [`Link`]), or until a check every `health_check_interval`
+//! finds the sentinels naming another master, then the master is looked up afresh; a failover
 //! therefore needs no restart. Sentinels themselves kill the clients of a demoted master
 //! (`CLIENT KILL TYPE normal` and `pubsub`), so the store's and the subscriber's connections
 //! to an old master break and are looked up again too.
@@ -18,7 +19,6 @@ use std::time::{Duration, Instant};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
 use redis::{ConnectionAddr, RedisError, RedisResult};
 
 /// How to find the master through the sentinels, and how to talk to it.
@@ -35,33 +35,78 @@ pub(super) struct Sentinels {
 }
 
 impl Sentinels {
-    /// A client for the current master, checked to be one.
+    /// A client for the current master, checked to be one: the first sentinel (in the
+    /// configured order) that names a master which answers `ROLE` as one wins.
+    ///
+    /// `SENTINEL GET-MASTER-ADDR-BY-NAME` is asked rather than `SENTINEL MASTERS`: during a
+    /// switchover the sentinels answer the promoted replica there at once, while `MASTERS` keeps
+    /// naming the old master, which still answers `ROLE` as one, until the failover ends.
     async fn master(&self) -> RedisResult<redis::Client> {
-        let mut b = SentinelClientBuilder::new(
-            self.addrs.iter().cloned(),
-            &self.master,
-            SentinelServerType::Master,
-        )?
-        .set_client_to_redis_db(self.master_info.db());
-        if let Some(u) = self.master_info.username() {
-            b = b.set_client_to_redis_username(u);
-        }
-        if let Some(p) = self.master_info.password() {
-            b = b.set_client_to_redis_password(p);
-        }
-        if let Some(certs) = &self.master_tls {
-            b = b.set_client_to_redis_tls_mode(redis::TlsMode::Secure);
-            if let Some(certs) = certs {
-                b = b.set_client_to_redis_certificates(certs.clone());
+        let mut last = None;
+        for addr in &self.addrs {
+            match self.ask(addr).await {
+                Ok(client) => return Ok(client),
+                Err(e) => last = Some(e),
             }
         }
+        Err(last.unwrap_or_else(|| {
+            redis::RedisError::from(std::io::Error::other("no sentinel configured"))
+        }))
+    }
+
+    /// Asks one sentinel for the master, and checks the master's role.
+    async fn ask(&self, sentinel: &ConnectionAddr) -> RedisResult<redis::Client> {
+        let mut info = redis::RedisConnectionInfo::default();
         if let Some(u) = &self.sentinel_username {
-            b = b.set_client_to_sentinel_username(u);
+            info = info.set_username(u);
         }
         if let Some(p) = &self.sentinel_password {
-            b = b.set_client_to_sentinel_password(p);
+            info = info.set_password(p);
         }
-        b.build()?.async_get_client().await
+        let conn_info = redis::IntoConnectionInfo::into_connection_info("redis://127.0.0.1:1")?
+            .set_addr(sentinel.clone())
+            .set_redis_settings(info);
+        let mut conn = redis::Client::open(conn_info)?
+            .get_multiplexed_async_connection()
+            .await?;
+        let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(&self.master)
+            .query_async(&mut conn)
+            .await?;
+        let Some((host, port)) = addr else {
+            return Err(std::io::Error::other(format!(
+                "sentinel {sentinel} does not know master {}",
+                self.master
+            ))
+            .into());
+        };
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host
+        };
+        let scheme = if self.master_tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        let master_info =
+            redis::IntoConnectionInfo::into_connection_info(format!("{scheme}://{host}:{port}"))?
+                .set_redis_settings(self.master_info.clone());
+        let client = match &self.master_tls {
+            Some(Some(certs)) => redis::Client::build_with_tls(master_info, certs.clone())?,
+            _ => redis::Client::open(master_info)?,
+        };
+        let mut m = client.get_multiplexed_async_connection().await?;
+        let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut m).await?;
+        match role.first() {
+            Some(redis::Value::BulkString(r)) if r == b"master" => Ok(client),
+            _ => Err(std::io::Error::other(format!(
+                "{host}:{port}, named master by sentinel {sentinel}, is not a master"
+            ))
+            .into()),
+        }
     }
 }
 
@@ -80,6 +125,30 @@ impl Target {
         match self {
             Target::Fixed(c) => Ok(c.clone()),
             Target::Sentinel(s) => s.master().await,
+        }
+    }
+}
+
+impl Target {
+    /// Returns once the sentinels name a master other than `at` (never for a fixed server),
+    /// asking every `interval`; a check that fails (no sentinel answers) changes nothing.
+    pub(super) async fn moved(
+        &self,
+        at: &ConnectionAddr,
+        interval: Duration,
+        timeout: Duration,
+    ) -> String {
+        let Target::Sentinel(s) = self else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(interval).await;
+            if let Ok(Ok(c)) = tokio::time::timeout(timeout, s.master()).await {
+                let now = c.get_connection_info().addr();
+                if now != at {
+                    return format!("the sentinels name another master ({now})");
+                }
+            }
         }
     }
 }
@@ -111,7 +180,7 @@ pub(super) struct Master {
 }
 
 /// One lookup of the master, shared by every call that waits for it.
-type Finding = Shared<BoxFuture<'static, RedisResult<ConnectionManager>>>;
+type Finding = Shared<BoxFuture<'static, RedisResult<(ConnectionManager, ConnectionAddr)>>>;
 
 /// Where Sentinel mode stands.
 enum State {
@@ -122,8 +191,8 @@ enum State {
     /// The latest lookup failed at this time; calls fail at once for [`RETRY_AFTER`], so a busy
     /// fleet without a master does not flood the sentinels with one lookup per request.
     Failed(Instant, RedisError),
-    /// The master's connection, with its generation.
-    Connected(u64, ConnectionManager),
+    /// The master's connection, with its generation and the master's address.
+    Connected(u64, ConnectionManager, ConnectionAddr),
 }
 
 /// How long a failed lookup answers for the calls after it.
@@ -155,7 +224,7 @@ impl Link {
         let finding = {
             let mut state = lock(&m.state);
             match &*state {
-                State::Connected(g, c) => return Ok((*g, c.clone())),
+                State::Connected(g, c, _) => return Ok((*g, c.clone())),
                 State::Failed(at, e) if at.elapsed() < RETRY_AFTER => return Err(e.clone()),
                 State::Finding(f) => f.clone(),
                 State::Idle | State::Failed(..) => {
@@ -166,7 +235,11 @@ impl Link {
                     let f = async move {
                         let find = async {
                             let client = sentinels.master().await?;
-                            ConnectionManager::new_lazy_with_config(client, config)
+                            let addr = client.get_connection_info().addr().clone();
+                            Ok((
+                                ConnectionManager::new_lazy_with_config(client, config)?,
+                                addr,
+                            ))
                         };
                         match tokio::time::timeout(timeout, find).await {
                             Ok(r) => r,
@@ -188,17 +261,17 @@ impl Link {
         let mut state = lock(&m.state);
         // The first waiter to wake records the outcome; the others read it.
         match (&*state, found) {
-            (State::Finding(_), Ok(conn)) => {
+            (State::Finding(_), Ok((conn, addr))) => {
                 let gen = m.generation.fetch_add(1, Ordering::Relaxed) + 1;
-                *state = State::Connected(gen, conn.clone());
+                *state = State::Connected(gen, conn.clone(), addr);
                 Ok((gen, conn))
             }
             (State::Finding(_), Err(e)) => {
                 *state = State::Failed(Instant::now(), e.clone());
                 Err(e)
             }
-            (State::Connected(g, c), _) => Ok((*g, c.clone())),
-            (_, found) => found.map(|c| (0, c)),
+            (State::Connected(g, c, _), _) => Ok((*g, c.clone())),
+            (_, found) => found.map(|(c, _)| (0, c)),
         }
     }
 
@@ -206,10 +279,28 @@ impl Link {
     fn forget(&self, gen: u64) {
         if let Link::Sentinel(m) = self {
             let mut state = lock(&m.state);
-            if matches!(&*state, State::Connected(g, _) if *g == gen) {
+            if matches!(&*state, State::Connected(g, ..) if *g == gen) {
                 *state = State::Idle;
             }
         }
+    }
+
+    /// Forgets the connection (Sentinel mode) unless it goes to `master`, the server the
+    /// sentinels name now: after a switchover the old master may stay up, and accept writes,
+    /// for seconds before the sentinels demote it; writes sent there in the meantime would be
+    /// lost, so the store moves as soon as a periodic check sees the change.
+    pub(super) fn forget_unless_at(&self, master: &ConnectionAddr) {
+        if let Link::Sentinel(m) = self {
+            let mut state = lock(&m.state);
+            if matches!(&*state, State::Connected(_, _, at) if at != master) {
+                *state = State::Idle;
+            }
+        }
+    }
+
+    /// Whether the link follows the sentinels (and so needs the periodic check).
+    pub(super) fn follows_sentinels(&self) -> bool {
+        matches!(self, Link::Sentinel(_))
     }
 
     /// Runs `f` on the connection before `deadline`, finding the master first if need be.
