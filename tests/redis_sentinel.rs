@@ -1,7 +1,9 @@
 //! keygate in Redis Sentinel mode against a real deployment on loopback (one master, one
 //! replica, three sentinels, passwords on both): the master is SIGKILLed under traffic;
 //! keygate fails closed while there is no master, serves again once a sentinel has promoted
-//! the replica (no restart), and a revocation issued after the failover reaches every instance.
+//! the replica (no restart), and a revocation issued after the failover reaches every instance;
+//! and in a switchover (`SENTINEL FAILOVER`) keygate moves to the new master before the old
+//! one, still up, is demoted.
 
 mod common;
 

@@ -426,6 +426,7 @@ impl RedisStore {
             sentinel_password: settings.password.clone(),
             master_info: info.redis_settings().clone(),
             master_tls,
+            ask_timeout: redis.timeout / settings.sentinels.len().max(1) as u32,
         };
         let addr = sentinel::describe(&sentinels);
         Ok(Self::build(

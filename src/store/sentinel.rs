@@ -32,6 +32,9 @@ pub(super) struct Sentinels {
     pub(super) master_info: redis::RedisConnectionInfo,
     /// TLS to the master (a `rediss://` `store.redis_url`), with its certificates if set.
     pub(super) master_tls: Option<Option<redis::TlsCertificates>>,
+    /// Bound on asking one sentinel (and checking its master): `store.timeout` shared among
+    /// the sentinels, so that an unreachable first sentinel leaves time to ask the others.
+    pub(super) ask_timeout: Duration,
 }
 
 impl Sentinels {
@@ -44,9 +47,18 @@ impl Sentinels {
     async fn master(&self) -> RedisResult<redis::Client> {
         let mut last = None;
         for addr in &self.addrs {
-            match self.ask(addr).await {
-                Ok(client) => return Ok(client),
-                Err(e) => last = Some(e),
+            match tokio::time::timeout(self.ask_timeout, self.ask(addr)).await {
+                Ok(Ok(client)) => return Ok(client),
+                Ok(Err(e)) => last = Some(e),
+                Err(_) => {
+                    last = Some(
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("sentinel {addr}: no answer within {:?}", self.ask_timeout),
+                        )
+                        .into(),
+                    )
+                }
             }
         }
         Err(last.unwrap_or_else(|| {
@@ -398,6 +410,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_silent_sentinel_leaves_time_to_ask_the_next() {
+        // Accepts and holds every connection, never answering.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_port = silent.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = silent.accept().await {
+                held.push(conn);
+            }
+        });
+        let (next, accepted) = hang_up_sentinel().await;
+        let sentinels = Sentinels {
+            addrs: vec![ConnectionAddr::Tcp("127.0.0.1".into(), silent_port), next],
+            master: "m".into(),
+            sentinel_username: None,
+            sentinel_password: None,
+            master_info: Default::default(),
+            master_tls: None,
+            ask_timeout: Duration::from_millis(200),
+        };
+        // Bound: 200 ms for the silent one, then a refusal; without the bound the redis
+        // crate's own connection set-up takes about a second per silent sentinel.
+        let lookup = tokio::time::timeout(Duration::from_millis(800), sentinels.master()).await;
+        assert!(lookup.expect("the lookup ends within 800 ms").is_err());
+        assert!(
+            accepted.load(Ordering::SeqCst) >= 1,
+            "the second sentinel was not asked"
+        );
+    }
+
+    #[tokio::test]
     async fn without_a_master_concurrent_calls_share_one_lookup_and_then_fail_fast() {
         let (addr, accepted) = hang_up_sentinel().await;
         let sentinels = Sentinels {
@@ -407,6 +450,7 @@ mod tests {
             sentinel_password: None,
             master_info: Default::default(),
             master_tls: None,
+            ask_timeout: Duration::from_millis(500),
         };
         let timeout = Duration::from_secs(2);
         let link = Link::sentinel(sentinels, manager_config(timeout), timeout);
