@@ -18,7 +18,7 @@ use crate::proxy::{IdentitySettings, IpNet, UnderscoreHeaders, UpstreamSettings}
 use crate::route::{self, Grant, MethodSet, Route, RouteTable, TenantFrom};
 use crate::server::tls::{CertificateFiles, ClientAuth, TlsSettings};
 use crate::server::{Http2Limits, Settings};
-use crate::store::redis::{RedisSettings, RedisTls};
+use crate::store::redis::{RedisSettings, RedisTls, SentinelSettings};
 use crate::store::StoreSettings;
 use crate::telemetry::LogSettings;
 use crate::tls;
@@ -158,7 +158,10 @@ fn serve(config: &Config) -> Result<Settings, ConfigError> {
         // a health check, so the checks must come more often or the cache would keep
         // lapsing.
         match &store {
-            Some(StoreSettings::Redis(r)) if trust <= r.health_check_interval => Err(field_err(
+            Some(
+                StoreSettings::Redis(r)
+                | StoreSettings::Sentinel(SentinelSettings { redis: r, .. }),
+            ) if trust <= r.health_check_interval => Err(field_err(
                 "cache.trust_while_unsubscribed",
                 format!(
                     "{trust:?} must be longer than store.health_check_interval ({:?}): \
@@ -566,13 +569,80 @@ fn key_store(config: &Config) -> Result<StoreSettings, ConfigError> {
         ));
     }
     let tls = redis_tls(st)?;
-    Ok(StoreSettings::Redis(RedisSettings {
+    let redis = RedisSettings {
         url: url.clone(),
         tls,
         namespace: ns.clone(),
         timeout: nonzero("store.timeout", &st.timeout)?,
         health_check_interval: nonzero("store.health_check_interval", &st.health_check_interval)?,
-    }))
+    };
+    match sentinels(st)? {
+        Some((sentinels, master)) => Ok(StoreSettings::Sentinel(SentinelSettings {
+            redis,
+            sentinels,
+            master,
+            username: st.sentinel_username.clone(),
+            password: st.sentinel_password.clone(),
+        })),
+        None => Ok(StoreSettings::Redis(redis)),
+    }
+}
+
+/// Most sentinels keygate asks (a deployment runs three or five).
+const MAX_SENTINELS: usize = 16;
+
+/// Validates Sentinel mode: the sentinels' addresses and the master's name, or neither.
+fn sentinels(
+    st: &super::StoreConfig,
+) -> Result<Option<(Vec<redis::ConnectionAddr>, String)>, ConfigError> {
+    if st.sentinels.is_empty() {
+        for (field, set) in [
+            ("store.sentinel_master", st.sentinel_master.is_some()),
+            ("store.sentinel_username", st.sentinel_username.is_some()),
+            ("store.sentinel_password", st.sentinel_password.is_some()),
+        ] {
+            if set {
+                return Err(field_err(field, "set, but store.sentinels is empty"));
+            }
+        }
+        return Ok(None);
+    }
+    if st.sentinels.len() > MAX_SENTINELS {
+        return Err(field_err(
+            "store.sentinels",
+            format!("at most {MAX_SENTINELS} sentinels"),
+        ));
+    }
+    let addrs = st
+        .sentinels
+        .iter()
+        .map(|s| crate::store::sentinel::parse_addr(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|m| field_err("store.sentinels", m))?;
+    let master = match st.sentinel_master.as_deref() {
+        None => {
+            return Err(field_err(
+                "store.sentinel_master",
+                "required with store.sentinels: the name the sentinels monitor the master under",
+            ))
+        }
+        Some(m) if m.is_empty() || m.len() > 128 || !m.bytes().all(|b| b.is_ascii_graphic()) => {
+            return Err(field_err(
+                "store.sentinel_master",
+                "1 to 128 printable characters, no spaces",
+            ))
+        }
+        Some(m) => m.to_owned(),
+    };
+    for (field, v) in [
+        ("store.sentinel_username", &st.sentinel_username),
+        ("store.sentinel_password", &st.sentinel_password),
+    ] {
+        if v.as_deref().is_some_and(str::is_empty) {
+            return Err(field_err(field, "must not be empty"));
+        }
+    }
+    Ok(Some((addrs, master)))
 }
 
 /// Validates the HTTP/2 server limits.

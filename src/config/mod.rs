@@ -351,6 +351,19 @@ pub struct StoreConfig {
     /// With `rediss://`: the client certificate's private key (PEM); needs `tls_cert`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<String>,
+    /// Redis Sentinel mode: the sentinels (`host:port` each) that name the master; empty:
+    /// `redis_url` names the one server. With sentinels, `redis_url`'s scheme, user, password
+    /// and database apply to the master, its host and port are not used.
+    pub sentinels: Vec<String>,
+    /// The name the sentinels monitor the master under (required with `sentinels`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sentinel_master: Option<String>,
+    /// ACL user on the sentinels (unset: the default user).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sentinel_username: Option<String>,
+    /// Password on the sentinels (`requirepass` or the ACL user's); never logged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sentinel_password: Option<String>,
     /// Prefix of every Redis key keygate reads or writes.
     pub namespace: String,
     /// Bound on every store call; past it the call fails and the request gets `503`.
@@ -371,6 +384,10 @@ impl Default for StoreConfig {
             tls_ca: None,
             tls_cert: None,
             tls_key: None,
+            sentinels: Vec::new(),
+            sentinel_master: None,
+            sentinel_username: None,
+            sentinel_password: None,
             namespace: "keygate".into(),
             timeout: "1s".into(),
             health_check_interval: "1s".into(),
@@ -455,6 +472,9 @@ impl Config {
     pub(crate) fn redacted_json(&self) -> String {
         let mut c = self.clone();
         c.store.redis_url = redact_url(&c.store.redis_url);
+        if c.store.sentinel_password.is_some() {
+            c.store.sentinel_password = Some("[redacted]".into());
+        }
         serde_json::to_string(&c).unwrap_or_default()
     }
 }

@@ -673,3 +673,77 @@ fn the_tls_flags_and_environment_set_the_proxy_certificate() {
     let tls = config.serve_settings().unwrap().tls.unwrap();
     assert_eq!(tls.certificates[0].cert, PathBuf::from("/flag/tls.crt"));
 }
+
+#[test]
+fn sentinel_mode_is_read_from_the_environment_and_its_password_masked() {
+    let vars = env(&[
+        (
+            "KEYGATE__STORE__SENTINELS",
+            "10.0.0.1:26379, 10.0.0.2:26379",
+        ),
+        ("KEYGATE__STORE__SENTINEL_MASTER", "mymaster"),
+        ("KEYGATE__STORE__SENTINEL_PASSWORD", "sentinel-secret"),
+    ]);
+    let c = Config::load(None, vars, &[]).unwrap();
+    let Ok(crate::store::StoreSettings::Sentinel(s)) = c.store_settings() else {
+        panic!("not sentinel mode");
+    };
+    assert_eq!(s.sentinels.len(), 2);
+    assert_eq!(s.master, "mymaster");
+    assert_eq!(s.password.as_deref(), Some("sentinel-secret"));
+    assert!(!c.redacted_json().contains("sentinel-secret"));
+    assert!(!format!("{s:?}").contains("sentinel-secret"));
+}
+
+#[test]
+fn sentinel_settings_name_their_field() {
+    let check = |vars: &[(&str, &str)], field: &str| {
+        let c = Config::load(None, env(vars), &[]).unwrap();
+        let err = c.store_settings().unwrap_err().to_string();
+        assert!(err.starts_with(field), "{vars:?}: {err}");
+    };
+    check(
+        &[("KEYGATE__STORE__SENTINEL_MASTER", "m")],
+        "store.sentinel_master",
+    );
+    check(
+        &[("KEYGATE__STORE__SENTINEL_PASSWORD", "p")],
+        "store.sentinel_password",
+    );
+    check(
+        &[("KEYGATE__STORE__SENTINELS", "h:1")],
+        "store.sentinel_master",
+    );
+    check(
+        &[
+            ("KEYGATE__STORE__SENTINELS", "h:1,nohost"),
+            ("KEYGATE__STORE__SENTINEL_MASTER", "m"),
+        ],
+        "store.sentinels",
+    );
+    check(
+        &[
+            ("KEYGATE__STORE__SENTINELS", "h:1"),
+            ("KEYGATE__STORE__SENTINEL_MASTER", "two words"),
+        ],
+        "store.sentinel_master",
+    );
+}
+
+#[test]
+fn the_readme_sentinel_example_is_valid() {
+    let readme = include_str!("../../README.md");
+    let section = &readme[readme.find("### Redis Sentinel").unwrap()..];
+    let block = section.split("```toml\n").nth(1).unwrap();
+    let block = &block[..block.find("```").unwrap()];
+    let dir = std::env::temp_dir().join(format!("keygate-cfg-sentinel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("keygate.toml");
+    std::fs::write(&path, block).unwrap();
+    let c = Config::load(Some(&path), Vec::new(), &[]).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let Ok(crate::store::StoreSettings::Sentinel(s)) = c.store_settings() else {
+        panic!("the README's example is not Sentinel mode");
+    };
+    assert_eq!((s.sentinels.len(), s.master.as_str()), (3, "mymaster"));
+}

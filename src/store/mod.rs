@@ -9,6 +9,7 @@
 
 pub mod file;
 pub mod redis;
+pub(crate) mod sentinel;
 mod subscriber;
 
 use std::sync::Arc;
@@ -360,6 +361,8 @@ fn ser_opt_time<S: serde::Serializer>(t: &Option<u64>, s: S) -> Result<S::Ok, S:
 pub enum StoreSettings {
     /// Redis.
     Redis(redis::RedisSettings),
+    /// Redis, on the master Redis Sentinel names.
+    Sentinel(redis::SentinelSettings),
     /// The embedded file store at this path.
     File(std::path::PathBuf),
 }
@@ -370,6 +373,7 @@ pub enum StoreSettings {
 pub fn open(settings: &StoreSettings, create_file: bool) -> Result<Arc<dyn Store>, StoreError> {
     match settings {
         StoreSettings::Redis(r) => Ok(Arc::new(redis::RedisStore::new(r)?)),
+        StoreSettings::Sentinel(s) => Ok(Arc::new(redis::RedisStore::with_sentinels(s)?)),
         StoreSettings::File(path) => Ok(Arc::new(file::FileStore::open(path, create_file)?)),
     }
 }

@@ -27,6 +27,9 @@
 //! Every call goes over one multiplexed connection (reconnected on failure) and is bounded by
 //! the configured timeout, so a dead Redis yields an error, never a hang.
 //!
+//! With `store.sentinels` set, the server is the master Redis Sentinel names, looked up again
+//! whenever a call on it fails (see `sentinel.rs`); the lookup counts against the same timeout.
+//!
 //! A `rediss://` URL speaks TLS (rustls with keygate's one crypto provider) on the store's
 //! connection and the invalidation subscriber's alike: the server's certificate is checked
 //! against `store.tls_ca` (or the system roots), and keygate presents a client certificate
@@ -41,9 +44,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
+use super::sentinel::{self, manager_config, Link, Sentinels, Target};
 use super::{
     subscriber, AuditEntry, InvalidationSink, KeyRecord, OldKeys, ServiceAccount, Store, StoreError,
 };
@@ -264,6 +268,33 @@ pub struct RedisSettings {
     pub health_check_interval: Duration,
 }
 
+/// Settings for a [`RedisStore`] whose master is found through Redis Sentinel.
+#[derive(Clone)]
+pub struct SentinelSettings {
+    /// The store's settings; the URL's scheme (`rediss://` for TLS), ACL user, password and
+    /// database apply to the master, its host and port are not used.
+    pub redis: RedisSettings,
+    /// The sentinels, `host:port` each.
+    pub sentinels: Vec<redis::ConnectionAddr>,
+    /// The name the sentinels monitor the master under.
+    pub master: String,
+    /// ACL user on the sentinels.
+    pub username: Option<String>,
+    /// Password on the sentinels.
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for SentinelSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SentinelSettings")
+            .field("sentinels", &self.sentinels)
+            .field("master", &self.master)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "[redacted]"))
+            .finish_non_exhaustive()
+    }
+}
+
 /// The TLS files of a `rediss://` connection (`store.tls_ca`, `store.tls_cert`,
 /// `store.tls_key`); all unset: the system roots, no client certificate.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -332,11 +363,13 @@ fn client(settings: &RedisSettings) -> Result<redis::Client, StoreError> {
     redis::Client::build_with_tls(settings.url.as_str(), certificates).map_err(invalid)
 }
 
-/// A [`Store`] on a standalone Redis server.
+/// A [`Store`] on a standalone Redis server, or on the master that Redis Sentinel names.
 pub struct RedisStore {
-    client: redis::Client,
-    conn: ConnectionManager,
-    /// `host:port` (or socket path) of the server, for error messages; never the password.
+    /// Where the subscriber connects (the same server as `link`).
+    target: Arc<Target>,
+    link: Link,
+    /// `host:port` (or socket path) of the server, or the sentinels and master name, for error
+    /// messages; never the password.
     addr: String,
     ns: String,
     timeout: Duration,
@@ -354,17 +387,60 @@ impl RedisStore {
     /// connects when Redis comes up.
     pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
         let client = client(settings)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(settings.timeout))
-            .set_response_timeout(Some(settings.timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
         let addr = client.get_connection_info().addr().to_string();
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
-            .map_err(|e| StoreError::Unavailable(format!("{addr}: {e}")))?;
-        Ok(RedisStore {
-            client,
-            conn,
+        let conn = ConnectionManager::new_lazy_with_config(
+            client.clone(),
+            manager_config(settings.timeout),
+        )
+        .map_err(|e| StoreError::Unavailable(format!("{addr}: {e}")))?;
+        Ok(Self::build(
+            Target::Fixed(client),
+            Link::Fixed(conn),
+            addr,
+            settings,
+        ))
+    }
+
+    /// Creates the store on the master the sentinels name, without connecting: keygate starts
+    /// (unready) while no master is known, and follows failovers without a restart.
+    pub fn with_sentinels(settings: &SentinelSettings) -> Result<Self, StoreError> {
+        let redis = &settings.redis;
+        // The master's user, password, database and TLS come from the URL; its host does not.
+        let master = client(redis)?;
+        let info = master.get_connection_info();
+        let master_tls = match info.addr() {
+            redis::ConnectionAddr::TcpTls { .. } => Some(
+                redis
+                    .tls
+                    .is_set()
+                    .then(|| redis.tls.load())
+                    .transpose()
+                    .map_err(|(field, e)| StoreError::Unavailable(format!("{field}: {e}")))?,
+            ),
+            _ => None,
+        };
+        let sentinels = Sentinels {
+            addrs: settings.sentinels.clone(),
+            master: settings.master.clone(),
+            sentinel_username: settings.username.clone(),
+            sentinel_password: settings.password.clone(),
+            master_info: info.redis_settings().clone(),
+            master_tls,
+            ask_timeout: redis.timeout / settings.sentinels.len().max(1) as u32,
+        };
+        let addr = sentinel::describe(&sentinels);
+        Ok(Self::build(
+            Target::Sentinel(sentinels.clone()),
+            Link::sentinel(sentinels, manager_config(redis.timeout), redis.timeout),
+            addr,
+            redis,
+        ))
+    }
+
+    fn build(target: Target, link: Link, addr: String, settings: &RedisSettings) -> Self {
+        RedisStore {
+            target: Arc::new(target),
+            link,
             addr,
             ns: settings.namespace.clone(),
             timeout: settings.timeout,
@@ -375,7 +451,7 @@ impl RedisStore {
             rotate: Script::new(ROTATE_SCRIPT),
             remove_account: Script::new(REMOVE_ACCOUNT_SCRIPT),
             touch: Script::new(TOUCH_SCRIPT),
-        })
+        }
     }
 
     /// The pub/sub channel that announces changed keys.
@@ -424,32 +500,35 @@ impl RedisStore {
         .await
     }
 
-    /// Runs one Redis call under the store's timeout.
-    async fn call<T, F>(&self, f: F) -> Result<T, StoreError>
+    /// Runs one Redis call under the store's timeout (finding the master first, in Sentinel
+    /// mode, within the same bound).
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
-        F: Future<Output = redis::RedisResult<T>>,
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
     {
-        self.outcome(tokio::time::timeout(self.timeout, f).await)
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        self.outcome(self.link.run(deadline, f).await)
     }
 
     /// Runs an idempotent call, once more if the connection had dropped: the connection
-    /// manager reconnects after the first failure (e.g. after a Redis restart), so the retry
-    /// spares the caller a needless `503`. The call and its retry share one deadline, so the
-    /// whole takes at most `store.timeout`; a call that timed out is not retried (a slow
-    /// Redis is not a dropped connection).
+    /// manager reconnects after the first failure (e.g. after a Redis restart), and in Sentinel
+    /// mode the master is looked up again, so the retry spares the caller a needless `503`.
+    /// The call and its retry share one deadline, so the whole takes at most `store.timeout`;
+    /// a call that timed out is not retried (a slow Redis is not a dropped connection).
     async fn idempotent<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
         F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let deadline = tokio::time::Instant::now() + self.timeout;
-        match tokio::time::timeout_at(deadline, f(self.conn.clone())).await {
+        match self.link.run(deadline, &f).await {
             Ok(Err(e)) if !e.is_timeout() && (e.is_connection_dropped() || e.is_io_error()) => {
                 tracing::debug!(error = %e, "redis connection dropped; retrying once");
             }
             first => return self.outcome(first),
         }
-        self.outcome(tokio::time::timeout_at(deadline, f(self.conn.clone())).await)
+        self.outcome(self.link.run(deadline, &f).await)
     }
 
     fn outcome<T>(
@@ -495,7 +574,6 @@ impl Store for RedisStore {
     }
 
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
         let hex = record.digest.to_hex();
         let mut inv = self.insert.key(self.record_key(&record.digest));
         inv.key(self.id_key(&record.id))
@@ -507,7 +585,9 @@ impl Store for RedisStore {
         for (field, value) in encode(record) {
             inv.arg(field).arg(value);
         }
-        let created: i64 = self.call(inv.invoke_async(&mut conn)).await?;
+        let created: i64 = self
+            .call(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
         if created == 0 {
             return Err(StoreError::Conflict(format!("key id {} exists", record.id)));
         }
@@ -571,7 +651,6 @@ impl Store for RedisStore {
         account: &ServiceAccount,
         key: &KeyRecord,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
         let hex = key.digest.to_hex();
         let mut inv = self.create_account.key(self.account_key(&account.id));
         inv.key(self.names_key(&account.tenant))
@@ -594,7 +673,10 @@ impl Store for RedisStore {
         for (field, value) in encode(key) {
             inv.arg(field).arg(value);
         }
-        match self.call(inv.invoke_async::<i64>(&mut conn)).await? {
+        match self
+            .call(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
+            .await?
+        {
             1 => Ok(()),
             0 => Err(StoreError::Conflict(format!(
                 "tenant {} already has a service account named {:?}",
@@ -633,7 +715,6 @@ impl Store for RedisStore {
         new_key: &KeyRecord,
         old: OldKeys,
     ) -> Result<Option<ServiceAccount>, StoreError> {
-        let mut conn = self.conn.clone();
         let (mode, at) = match old {
             OldKeys::RevokeAt(t) => ("revoke", t),
             OldKeys::ExpireAt(t) => ("expire", t),
@@ -660,7 +741,10 @@ impl Store for RedisStore {
         for (field, value) in encode(new_key) {
             inv.arg(field).arg(value);
         }
-        match self.call(inv.invoke_async::<i64>(&mut conn)).await? {
+        match self
+            .call(|mut c| async move { inv.invoke_async::<i64>(&mut c).await })
+            .await?
+        {
             0 => Ok(None),
             1 => self.get_account(id).await,
             _ => Err(StoreError::Conflict(format!(
@@ -679,7 +763,6 @@ impl Store for RedisStore {
         let Some(account) = self.get_account(id).await? else {
             return Ok(None);
         };
-        let mut conn = self.conn.clone();
         let mut inv = self.remove_account.key(self.account_key(id));
         inv.key(self.account_keys_key(id))
             .key(self.names_key(&account.tenant))
@@ -690,7 +773,9 @@ impl Store for RedisStore {
             .arg(at)
             .arg(ServiceAccount::name_key(&account.name))
             .arg(id);
-        let removed: i64 = self.call(inv.invoke_async(&mut conn)).await?;
+        let removed: i64 = self
+            .call(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
         Ok((removed == 1).then_some(account))
     }
 
@@ -748,8 +833,7 @@ impl Store for RedisStore {
             .arg(&e.tenant)
             .arg("outcome")
             .arg(&e.outcome);
-        let mut conn = self.conn.clone();
-        self.call(cmd.query_async::<String>(&mut conn))
+        self.call(|mut c| async move { cmd.query_async::<String>(&mut c).await })
             .await
             .map(drop)
     }
@@ -792,8 +876,27 @@ impl Store for RedisStore {
     fn start(self: Arc<Self>, sink: Arc<dyn InvalidationSink>) -> Result<(), StoreError> {
         // Down until the first SUBSCRIBE is confirmed.
         sink.link(false);
+        if self.link.follows_sentinels() {
+            // Moves the store's connection off a master the sentinels no longer name (see
+            // `Link::forget_unless_at`); ends with the store.
+            let (store, target) = (Arc::downgrade(&self), self.target.clone());
+            let (interval, timeout) = (self.health_check_interval, self.timeout);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(interval).await;
+                    let Ok(Ok(master)) = tokio::time::timeout(timeout, target.client()).await
+                    else {
+                        continue;
+                    };
+                    let Some(store) = store.upgrade() else { return };
+                    store
+                        .link
+                        .forget_unless_at(master.get_connection_info().addr());
+                }
+            });
+        }
         tokio::spawn(subscriber::run(
-            self.client.clone(),
+            self.target.clone(),
             self.addr.clone(),
             self.channel(),
             self.timeout,

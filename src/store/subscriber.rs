@@ -16,6 +16,13 @@
 //!   connections) is noticed by a PING on the subscribed connection every
 //!   `health_check_interval`; a PING still unanswered at the next one counts as a disconnect.
 //! - Reconnects back off exponentially with jitter, so a fleet does not stampede Redis.
+//! - In Sentinel mode every (re)subscribe first asks the sentinels for the master, so after a
+//!   failover the subscription moves to the new master, and the flush above covers whatever
+//!   was published while it moved (on the old master after the link broke, or on the new one
+//!   before SUBSCRIBE was confirmed there). The sentinels are asked again every
+//!   `health_check_interval` while subscribed: after a switchover the old master stays up
+//!   (and answers PINGs) until the sentinels demote it, but hears nothing published on the
+//!   new one, so the subscription moves as soon as the sentinels name another master.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,6 +32,7 @@ use std::time::{Duration, Instant};
 use futures_util::{FutureExt, StreamExt};
 use redis::aio::{PubSubSink, PubSubStream};
 
+use super::sentinel::Target;
 use super::InvalidationSink;
 use crate::key::KeyDigest;
 
@@ -33,7 +41,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Follows the invalidation channel forever.
 pub(super) async fn run(
-    client: redis::Client,
+    target: Arc<Target>,
     addr: String,
     channel: String,
     connect_timeout: Duration,
@@ -43,8 +51,8 @@ pub(super) async fn run(
     let mut backoff = BACKOFF_MIN;
     loop {
         let attempted = Instant::now();
-        match subscribe(&client, &channel, connect_timeout).await {
-            Ok((conn, mut messages)) => {
+        match subscribe(&target, &channel, connect_timeout).await {
+            Ok((conn, mut messages, at)) => {
                 // Flush, then report the feed good as of the attempt: nothing cached from
                 // before the flush is trusted on the strength of this subscription.
                 sink.invalidate_all();
@@ -52,7 +60,10 @@ pub(super) async fn run(
                 sink.synced(attempted);
                 backoff = BACKOFF_MIN;
                 tracing::info!(%channel, "invalidation subscription up; cache flushed");
-                let reason = follow(&conn, &mut messages, health_check_interval, &*sink).await;
+                let reason = tokio::select! {
+                    r = follow(&conn, &mut messages, health_check_interval, &*sink) => r,
+                    r = target.moved(&at, health_check_interval, connect_timeout) => r,
+                };
                 sink.link(false);
                 tracing::warn!(%reason, %addr, "invalidation subscription lost; reconnecting");
             }
@@ -69,14 +80,16 @@ pub(super) async fn run(
 }
 
 async fn subscribe(
-    client: &redis::Client,
+    target: &Target,
     channel: &str,
     timeout: Duration,
-) -> Result<(PubSubSink, PubSubStream), String> {
+) -> Result<(PubSubSink, PubSubStream, redis::ConnectionAddr), String> {
     let attempt = async {
+        let client = target.client().await?;
+        let at = client.get_connection_info().addr().clone();
         let (mut conn, messages) = client.get_async_pubsub().await?.split();
         conn.subscribe(channel).await?;
-        Ok::<_, redis::RedisError>((conn, messages))
+        Ok::<_, redis::RedisError>((conn, messages, at))
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(Ok(pair)) => Ok(pair),

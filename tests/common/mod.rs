@@ -1177,3 +1177,7 @@ pub mod tls_redis;
 // TLS on keygate's listeners: a test CA, a TLS client, HTTP over it
 
 pub mod tls_server;
+
+// Redis Sentinel: a master, a replica and three sentinels
+
+pub mod redis_sentinel;

@@ -1,0 +1,199 @@
+//! A Redis Sentinel deployment on loopback for tests: one master, one replica (`--replicaof`)
+//! and three sentinels (`redis-server sentinel.conf --sentinel`), each on a free port with its
+//! own temp dir; with a password on the data servers and another on the sentinels. Failure
+//! detection is tuned down (`down-after-milliseconds`, `failover-timeout`) so that a failover
+//! takes a few seconds.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{free_port, temp_dir};
+
+/// The name the sentinels monitor the master under.
+pub const MASTER_NAME: &str = "kgmaster";
+/// The data servers' password (`requirepass`, `masterauth`, `auth-pass`).
+pub const DATA_PASSWORD: &str = "data-pw-7c1";
+/// The sentinels' password (`requirepass`, `sentinel-pass`).
+pub const SENTINEL_PASSWORD: &str = "sentinel-pw-41a";
+
+/// How long a sentinel waits for a silent master before calling it down.
+pub const DOWN_AFTER_MS: u64 = 1000;
+
+/// One `redis-server` process (a data server or a sentinel), killed when dropped.
+pub struct Node {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+    password: &'static str,
+}
+
+impl Node {
+    fn spawn(port: u16, dir: PathBuf, args: &[String], password: &'static str) -> Node {
+        let child = Command::new("redis-server")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed: apt-get install -y redis-server redis-tools");
+        let node = Node {
+            port,
+            dir,
+            child: Some(child),
+            password,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while node.try_cmd::<String>(&["PING"]).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {port} did not answer within 10s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        node
+    }
+
+    /// Runs a command on a fresh authenticated connection, with 2 s bounds.
+    pub fn try_cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
+        let url = format!("redis://:{}@127.0.0.1:{}", self.password, self.port);
+        let mut c =
+            redis::Client::open(url)?.get_connection_with_timeout(Duration::from_secs(2))?;
+        c.set_read_timeout(Some(Duration::from_secs(2)))?;
+        c.set_write_timeout(Some(Duration::from_secs(2)))?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query(&mut c)
+    }
+
+    /// SIGKILLs the process: no goodbye to its clients, its port refuses at once.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The deployment.
+pub struct Sentinels {
+    pub master: Node,
+    pub replica: Node,
+    pub sentinels: Vec<Node>,
+}
+
+fn data_server(replica_of: Option<u16>) -> Node {
+    let (port, dir) = (free_port(), temp_dir("sentinel-data"));
+    let mut args: Vec<String> = [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--requirepass",
+        DATA_PASSWORD,
+        "--masterauth",
+        DATA_PASSWORD,
+        "--dir",
+        dir.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    if let Some(m) = replica_of {
+        args.extend(["--replicaof".into(), "127.0.0.1".into(), m.to_string()]);
+    }
+    Node::spawn(port, dir, &args, DATA_PASSWORD)
+}
+
+fn sentinel(master_port: u16) -> Node {
+    let (port, dir) = (free_port(), temp_dir("sentinel"));
+    let conf = dir.join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+             requirepass {SENTINEL_PASSWORD}\nsentinel sentinel-pass {SENTINEL_PASSWORD}\n\
+             sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
+             sentinel auth-pass {MASTER_NAME} {DATA_PASSWORD}\n\
+             sentinel down-after-milliseconds {MASTER_NAME} {DOWN_AFTER_MS}\n\
+             sentinel failover-timeout {MASTER_NAME} 3000\n\
+             sentinel parallel-syncs {MASTER_NAME} 1\n",
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    let args = [conf.to_str().unwrap().to_owned(), "--sentinel".into()];
+    Node::spawn(port, dir, &args, SENTINEL_PASSWORD)
+}
+
+impl Sentinels {
+    /// Starts the master, its replica and three sentinels, and waits (10 s at most) until the
+    /// replica is in sync and every sentinel knows the replica and the two other sentinels, so
+    /// that a failover can happen.
+    pub fn start() -> Self {
+        let master = data_server(None);
+        let replica = data_server(Some(master.port));
+        let sentinels: Vec<Node> = (0..3).map(|_| sentinel(master.port)).collect();
+        let s = Sentinels {
+            master,
+            replica,
+            sentinels,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let synced = s
+                .replica
+                .try_cmd::<String>(&["INFO", "replication"])
+                .is_ok_and(|i| i.contains("master_link_status:up"));
+            let known = s.sentinels.iter().all(|n| {
+                n.try_cmd::<Vec<String>>(&["SENTINEL", "MASTER", MASTER_NAME])
+                    .is_ok_and(|f| {
+                        field(&f, "num-slaves") == "1" && field(&f, "num-other-sentinels") == "2"
+                    })
+            });
+            if synced && known {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sentinel deployment did not settle within 10s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `host:port` of each sentinel.
+    pub fn addrs(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// The port of the master the first answering sentinel names.
+    pub fn master_port(&self) -> Option<u16> {
+        self.sentinels.iter().find_map(|n| {
+            n.try_cmd::<Vec<String>>(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER_NAME])
+                .ok()
+                .and_then(|a| a.get(1)?.parse().ok())
+        })
+    }
+}
+
+fn field<'a>(flat: &'a [String], name: &str) -> &'a str {
+    flat.chunks(2)
+        .find(|kv| kv[0] == name)
+        .and_then(|kv| kv.get(1))
+        .map_or("", String::as_str)
+}
