@@ -463,10 +463,15 @@ mod tests {
             (1..=6).contains(&first),
             "{first} connections to the sentinels"
         );
-        // Right after a failed lookup, calls fail without asking again.
+        // Right after a failed lookup, calls fail without asking again. (The window is 100 ms:
+        // on a machine so loaded that the second batch starts later than that, a new lookup is
+        // the right behaviour, so the count is only checked when the batch ran inside it.)
+        let failed_at = std::time::Instant::now();
         let results = futures_util::future::join_all((0..20).map(|_| link.get())).await;
         assert!(results.iter().all(Result::is_err));
-        assert_eq!(accepted.load(Ordering::SeqCst), first);
+        if failed_at.elapsed() < Duration::from_millis(90) {
+            assert_eq!(accepted.load(Ordering::SeqCst), first);
+        }
     }
 
     #[test]
