@@ -681,7 +681,7 @@ async fn accept_loop<S, B, M>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    // Shared with the TLS connections' tasks, which build their connection after the handshake.
+    // Shared with every connection's task (a TLS one builds its connection after the handshake).
     let builder = Arc::new(builder);
     loop {
         let accepted = tokio::select! {
@@ -714,53 +714,84 @@ async fn accept_loop<S, B, M>(
         let activity = Activity::new();
         let (mut watcher, rules) = (drain.watcher(), rules.clone());
         rules.metrics.open.inc();
-        if rules.tls.is_some() {
-            let (builder, make_service) = (builder.clone(), make_service.clone());
-            tokio::spawn(async move {
+        let (builder, make_service) = (builder.clone(), make_service.clone());
+        tokio::spawn(async move {
+            if rules.tls.is_some() {
                 serve_tls(
                     stream,
                     peer,
                     activity,
                     &builder,
                     make_service,
-                    watcher,
+                    &mut watcher,
                     &rules,
                 )
                 .await;
-                rules.metrics.open.dec();
-                drop(admitted);
-            });
-            continue;
-        }
-        let io = TokioIo::new(Watched::new(stream, activity.clone()));
-        let transport = Transport {
-            tls: false,
-            client_cert: None,
-        };
-        let conn = builder
-            .serve_connection_with_upgrades(io, make_service(peer, activity.clone(), transport))
-            .into_owned();
-        tokio::spawn(async move {
-            let ended = connection::serve(
-                conn,
-                |c| c.graceful_shutdown(),
-                activity.clone(),
-                rules.deadlines,
-                &mut watcher,
-                &rules.expired,
-            )
-            .await;
-            if let Err(err) = ended {
-                tracing::debug!(error = %err, %peer, "connection ended with an error");
+            } else {
+                let transport = Transport {
+                    tls: false,
+                    client_cert: None,
+                };
+                serve_http(
+                    stream,
+                    peer,
+                    activity,
+                    &builder,
+                    make_service,
+                    transport,
+                    &mut watcher,
+                    &rules,
+                )
+                .await;
             }
-            // An upgraded HTTP/1.1 connection lives on as a tunnel: it stays open (and under
-            // the cap, and drained at shutdown) until the tunnel ends.
-            activity.settled().await;
             drop(watcher);
             rules.metrics.open.dec();
             drop(admitted);
         });
     }
+}
+
+/// HTTP over an accepted stream (TCP, or TLS after its handshake) under the connection's
+/// deadlines, until the connection ends; an upgraded HTTP/1.1 connection lives on as a tunnel,
+/// so this returns only when the tunnel has ended too, keeping the connection under the cap
+/// and in the drain for its whole life.
+#[allow(clippy::too_many_arguments)]
+async fn serve_http<I, S, B, M>(
+    stream: I,
+    peer: SocketAddr,
+    activity: Arc<Activity>,
+    builder: &auto::Builder<TokioExecutor>,
+    make_service: M,
+    transport: Transport,
+    watcher: &mut watch::Receiver<()>,
+    rules: &ListenerRules,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    M: Fn(SocketAddr, Arc<Activity>, Transport) -> S,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let io = TokioIo::new(Watched::new(stream, activity.clone()));
+    let conn =
+        builder.serve_connection_with_upgrades(io, make_service(peer, activity.clone(), transport));
+    let ended = connection::serve(
+        conn,
+        |c| c.graceful_shutdown(),
+        activity.clone(),
+        rules.deadlines,
+        watcher,
+        &rules.expired,
+    )
+    .await;
+    if let Err(err) = ended {
+        tracing::debug!(error = %err, %peer, "connection ended with an error");
+    }
+    activity.settled().await;
 }
 
 /// One TLS connection: the handshake, then HTTP over it, all under the connection's deadlines.
@@ -776,7 +807,7 @@ async fn serve_tls<S, B, M>(
     activity: Arc<Activity>,
     builder: &auto::Builder<TokioExecutor>,
     make_service: M,
-    mut watcher: watch::Receiver<()>,
+    watcher: &mut watch::Receiver<()>,
     rules: &ListenerRules,
 ) where
     M: Fn(SocketAddr, Arc<Activity>, Transport) -> S,
@@ -811,25 +842,17 @@ async fn serve_tls<S, B, M>(
         tls: true,
         client_cert: tls::client_subject(stream.get_ref().1),
     };
-    let io = TokioIo::new(Watched::new(stream, activity.clone()));
-    let conn =
-        builder.serve_connection_with_upgrades(io, make_service(peer, activity.clone(), transport));
-    let ended = connection::serve(
-        conn,
-        |c| c.graceful_shutdown(),
-        activity.clone(),
-        rules.deadlines,
-        &mut watcher,
-        &rules.expired,
+    serve_http(
+        stream,
+        peer,
+        activity,
+        builder,
+        make_service,
+        transport,
+        watcher,
+        rules,
     )
     .await;
-    if let Err(err) = ended {
-        tracing::debug!(error = %err, %peer, "connection ended with an error");
-    }
-    // An upgraded HTTP/1.1 connection lives on as a tunnel: it stays open (and under the cap,
-    // and drained at shutdown) until the tunnel ends.
-    activity.settled().await;
-    drop(watcher);
 }
 
 #[cfg(test)]
