@@ -18,7 +18,7 @@ use crate::proxy::{IdentitySettings, IpNet, UnderscoreHeaders, UpstreamSettings}
 use crate::route::{self, Grant, MethodSet, Route, RouteTable, TenantFrom};
 use crate::server::tls::{CertificateFiles, ClientAuth, TlsSettings};
 use crate::server::{Http2Limits, Settings};
-use crate::store::redis::{RedisSettings, RedisTls, SentinelSettings};
+use crate::store::redis::{ClusterSettings, RedisSettings, RedisTls, SentinelSettings};
 use crate::store::StoreSettings;
 use crate::telemetry::LogSettings;
 use crate::tls;
@@ -160,7 +160,8 @@ fn serve(config: &Config) -> Result<Settings, ConfigError> {
         match &store {
             Some(
                 StoreSettings::Redis(r)
-                | StoreSettings::Sentinel(SentinelSettings { redis: r, .. }),
+                | StoreSettings::Sentinel(SentinelSettings { redis: r, .. })
+                | StoreSettings::Cluster(ClusterSettings { redis: r, .. }),
             ) if trust <= r.health_check_interval => Err(field_err(
                 "cache.trust_while_unsubscribed",
                 format!(
@@ -576,6 +577,15 @@ fn key_store(config: &Config) -> Result<StoreSettings, ConfigError> {
         timeout: nonzero("store.timeout", &st.timeout)?,
         health_check_interval: nonzero("store.health_check_interval", &st.health_check_interval)?,
     };
+    if let Some(nodes) = cluster_nodes(st)? {
+        if ns.contains(['{', '}']) {
+            return Err(field_err(
+                "store.namespace",
+                "must not contain { or } with store.cluster_nodes: keygate places its own hash tags",
+            ));
+        }
+        return Ok(StoreSettings::Cluster(ClusterSettings { redis, nodes }));
+    }
     match sentinels(st)? {
         Some((sentinels, master)) => Ok(StoreSettings::Sentinel(SentinelSettings {
             redis,
@@ -586,6 +596,36 @@ fn key_store(config: &Config) -> Result<StoreSettings, ConfigError> {
         })),
         None => Ok(StoreSettings::Redis(redis)),
     }
+}
+
+/// Most seed nodes of a Redis Cluster (keygate learns the rest from them).
+const MAX_CLUSTER_NODES: usize = 64;
+
+/// Validates Redis Cluster mode: the seed nodes' addresses, or none; not with sentinels.
+fn cluster_nodes(
+    st: &super::StoreConfig,
+) -> Result<Option<Vec<redis::ConnectionAddr>>, ConfigError> {
+    if st.cluster_nodes.is_empty() {
+        return Ok(None);
+    }
+    if !st.sentinels.is_empty() {
+        return Err(field_err(
+            "store.cluster_nodes",
+            "set together with store.sentinels: choose Redis Cluster or Redis Sentinel",
+        ));
+    }
+    if st.cluster_nodes.len() > MAX_CLUSTER_NODES {
+        return Err(field_err(
+            "store.cluster_nodes",
+            format!("at most {MAX_CLUSTER_NODES} nodes (keygate learns the rest from them)"),
+        ));
+    }
+    st.cluster_nodes
+        .iter()
+        .map(|s| crate::store::sentinel::parse_addr(s))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+        .map_err(|m| field_err("store.cluster_nodes", m))
 }
 
 /// Most sentinels keygate asks (a deployment runs three or five).

@@ -364,6 +364,10 @@ pub struct StoreConfig {
     /// Password on the sentinels (`requirepass` or the ACL user's); never logged.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sentinel_password: Option<String>,
+    /// Redis Cluster mode: some of the cluster's nodes (`host:port` each), from which keygate
+    /// learns the rest; empty: not a cluster. `redis_url`'s scheme, user and password apply to
+    /// every node, its host and port are not used.
+    pub cluster_nodes: Vec<String>,
     /// Prefix of every Redis key keygate reads or writes.
     pub namespace: String,
     /// Bound on every store call; past it the call fails and the request gets `503`.
@@ -388,6 +392,7 @@ impl Default for StoreConfig {
             sentinel_master: None,
             sentinel_username: None,
             sentinel_password: None,
+            cluster_nodes: Vec::new(),
             namespace: "keygate".into(),
             timeout: "1s".into(),
             health_check_interval: "1s".into(),

@@ -7,6 +7,7 @@
 //! write and its invalidation are one step, so no running instance keeps serving the old
 //! verdict once the write is visible.
 
+mod cluster;
 pub mod file;
 pub mod redis;
 pub(crate) mod sentinel;
@@ -363,6 +364,8 @@ pub enum StoreSettings {
     Redis(redis::RedisSettings),
     /// Redis, on the master Redis Sentinel names.
     Sentinel(redis::SentinelSettings),
+    /// Redis Cluster.
+    Cluster(redis::ClusterSettings),
     /// The embedded file store at this path.
     File(std::path::PathBuf),
 }
@@ -374,6 +377,7 @@ pub fn open(settings: &StoreSettings, create_file: bool) -> Result<Arc<dyn Store
     match settings {
         StoreSettings::Redis(r) => Ok(Arc::new(redis::RedisStore::new(r)?)),
         StoreSettings::Sentinel(s) => Ok(Arc::new(redis::RedisStore::with_sentinels(s)?)),
+        StoreSettings::Cluster(c) => Ok(Arc::new(redis::RedisStore::on_cluster(c)?)),
         StoreSettings::File(path) => Ok(Arc::new(file::FileStore::open(path, create_file)?)),
     }
 }

@@ -22,7 +22,15 @@
 //!   instance receiving the revoked form flushes, which is safe).
 //!
 //! The service-account scripts derive some key names from their arguments (a key's record from
-//! its id), as the revoke script does: fine on a standalone Redis, to be revisited for Cluster.
+//! its id), as the revoke script does: fine on a standalone Redis, where every key is on the
+//! one server.
+//!
+//! On a Redis Cluster (`store.cluster_nodes`) a script may touch one slot only, so the same
+//! data is placed by hash tags: a record is `ns:key:{ab}:<hex>` (`ab`: the digest's first byte,
+//! one of 256 buckets spread over every master) and announced on its bucket's shard channel
+//! `ns:invalidate:{ab}` (`SPUBLISH`, same slot); the bookkeeping keys are `{ns}:id:…`,
+//! `{ns}:ids`, `{ns}:sa:…`, `{ns}:sa-keys:…`, `{ns}:sa-names:…`, `{ns}:sa-ids` and
+//! `{ns}:audit`, all in one slot. Writes that span both are ordered steps (`redis/slots.rs`).
 //!
 //! Every call goes over one multiplexed connection (reconnected on failure) and is bounded by
 //! the configured timeout, so a dead Redis yields an error, never a hang.
@@ -47,7 +55,8 @@ use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 
-use super::sentinel::{self, manager_config, Link, Sentinels, Target};
+use super::cluster::{self, Nodes};
+use super::sentinel::{self, manager_config, Conn, Link, Sentinels, Target};
 use super::{
     subscriber, AuditEntry, InvalidationSink, KeyRecord, OldKeys, ServiceAccount, Store, StoreError,
 };
@@ -75,6 +84,8 @@ local function refuse(why) return redis.error_reply('KEYGATE_CORRUPT ' .. why) e
         )
     };
 }
+
+mod slots;
 
 /// Marks a key revoked by id and announces it, in one atomic step: resolves the id, sets
 /// `revoked_at` unless it is already set, publishes the digest on the invalidation channel,
@@ -295,6 +306,16 @@ impl std::fmt::Debug for SentinelSettings {
     }
 }
 
+/// Settings for a [`RedisStore`] on a Redis Cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterSettings {
+    /// The store's settings; the URL's scheme (`rediss://` for TLS), ACL user and password
+    /// apply to every node, its host and port are not used.
+    pub redis: RedisSettings,
+    /// Some of the cluster's nodes, `host:port` each; keygate learns the others from them.
+    pub nodes: Vec<redis::ConnectionAddr>,
+}
+
 /// The TLS files of a `rediss://` connection (`store.tls_ca`, `store.tls_cert`,
 /// `store.tls_key`); all unset: the system roots, no client certificate.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -363,7 +384,8 @@ fn client(settings: &RedisSettings) -> Result<redis::Client, StoreError> {
     redis::Client::build_with_tls(settings.url.as_str(), certificates).map_err(invalid)
 }
 
-/// A [`Store`] on a standalone Redis server, or on the master that Redis Sentinel names.
+/// A [`Store`] on a standalone Redis server, on the master that Redis Sentinel names, or on a
+/// Redis Cluster.
 pub struct RedisStore {
     /// Where the subscriber connects (the same server as `link`).
     target: Arc<Target>,
@@ -372,6 +394,12 @@ pub struct RedisStore {
     /// messages; never the password.
     addr: String,
     ns: String,
+    /// Prefix of the bookkeeping keys: the namespace, or on a cluster the namespace as a hash
+    /// tag (`{ns}`), so that they share one slot.
+    catalog: String,
+    /// On a cluster: the scripts of its writes (see `slots.rs`); records are then placed by
+    /// bucket.
+    sharded: Option<slots::Scripts>,
     timeout: Duration,
     health_check_interval: Duration,
     revoke: Script,
@@ -437,12 +465,59 @@ impl RedisStore {
         ))
     }
 
+    /// Creates the store on a Redis Cluster, without connecting: keygate starts (unready)
+    /// while the cluster is down, and follows failovers and slot moves without a restart.
+    pub fn on_cluster(settings: &ClusterSettings) -> Result<Self, StoreError> {
+        let redis = &settings.redis;
+        // The nodes' user, password and TLS come from the URL; its host does not.
+        let url = client(redis)?;
+        let info = url.get_connection_info();
+        let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+        let seeds = settings
+            .nodes
+            .iter()
+            .map(|a| {
+                let addr = match (a, tls) {
+                    (redis::ConnectionAddr::Tcp(host, port), true) => {
+                        redis::ConnectionAddr::TcpTls {
+                            host: host.clone(),
+                            port: *port,
+                            insecure: false,
+                            tls_params: None,
+                        }
+                    }
+                    (a, _) => a.clone(),
+                };
+                info.clone().set_addr(addr)
+            })
+            .collect::<Vec<_>>();
+        let certs = (tls && redis.tls.is_set())
+            .then(|| redis.tls.load())
+            .transpose()
+            .map_err(|(field, e)| StoreError::Unavailable(format!("{field}: {e}")))?;
+        let nodes = Nodes {
+            seeds,
+            certs,
+            timeout: redis.timeout,
+        };
+        let addr = cluster::describe(&nodes.seeds);
+        let conn = nodes
+            .connection()
+            .map_err(|e| StoreError::Unavailable(format!("{addr}: {e}")))?;
+        let mut store = Self::build(Target::Cluster(nodes), Link::Cluster(conn), addr, redis);
+        store.catalog = format!("{{{}}}", redis.namespace);
+        store.sharded = Some(slots::Scripts::new());
+        Ok(store)
+    }
+
     fn build(target: Target, link: Link, addr: String, settings: &RedisSettings) -> Self {
         RedisStore {
             target: Arc::new(target),
             link,
             addr,
             ns: settings.namespace.clone(),
+            catalog: settings.namespace.clone(),
+            sharded: None,
             timeout: settings.timeout,
             health_check_interval: settings.health_check_interval,
             revoke: Script::new(REVOKE_SCRIPT),
@@ -454,41 +529,61 @@ impl RedisStore {
         }
     }
 
-    /// The pub/sub channel that announces changed keys.
+    /// The pub/sub channel that announces changed keys (standalone and Sentinel).
     pub fn channel(&self) -> String {
         format!("{}:invalidate", self.ns)
     }
 
+    /// Every channel the subscriber follows: the one channel, or on a cluster every bucket's
+    /// shard channel.
+    fn channels(&self) -> Vec<String> {
+        if self.sharded.is_none() {
+            return vec![self.channel()];
+        }
+        cluster::buckets()
+            .map(|b| format!("{}:invalidate:{{{b}}}", self.ns))
+            .collect()
+    }
+
+    /// On a cluster: the shard channel of a key's bucket, in the slot of its record.
+    fn bucket_channel(&self, digest: &KeyDigest) -> String {
+        format!("{}:invalidate:{{{}}}", self.ns, cluster::bucket(digest))
+    }
+
     fn record_key(&self, digest: &KeyDigest) -> String {
+        if self.sharded.is_some() {
+            let bucket = cluster::bucket(digest);
+            return format!("{}:key:{{{bucket}}}:{}", self.ns, digest.to_hex());
+        }
         format!("{}:key:{}", self.ns, digest.to_hex())
     }
 
     fn id_key(&self, id: &str) -> String {
-        format!("{}:id:{}", self.ns, id)
+        format!("{}:id:{}", self.catalog, id)
     }
 
     fn ids_key(&self) -> String {
-        format!("{}:ids", self.ns)
+        format!("{}:ids", self.catalog)
     }
 
     fn account_key(&self, id: &str) -> String {
-        format!("{}:sa:{}", self.ns, id)
+        format!("{}:sa:{}", self.catalog, id)
     }
 
     fn account_keys_key(&self, id: &str) -> String {
-        format!("{}:sa-keys:{}", self.ns, id)
+        format!("{}:sa-keys:{}", self.catalog, id)
     }
 
     fn names_key(&self, tenant: &str) -> String {
-        format!("{}:sa-names:{}", self.ns, tenant)
+        format!("{}:sa-names:{}", self.catalog, tenant)
     }
 
     fn account_ids_key(&self) -> String {
-        format!("{}:sa-ids", self.ns)
+        format!("{}:sa-ids", self.catalog)
     }
 
     fn audit_key(&self) -> String {
-        format!("{}:audit", self.ns)
+        format!("{}:audit", self.catalog)
     }
 
     /// Reads one sorted set of ids, oldest first.
@@ -504,7 +599,7 @@ impl RedisStore {
     /// mode, within the same bound).
     async fn call<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let deadline = tokio::time::Instant::now() + self.timeout;
@@ -518,7 +613,7 @@ impl RedisStore {
     /// a call that timed out is not retried (a slow Redis is not a dropped connection).
     async fn idempotent<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
     where
-        F: Fn(ConnectionManager) -> Fut,
+        F: Fn(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let deadline = tokio::time::Instant::now() + self.timeout;
@@ -574,6 +669,9 @@ impl Store for RedisStore {
     }
 
     async fn insert(&self, record: &KeyRecord) -> Result<(), StoreError> {
+        if let Some(scripts) = &self.sharded {
+            return scripts.insert(self, record).await;
+        }
         let hex = record.digest.to_hex();
         let mut inv = self.insert.key(self.record_key(&record.digest));
         inv.key(self.id_key(&record.id))
@@ -622,6 +720,9 @@ impl Store for RedisStore {
     }
 
     async fn revoke(&self, id: &str, at: u64) -> Result<Option<KeyRecord>, StoreError> {
+        if let Some(scripts) = &self.sharded {
+            return scripts.revoke(self, id, at).await;
+        }
         let (id_key, prefix, channel) =
             (self.id_key(id), format!("{}:key:", self.ns), self.channel());
         // Idempotent: HSETNX keeps the first revocation time, and a repeated PUBLISH is harmless.
@@ -651,6 +752,9 @@ impl Store for RedisStore {
         account: &ServiceAccount,
         key: &KeyRecord,
     ) -> Result<(), StoreError> {
+        if let Some(scripts) = &self.sharded {
+            return scripts.create_account(self, account, key).await;
+        }
         let hex = key.digest.to_hex();
         let mut inv = self.create_account.key(self.account_key(&account.id));
         inv.key(self.names_key(&account.tenant))
@@ -715,6 +819,9 @@ impl Store for RedisStore {
         new_key: &KeyRecord,
         old: OldKeys,
     ) -> Result<Option<ServiceAccount>, StoreError> {
+        if let Some(scripts) = &self.sharded {
+            return scripts.rotate_account(self, id, new_key, old).await;
+        }
         let (mode, at) = match old {
             OldKeys::RevokeAt(t) => ("revoke", t),
             OldKeys::ExpireAt(t) => ("expire", t),
@@ -759,6 +866,9 @@ impl Store for RedisStore {
         id: &str,
         at: u64,
     ) -> Result<Option<ServiceAccount>, StoreError> {
+        if let Some(scripts) = &self.sharded {
+            return scripts.remove_account(self, id, at).await;
+        }
         // Names never change, so the name read here is still the account's in the script.
         let Some(account) = self.get_account(id).await? else {
             return Ok(None);
@@ -800,6 +910,9 @@ impl Store for RedisStore {
     async fn touch(&self, used: &[(KeyDigest, u64)]) -> Result<(), StoreError> {
         if used.is_empty() {
             return Ok(());
+        }
+        if let Some(scripts) = &self.sharded {
+            return scripts.touch(self, used).await;
         }
         let prefix = format!("{}:key:", self.ns);
         // Idempotent (only ever moves a time forward), so a dropped connection may retry it.
@@ -898,7 +1011,7 @@ impl Store for RedisStore {
         tokio::spawn(subscriber::run(
             self.target.clone(),
             self.addr.clone(),
-            self.channel(),
+            self.channels(),
             self.timeout,
             self.health_check_interval,
             sink,

@@ -129,28 +129,72 @@ pub(super) enum Target {
     Fixed(redis::Client),
     /// The master the sentinels name.
     Sentinel(Sentinels),
+    /// A Redis Cluster, through its seed nodes (see `redis/cluster.rs`).
+    Cluster(super::cluster::Nodes),
 }
 
 impl Target {
-    /// A client for the server to use now (in Sentinel mode: asks the sentinels).
+    /// A client for the server to use now (in Sentinel mode: asks the sentinels). A cluster
+    /// has no one server: its subscriber connects through [`Target::Cluster`] itself.
     pub(super) async fn client(&self) -> RedisResult<redis::Client> {
         match self {
             Target::Fixed(c) => Ok(c.clone()),
             Target::Sentinel(s) => s.master().await,
+            Target::Cluster(_) => Err(std::io::Error::other("a cluster has no one server").into()),
+        }
+    }
+}
+
+/// A connection a store call runs on: to one server, or to a cluster (which routes each
+/// command to the node serving its key's slot).
+#[derive(Clone)]
+pub(super) enum Conn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
         }
     }
 }
 
 impl Target {
-    /// Returns once the sentinels name a master other than `at` (never for a fixed server),
-    /// asking every `interval`; a check that fails (no sentinel answers) changes nothing.
+    /// Returns once the sentinels name a master other than `at` (never for a fixed server or
+    /// a cluster), asking every `interval`; a check that fails (no sentinel answers) changes
+    /// nothing.
     pub(super) async fn moved(
         &self,
-        at: &ConnectionAddr,
+        at: Option<&ConnectionAddr>,
         interval: Duration,
         timeout: Duration,
     ) -> String {
-        let Target::Sentinel(s) = self else {
+        let (Target::Sentinel(s), Some(at)) = (self, at) else {
             return std::future::pending().await;
         };
         loop {
@@ -179,6 +223,9 @@ pub(super) enum Link {
     Fixed(ConnectionManager),
     /// Sentinel mode: the connection to the current master, once found.
     Sentinel(Box<Master>),
+    /// Cluster mode: the cluster connection follows the slot map (redirections, failovers)
+    /// by itself.
+    Cluster(redis::cluster_async::ClusterConnection),
 }
 
 /// Sentinel mode's connection to the current master.
@@ -226,9 +273,10 @@ impl Link {
     }
 
     /// The connection to use, with its generation.
-    async fn get(&self) -> RedisResult<(u64, ConnectionManager)> {
+    async fn get(&self) -> RedisResult<(u64, Conn)> {
         let m = match self {
-            Link::Fixed(c) => return Ok((0, c.clone())),
+            Link::Fixed(c) => return Ok((0, Conn::Single(c.clone()))),
+            Link::Cluster(c) => return Ok((0, Conn::Cluster(c.clone()))),
             Link::Sentinel(m) => m,
         };
         // At most one lookup at a time (single flight); the lock is never held across the
@@ -236,7 +284,7 @@ impl Link {
         let finding = {
             let mut state = lock(&m.state);
             match &*state {
-                State::Connected(g, c, _) => return Ok((*g, c.clone())),
+                State::Connected(g, c, _) => return Ok((*g, Conn::Single(c.clone()))),
                 State::Failed(at, e) if at.elapsed() < RETRY_AFTER => return Err(e.clone()),
                 State::Finding(f) => f.clone(),
                 State::Idle | State::Failed(..) => {
@@ -276,14 +324,14 @@ impl Link {
             (State::Finding(_), Ok((conn, addr))) => {
                 let gen = m.generation.fetch_add(1, Ordering::Relaxed) + 1;
                 *state = State::Connected(gen, conn.clone(), addr);
-                Ok((gen, conn))
+                Ok((gen, Conn::Single(conn)))
             }
             (State::Finding(_), Err(e)) => {
                 *state = State::Failed(Instant::now(), e.clone());
                 Err(e)
             }
-            (State::Connected(g, c, _), _) => Ok((*g, c.clone())),
-            (_, found) => found.map(|(c, _)| (0, c)),
+            (State::Connected(g, c, _), _) => Ok((*g, Conn::Single(c.clone()))),
+            (_, found) => found.map(|(c, _)| (0, Conn::Single(c))),
         }
     }
 
@@ -322,7 +370,7 @@ impl Link {
         f: F,
     ) -> Result<RedisResult<T>, tokio::time::error::Elapsed>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = RedisResult<T>>,
     {
         let (gen, conn) = match tokio::time::timeout_at(deadline, self.get()).await? {

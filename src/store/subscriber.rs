@@ -1,6 +1,7 @@
 //! The invalidation subscriber: one per instance, on its own Redis connection, following
-//! `<namespace>:invalidate`: every announced digest is evicted from the cache, or, when
-//! announced as revoked (`<hex>:revoked`), held as revoked at once.
+//! `<namespace>:invalidate` (on a cluster: every bucket's shard channel, see `cluster.rs`):
+//! every announced digest is evicted from the cache, or, when announced as revoked
+//! (`<hex>:revoked`), held as revoked at once.
 //!
 //! Invariants kept here:
 //! - Messages published while the subscription is down are lost, so every (re)subscribe
@@ -31,19 +32,23 @@ use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, StreamExt};
 use redis::aio::{PubSubSink, PubSubStream};
+use redis::cluster_async::ClusterConnection;
+use redis::{PushInfo, PushKind};
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::sentinel::Target;
-use super::InvalidationSink;
+use super::{cluster, InvalidationSink};
 use crate::key::KeyDigest;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// Follows the invalidation channel forever.
+/// Follows the invalidation channels forever: the one channel of a standalone or Sentinel
+/// store, or every bucket's shard channel on a cluster.
 pub(super) async fn run(
     target: Arc<Target>,
     addr: String,
-    channel: String,
+    channels: Vec<String>,
     connect_timeout: Duration,
     health_check_interval: Duration,
     sink: Arc<dyn InvalidationSink>,
@@ -51,18 +56,22 @@ pub(super) async fn run(
     let mut backoff = BACKOFF_MIN;
     loop {
         let attempted = Instant::now();
-        match subscribe(&target, &channel, connect_timeout).await {
-            Ok((conn, mut messages, at)) => {
+        match subscribe(&target, &channels, connect_timeout).await {
+            Ok((mut feed, at)) => {
                 // Flush, then report the feed good as of the attempt: nothing cached from
                 // before the flush is trusted on the strength of this subscription.
                 sink.invalidate_all();
                 sink.link(true);
                 sink.synced(attempted);
                 backoff = BACKOFF_MIN;
-                tracing::info!(%channel, "invalidation subscription up; cache flushed");
+                tracing::info!(
+                    channels = channels.len(),
+                    %addr,
+                    "invalidation subscription up; cache flushed"
+                );
                 let reason = tokio::select! {
-                    r = follow(&conn, &mut messages, health_check_interval, &*sink) => r,
-                    r = target.moved(&at, health_check_interval, connect_timeout) => r,
+                    r = follow(&mut feed, health_check_interval, &*sink) => r,
+                    r = target.moved(at.as_ref(), health_check_interval, connect_timeout) => r,
                 };
                 sink.link(false);
                 tracing::warn!(%reason, %addr, "invalidation subscription lost; reconnecting");
@@ -79,17 +88,132 @@ pub(super) async fn run(
     }
 }
 
+/// A confirmed subscription: where its messages come from and how to check it.
+enum Feed {
+    /// One connection subscribed to the channel (standalone, Sentinel).
+    Single {
+        sink: PubSubSink,
+        messages: PubSubStream,
+    },
+    /// A cluster connection subscribed to every shard channel, and its pushes.
+    Sharded {
+        conn: ClusterConnection,
+        pushes: UnboundedReceiver<PushInfo>,
+    },
+}
+
+/// What the feed delivered.
+enum Incoming {
+    Message(Payload),
+    /// The link broke (or, on a cluster, may have missed messages).
+    Lost(String),
+}
+
+/// One message, not yet read.
+enum Payload {
+    Msg(redis::Msg),
+    Push(PushInfo),
+}
+
+impl Payload {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Payload::Msg(m) => m.get_payload_bytes(),
+            // `smessage`: [channel, payload].
+            Payload::Push(p) => match p.data.get(1) {
+                Some(redis::Value::BulkString(b)) => b,
+                _ => &[],
+            },
+        }
+    }
+}
+
+impl Feed {
+    async fn next(&mut self) -> Incoming {
+        match self {
+            Feed::Single { messages, .. } => match messages.next().await {
+                Some(m) => Incoming::Message(Payload::Msg(m)),
+                None => Incoming::Lost("connection closed".into()),
+            },
+            Feed::Sharded { pushes, .. } => loop {
+                let push = pushes.recv().await;
+                if let Some(incoming) = sharded(push) {
+                    return incoming;
+                }
+            },
+        }
+    }
+
+    /// What has already arrived, without waiting.
+    fn next_now(&mut self) -> Option<Incoming> {
+        match self {
+            Feed::Single { messages, .. } => match messages.next().now_or_never()? {
+                Some(m) => Some(Incoming::Message(Payload::Msg(m))),
+                None => Some(Incoming::Lost("connection closed".into())),
+            },
+            Feed::Sharded { pushes, .. } => loop {
+                let push = match pushes.try_recv() {
+                    Ok(p) => Some(p),
+                    Err(tokio::sync::mpsc::error::TryRecvError::Empty) => return None,
+                    Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => None,
+                };
+                if let Some(incoming) = sharded(push) {
+                    return Some(incoming);
+                }
+            },
+        }
+    }
+
+    /// A health check: answered once every server carrying the subscription has answered.
+    fn ping(&self) -> Pong {
+        match self {
+            Feed::Single { sink, .. } => {
+                let mut sink = sink.clone();
+                Box::pin(async move { sink.ping::<redis::Value>().await.map(drop) })
+            }
+            Feed::Sharded { conn, .. } => {
+                let conn = conn.clone();
+                Box::pin(async move { cluster::ping_masters(conn).await.map(drop) })
+            }
+        }
+    }
+}
+
+/// Reads one push of a cluster subscription; `None` for pushes that change nothing (the
+/// confirmations of keygate's own `SSUBSCRIBE`s).
+fn sharded(push: Option<PushInfo>) -> Option<Incoming> {
+    let Some(push) = push else {
+        return Some(Incoming::Lost("cluster connection closed".into()));
+    };
+    match push.kind {
+        PushKind::SMessage => Some(Incoming::Message(Payload::Push(push))),
+        PushKind::Disconnection => Some(Incoming::Lost(
+            "a connection to a cluster node dropped".into(),
+        )),
+        PushKind::SUnsubscribe => Some(Incoming::Lost(
+            "a shard channel was unsubscribed (its slot moved, or its master was demoted)".into(),
+        )),
+        _ => None,
+    }
+}
+
 async fn subscribe(
     target: &Target,
-    channel: &str,
+    channels: &[String],
     timeout: Duration,
-) -> Result<(PubSubSink, PubSubStream, redis::ConnectionAddr), String> {
+) -> Result<(Feed, Option<redis::ConnectionAddr>), String> {
     let attempt = async {
+        if let Target::Cluster(nodes) = target {
+            let (conn, pushes) = nodes.subscribe(channels).await?;
+            return Ok((Feed::Sharded { conn, pushes }, None));
+        }
         let client = target.client().await?;
         let at = client.get_connection_info().addr().clone();
-        let (mut conn, messages) = client.get_async_pubsub().await?.split();
-        conn.subscribe(channel).await?;
-        Ok::<_, redis::RedisError>((conn, messages, at))
+        let (mut sink, messages) = client.get_async_pubsub().await?.split();
+        for channel in channels {
+            sink.subscribe(channel).await?;
+        }
+        Ok::<_, redis::RedisError>((Feed::Single { sink, messages }, Some(at)))
     };
     match tokio::time::timeout(timeout, attempt).await {
         Ok(Ok(pair)) => Ok(pair),
@@ -98,15 +222,10 @@ async fn subscribe(
     }
 }
 
-type Pong = Pin<Box<dyn Future<Output = redis::RedisResult<redis::Value>> + Send>>;
+type Pong = Pin<Box<dyn Future<Output = redis::RedisResult<()>> + Send>>;
 
 /// Applies messages until the link fails; returns why it failed.
-async fn follow(
-    conn: &PubSubSink,
-    messages: &mut PubSubStream,
-    interval: Duration,
-    sink: &dyn InvalidationSink,
-) -> String {
+async fn follow(feed: &mut Feed, interval: Duration, sink: &dyn InvalidationSink) -> String {
     let mut health = tokio::time::interval(interval);
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     health.tick().await;
@@ -116,10 +235,10 @@ async fn follow(
     loop {
         tokio::select! {
             biased;
-            msg = messages.next() => {
-                let Some(msg) = msg else { return "connection closed".into() };
-                apply(&msg, sink).await;
-            }
+            incoming = feed.next() => match incoming {
+                Incoming::Message(p) => apply(p.bytes(), sink).await,
+                Incoming::Lost(why) => return why,
+            },
             pong = async { ping.as_mut().expect("guarded by the condition").1.as_mut().await },
                 if ping.is_some() =>
             {
@@ -129,9 +248,11 @@ async fn follow(
                 }
                 // Every message that arrived before the answer is queued by now: apply them
                 // all before vouching for the feed as of `sent`.
-                while let Some(msg) = messages.next().now_or_never() {
-                    let Some(msg) = msg else { return "connection closed".into() };
-                    apply(&msg, sink).await;
+                while let Some(incoming) = feed.next_now() {
+                    match incoming {
+                        Incoming::Message(p) => apply(p.bytes(), sink).await,
+                        Incoming::Lost(why) => return why,
+                    }
                 }
                 sink.synced(sent);
             }
@@ -139,8 +260,7 @@ async fn follow(
                 if ping.is_some() {
                     return format!("no answer to a health check within {interval:?}");
                 }
-                let mut conn = conn.clone();
-                ping = Some((Instant::now(), Box::pin(async move { conn.ping().await })));
+                ping = Some((Instant::now(), feed.ping()));
             }
         }
     }
@@ -166,8 +286,7 @@ fn parse(payload: &[u8]) -> Option<Announcement> {
 
 /// Applies one message: a changed key's verdicts are evicted, a revoked key's replaced by
 /// "revoked"; anything unreadable flushes the whole cache.
-async fn apply(msg: &redis::Msg, sink: &dyn InvalidationSink) {
-    let payload = msg.get_payload_bytes();
+async fn apply(payload: &[u8], sink: &dyn InvalidationSink) {
     match parse(payload) {
         Some(Announcement::Changed(digest)) => sink.invalidate(&digest).await,
         Some(Announcement::Revoked(digest)) => sink.revoked(&digest).await,

@@ -1181,3 +1181,7 @@ pub mod tls_server;
 // Redis Sentinel: a master, a replica and three sentinels
 
 pub mod redis_sentinel;
+
+// Redis Cluster: masters, their replicas, joined with redis-cli --cluster create
+
+pub mod redis_cluster;

@@ -1,0 +1,211 @@
+//! A Redis Cluster on loopback for tests: `masters` masters, each with `replicas` replicas,
+//! every node a `redis-server --cluster-enabled yes` on a free port with its own temp dir and a
+//! password, joined with `redis-cli --cluster create`. Failure detection is tuned down
+//! (`cluster-node-timeout`) so that a replica takes over a killed master within seconds.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{free_port, temp_dir};
+
+/// Every node's password (`requirepass`, `masterauth`).
+pub const PASSWORD: &str = "cluster-pw-5d2";
+
+/// How long the other nodes wait for a silent node before calling it failed.
+pub const NODE_TIMEOUT_MS: u64 = 1000;
+
+/// One cluster node, killed when dropped.
+pub struct Node {
+    pub port: u16,
+    _dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Node {
+    fn spawn(port: u16) -> Node {
+        let dir = temp_dir(&format!("cluster-{port}"));
+        let args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            &dir.join("nodes.conf").to_string_lossy(),
+            "--cluster-node-timeout",
+            &NODE_TIMEOUT_MS.to_string(),
+            "--dir",
+            &dir.to_string_lossy(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--requirepass",
+            PASSWORD,
+            "--masterauth",
+            PASSWORD,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let child = Command::new("redis-server")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed: apt-get install -y redis-server redis-tools");
+        let node = Node {
+            port,
+            _dir: dir,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while node.try_cmd::<String>(&["PING"]).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "cluster node on port {port} did not answer within 10s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        node
+    }
+
+    /// Runs a command on this node alone (no redirections), with 2 s bounds.
+    pub fn try_cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
+        let url = format!("redis://:{PASSWORD}@127.0.0.1:{}", self.port);
+        let mut c =
+            redis::Client::open(url)?.get_connection_with_timeout(Duration::from_secs(2))?;
+        c.set_read_timeout(Some(Duration::from_secs(2)))?;
+        c.set_write_timeout(Some(Duration::from_secs(2)))?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query(&mut c)
+    }
+
+    pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        self.try_cmd(args)
+            .unwrap_or_else(|e| panic!("{args:?} on node {}: {e}", self.port))
+    }
+
+    /// Whether the node is up and calls itself a master.
+    pub fn is_master(&self) -> bool {
+        let role: redis::RedisResult<Vec<redis::Value>> = self.try_cmd(&["ROLE"]);
+        matches!(role.as_deref(), Ok([redis::Value::BulkString(r), ..]) if r == b"master")
+    }
+
+    /// SIGKILLs the node: no goodbye to its clients or its peers.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The cluster's nodes, masters first (as `redis-cli --cluster create` assigns them).
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    pub masters: usize,
+}
+
+impl Cluster {
+    /// Starts the nodes, joins them, and waits until every node sees every slot served.
+    pub fn start(masters: usize, replicas: usize) -> Cluster {
+        let total = masters * (1 + replicas);
+        let nodes: Vec<Node> = (0..total).map(|_| Node::spawn(free_port())).collect();
+        let mut create = Command::new("redis-cli");
+        create.args(["-a", PASSWORD, "--no-auth-warning", "--cluster", "create"]);
+        for n in &nodes {
+            create.arg(format!("127.0.0.1:{}", n.port));
+        }
+        let out = create
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli is not installed: apt-get install -y redis-tools");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = Cluster { nodes, masters };
+        cluster.wait_ok(Duration::from_secs(30));
+        cluster
+    }
+
+    /// Waits until every live node reports `cluster_state:ok` with all slots served.
+    pub fn wait_ok(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let ok = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+                n.try_cmd::<String>(&["CLUSTER", "INFO"]).is_ok_and(|i| {
+                    i.contains("cluster_state:ok") && i.contains("cluster_slots_ok:16384")
+                })
+            });
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster not ok within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `host:port` of the given nodes, for `store.cluster_nodes`.
+    pub fn addrs(&self, which: &[usize]) -> Vec<String> {
+        which
+            .iter()
+            .map(|&i| format!("127.0.0.1:{}", self.nodes[i].port))
+            .collect()
+    }
+
+    /// The node serving `key`'s slot now (as the first node that answers sees it).
+    pub fn master_of(&self, key: &str) -> usize {
+        let slot: i64 = self
+            .nodes
+            .iter()
+            .find_map(|n| n.try_cmd(&["CLUSTER", "KEYSLOT", key]).ok())
+            .expect("a node answers");
+        let slots: Vec<redis::Value> = self
+            .nodes
+            .iter()
+            .find_map(|n| n.try_cmd(&["CLUSTER", "SLOTS"]).ok())
+            .expect("a node answers");
+        for range in slots {
+            let redis::Value::Array(r) = range else {
+                continue;
+            };
+            let (Some(redis::Value::Int(lo)), Some(redis::Value::Int(hi))) = (r.first(), r.get(1))
+            else {
+                continue;
+            };
+            if (*lo..=*hi).contains(&slot) {
+                let Some(redis::Value::Array(m)) = r.get(2) else {
+                    break;
+                };
+                let Some(redis::Value::Int(port)) = m.get(1) else {
+                    break;
+                };
+                return self
+                    .nodes
+                    .iter()
+                    .position(|n| i64::from(n.port) == *port)
+                    .expect("the master is one of the nodes");
+            }
+        }
+        panic!("no master serves slot {slot}")
+    }
+}

