@@ -226,3 +226,98 @@ async fn keys_spread_over_every_master_and_changes_reach_instances_seeded_by_dif
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_master_fails_closed_then_its_replica_serves_and_revocations_still_arrive() {
+    let mut cluster = Cluster::start(3, 1);
+    let upstream = Upstream::start().await;
+    let ns = namespace("cluster-failover");
+    let store = cluster_store(&cluster, &ns);
+    // Keys until some live on master 0 and some elsewhere.
+    let (mut on_victim, mut elsewhere) = (Vec::new(), Vec::new());
+    while on_victim.len() < 3 || elsewhere.len() < 3 {
+        let k = create_key(&*store, "acme", "member").await;
+        let (id, key) = (k.record.id.clone(), k.secret.expose().to_owned());
+        if cluster.master_of(&record_key(&ns, &key)) == 0 {
+            on_victim.push((id, key));
+        } else {
+            elsewhere.push((id, key));
+        }
+    }
+    let kg = Keygate::start(cluster_config(&cluster, &[1, 2], &ns, &upstream.url())).await;
+    kg.wait_ready().await;
+    let http = Http::new();
+    for (_, k) in on_victim.iter().chain(&elsewhere) {
+        assert_eq!(status_of(&http, &kg, k).await.0, 200);
+    }
+
+    cluster.nodes[0].kill();
+    let killed = std::time::Instant::now();
+    // Fail closed: once the dead master's cached verdicts are no longer trusted, its keys get
+    // 503, never a verdict the cluster cannot confirm.
+    let victim = on_victim[0].1.clone();
+    eventually(
+        Duration::from_secs(10),
+        "a key on the killed master gets 503",
+        || {
+            let (http, url, key) = (http.clone(), kg.url("/"), victim.clone());
+            async move { http.get_with_key(&url, &key).await.status == 503 }
+        },
+    )
+    .await;
+    let failed_closed = killed.elapsed();
+    // Keys on the other masters keep working.
+    assert_eq!(status_of(&http, &kg, &elsewhere[0].1).await.0, 200);
+
+    // The replica takes over; keygate serves its keys again without a restart.
+    eventually(
+        Duration::from_secs(30),
+        "the replica of master 0 is promoted",
+        || {
+            let promoted = cluster.nodes[cluster.masters..]
+                .iter()
+                .any(|n| n.is_master());
+            async move { promoted }
+        },
+    )
+    .await;
+    let promoted = killed.elapsed();
+    cluster.wait_ok(Duration::from_secs(30));
+    for (_, k) in &on_victim {
+        wait_for_status(
+            &http,
+            &kg,
+            k,
+            200,
+            "a key of the failed-over master serves again",
+        )
+        .await;
+    }
+    let serving = killed.elapsed();
+    kg.wait_ready().await;
+    eprintln!(
+        "master SIGKILLed: 503 at {failed_closed:?}, replica promoted by {promoted:?}, \
+         its keys served again at {serving:?}, ready at {:?}",
+        killed.elapsed()
+    );
+
+    // Cached again (the cache lives an hour): a revocation after the failover, of a key on the
+    // promoted replica and of one elsewhere, is enforced through the new subscription.
+    for (_, k) in [&on_victim[1], &elsewhere[1]] {
+        assert_eq!(status_of(&http, &kg, k).await.0, 200);
+    }
+    for (id, _) in [&on_victim[1], &elsewhere[1]] {
+        store.revoke(id, keygate::store::now_unix()).await.unwrap();
+    }
+    for (_, k) in [&on_victim[1], &elsewhere[1]] {
+        wait_for_status(
+            &http,
+            &kg,
+            k,
+            401,
+            "a revocation after the failover arrives",
+        )
+        .await;
+    }
+    kg.shutdown().await;
+}

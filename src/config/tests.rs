@@ -747,3 +747,45 @@ fn the_readme_sentinel_example_is_valid() {
     };
     assert_eq!((s.sentinels.len(), s.master.as_str()), (3, "mymaster"));
 }
+
+#[test]
+fn cluster_mode_is_read_from_the_environment_and_refuses_what_it_cannot_keep() {
+    let vars = env(&[(
+        "KEYGATE__STORE__CLUSTER_NODES",
+        "10.0.0.1:6379, 10.0.0.2:6379",
+    )]);
+    let c = Config::load(None, vars, &[]).unwrap();
+    let Ok(crate::store::StoreSettings::Cluster(s)) = c.store_settings() else {
+        panic!("not cluster mode");
+    };
+    assert_eq!(s.nodes.len(), 2);
+    let check = |vars: &[(&str, &str)], field: &str, says: &str| {
+        let c = Config::load(None, env(vars), &[]).unwrap();
+        let err = c.store_settings().unwrap_err().to_string();
+        assert!(err.starts_with(field), "{vars:?}: {err}");
+        assert!(err.contains(says), "{vars:?}: {err}");
+    };
+    check(
+        &[("KEYGATE__STORE__CLUSTER_NODES", "h:1,nohost")],
+        "store.cluster_nodes",
+        "host:port",
+    );
+    check(
+        &[
+            ("KEYGATE__STORE__CLUSTER_NODES", "h:1"),
+            ("KEYGATE__STORE__SENTINELS", "h:2"),
+            ("KEYGATE__STORE__SENTINEL_MASTER", "m"),
+        ],
+        "store.cluster_nodes",
+        "choose Redis Cluster or Redis Sentinel",
+    );
+    // keygate places its own hash tags; one in the namespace would pile every key on one slot.
+    check(
+        &[
+            ("KEYGATE__STORE__CLUSTER_NODES", "h:1"),
+            ("KEYGATE__STORE__NAMESPACE", "{kg}"),
+        ],
+        "store.namespace",
+        "must not contain {",
+    );
+}

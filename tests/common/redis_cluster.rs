@@ -46,6 +46,12 @@ impl Node {
             PASSWORD,
             "--masterauth",
             PASSWORD,
+            // A replica's first sync starts at once (not after the 5 s wait for more replicas),
+            // and a replica may take over however long it was cut off.
+            "--repl-diskless-sync-delay",
+            "0",
+            "--cluster-replica-validity-factor",
+            "0",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -141,6 +147,17 @@ impl Cluster {
         );
         let cluster = Cluster { nodes, masters };
         cluster.wait_ok(Duration::from_secs(30));
+        // Replicas in sync, so that each can take over its master.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for n in &cluster.nodes[masters..] {
+            while !n
+                .try_cmd::<String>(&["INFO", "replication"])
+                .is_ok_and(|i| i.contains("master_link_status:up"))
+            {
+                assert!(Instant::now() < deadline, "replica {} not in sync", n.port);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         cluster
     }
 
