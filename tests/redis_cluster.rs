@@ -321,3 +321,77 @@ async fn a_killed_master_fails_closed_then_its_replica_serves_and_revocations_st
     }
     kg.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_moved_to_another_master_keeps_its_revocations_arriving() {
+    let cluster = Cluster::start(3, 0);
+    let upstream = Upstream::start().await;
+    let ns = namespace("cluster-reshard");
+    let store = cluster_store(&cluster, &ns);
+    let (id, key) = loop {
+        let k = create_key(&*store, "acme", "member").await;
+        let key = k.secret.expose().to_owned();
+        if cluster.master_of(&record_key(&ns, &key)) == 0 {
+            break (k.record.id.clone(), key);
+        }
+    };
+    let kg = Keygate::start(cluster_config(&cluster, &[1], &ns, &upstream.url())).await;
+    kg.wait_ready().await;
+    let http = Http::new();
+    assert_eq!(status_of(&http, &kg, &key).await.0, 200);
+    let subscribed = kg.scrape().await.get("keygate_cache_flushes_total");
+
+    // The bucket's slot, its record and its shard channel move to master 1. The subscription
+    // on master 0 for that channel ends; keygate must subscribe again where the slot is now.
+    let record = record_key(&ns, &key);
+    cluster.move_slot_of(&record, 0, 1);
+    assert_eq!(cluster.master_of(&record), 1);
+    eventually(
+        Duration::from_secs(10),
+        "keygate subscribes again after the slot moved",
+        || {
+            let kg = &kg;
+            async move { kg.scrape().await.get("keygate_cache_flushes_total") > subscribed }
+        },
+    )
+    .await;
+    kg.wait_ready().await;
+    assert_eq!(status_of(&http, &kg, &key).await.0, 200);
+
+    // Revoked on the slot's new master: the cached verdict ends at once.
+    store.revoke(&id, keygate::store::now_unix()).await.unwrap();
+    wait_for_status(
+        &http,
+        &kg,
+        &key,
+        401,
+        "a revocation on the slot's new master arrives",
+    )
+    .await;
+    kg.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_a_reachable_node_keygate_starts_unready_and_fails_closed() {
+    let upstream = Upstream::start().await;
+    let ns = namespace("cluster-down");
+    let mut cfg = test_config(
+        &format!("redis://:{PASSWORD}@unused.invalid:1"),
+        &ns,
+        &upstream.url(),
+    );
+    cfg.store.cluster_nodes = vec![format!("127.0.0.1:{}", free_port())];
+    let kg = Keygate::start(cfg).await;
+    let http = Http::new();
+    let ready = http.get(&kg.admin_url("/readyz"), &[]).await;
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert!(
+        !ready.text().contains(PASSWORD),
+        "the password is never shown: {}",
+        ready.text()
+    );
+    let key = keygate::key::generate(keygate::key::KeyKind::User);
+    let (status, code) = status_of(&http, &kg, key.secret.expose()).await;
+    assert_eq!((status, code.as_str()), (503, "store_unavailable"));
+    kg.shutdown().await;
+}

@@ -226,3 +226,47 @@ impl Cluster {
         panic!("no master serves slot {slot}")
     }
 }
+
+impl Cluster {
+    /// The node id of node `i` (`CLUSTER MYID`).
+    pub fn id_of(&self, i: usize) -> String {
+        self.nodes[i].cmd(&["CLUSTER", "MYID"])
+    }
+
+    /// Moves the slot of `key`, with every key in it, from master `from` to master `to`, the
+    /// way `redis-cli --cluster reshard` does: IMPORTING/MIGRATING, MIGRATE, then the new owner
+    /// announced to every master.
+    pub fn move_slot_of(&self, key: &str, from: usize, to: usize) {
+        let slot: i64 = self.nodes[from].cmd(&["CLUSTER", "KEYSLOT", key]);
+        let slot = slot.to_string();
+        let (from_id, to_id) = (self.id_of(from), self.id_of(to));
+        let () = self.nodes[to].cmd(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]);
+        let () = self.nodes[from].cmd(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]);
+        loop {
+            let keys: Vec<String> =
+                self.nodes[from].cmd(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+            if keys.is_empty() {
+                break;
+            }
+            let port = self.nodes[to].port.to_string();
+            let mut args = vec![
+                "MIGRATE",
+                "127.0.0.1",
+                &port,
+                "",
+                "0",
+                "5000",
+                "AUTH",
+                PASSWORD,
+                "KEYS",
+            ];
+            args.extend(keys.iter().map(String::as_str));
+            let () = self.nodes[from].cmd(&args);
+        }
+        for i in 0..self.masters {
+            if self.nodes[i].child.is_some() {
+                let () = self.nodes[i].cmd(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+            }
+        }
+    }
+}
