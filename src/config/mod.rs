@@ -364,6 +364,8 @@ pub struct StoreConfig {
     /// Password on the sentinels (`requirepass` or the ACL user's); never logged.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sentinel_password: Option<String>,
+    /// TLS to the sentinels too, with `tls_ca`, `tls_cert` and `tls_key` (needs `rediss://`).
+    pub sentinel_tls: bool,
     /// Prefix of every Redis key keygate reads or writes.
     pub namespace: String,
     /// Bound on every store call; past it the call fails and the request gets `503`.
@@ -388,6 +390,7 @@ impl Default for StoreConfig {
             sentinel_master: None,
             sentinel_username: None,
             sentinel_password: None,
+            sentinel_tls: false,
             namespace: "keygate".into(),
             timeout: "1s".into(),
             health_check_interval: "1s".into(),
