@@ -261,6 +261,21 @@ async fn sentinel_settings_are_checked_and_the_password_is_never_shown() {
     c.store.sentinel_password = Some(SENTINEL_PASSWORD.into());
     assert!(c.serve_settings().is_ok());
     assert!(!format!("{:?}", c.serve_settings().unwrap()).contains(SENTINEL_PASSWORD));
+
+    // TLS to the sentinels goes with TLS to the master.
+    c.store.sentinel_tls = true;
+    let err = c.serve_settings().unwrap_err().to_string();
+    assert!(
+        err.contains("store.sentinel_tls") && err.contains("rediss://"),
+        "{err}"
+    );
+    c.store.redis_url = "rediss://127.0.0.1:1".into();
+    assert!(c.serve_settings().is_ok());
+    c.store.sentinels.clear();
+    c.store.sentinel_master = None;
+    c.store.sentinel_password = None;
+    let err = c.serve_settings().unwrap_err().to_string();
+    assert!(err.contains("store.sentinel_tls"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
