@@ -349,6 +349,9 @@ fn tls_sentinel_config(
     c.store.tls_ca = Some(ca.cert.to_str().unwrap().into());
     c.store.tls_cert = Some(client.cert.to_str().unwrap().into());
     c.store.tls_key = Some(client.key.to_str().unwrap().into());
+    // Each sentinel's share of the timeout covers two TLS handshakes (the sentinel's and the
+    // master's), slow in a debug build on a loaded test machine.
+    c.store.timeout = "3s".into();
     c
 }
 
