@@ -186,6 +186,8 @@ pub struct Metrics {
     pub last_used_dropped: IntCounter,
     /// Batches of last-used times the store failed to record.
     pub last_used_errors: IntCounter,
+    /// 1 while the keys file is read-only (last-used times in memory only), set at each scrape.
+    pub file_store_read_only: IntGauge,
     /// Unix time of each served certificate's `notAfter`, by listener and name (set at every
     /// load of the listener's certificates).
     pub tls_certificate_expiry: IntGaugeVec,
@@ -430,6 +432,10 @@ impl Metrics {
                 "keygate_last_used_flush_errors_total",
                 "Batches of last-used times the store failed to record.",
             ),
+            file_store_read_only: gauge(
+                "keygate_file_store_read_only",
+                "1 while the keys file cannot be written (e.g. a read-only Secret mount): last-used times are kept in memory only and key-management writes fail; else 0.",
+            ),
             tls_certificate_expiry: tls_certificate_expiry.clone(),
             upgrades: UpgradeMetrics::new(),
             registry,
@@ -470,7 +476,11 @@ impl Metrics {
         ] {
             register(Box::new(c.clone()));
         }
-        for g in [&m.cache_entries, &m.subscription_up] {
+        for g in [
+            &m.cache_entries,
+            &m.subscription_up,
+            &m.file_store_read_only,
+        ] {
             register(Box::new(g.clone()));
         }
         m.upgrades.register(r);

@@ -3,7 +3,10 @@
 //! keygate fails closed while there is no master, serves again once a sentinel has promoted
 //! the replica (no restart), and a revocation issued after the failover reaches every instance;
 //! and in a switchover (`SENTINEL FAILOVER`) keygate moves to the new master before the old
-//! one, still up, is demoted.
+//! one, still up, is demoted. The same deployment speaking TLS only (`--port 0`, `--tls-port`,
+//! `tls-replication yes`, client certificates required): keygate finds the master through the
+//! TLS sentinels, and refuses sentinels whose certificate does not chain to `store.tls_ca`,
+//! naming them and failing closed.
 
 mod common;
 
@@ -12,9 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::redis_sentinel::{Sentinels, DATA_PASSWORD, MASTER_NAME, SENTINEL_PASSWORD};
+use common::tls_redis::{Leaf, TestCa};
 use common::*;
 use keygate::config::Config;
-use keygate::store::redis::{RedisSettings, SentinelSettings};
+use keygate::store::redis::{RedisSettings, RedisTls, SentinelSettings};
 use keygate::store::{Store, StoreSettings};
 
 /// Bound on the whole failover as seen by keygate: sentinels call the master down after
@@ -37,10 +41,16 @@ fn sentinel_config(s: &Sentinels, ns: &str, upstream: &str) -> Config {
 }
 
 fn test_store(s: &Sentinels, ns: &str) -> Arc<dyn Store> {
+    store_with(s, ns, "redis", RedisTls::default())
+}
+
+/// A store on the deployment, over TLS (to the sentinels and the master) when `scheme` is
+/// `rediss`.
+fn store_with(s: &Sentinels, ns: &str, scheme: &str, tls: RedisTls) -> Arc<dyn Store> {
     let settings = StoreSettings::Sentinel(SentinelSettings {
         redis: RedisSettings {
-            url: format!("redis://:{DATA_PASSWORD}@unused.invalid:1"),
-            tls: Default::default(),
+            url: format!("{scheme}://:{DATA_PASSWORD}@unused.invalid:1"),
+            tls,
             namespace: ns.into(),
             timeout: Duration::from_secs(2),
             health_check_interval: Duration::from_secs(1),
@@ -53,6 +63,7 @@ fn test_store(s: &Sentinels, ns: &str) -> Arc<dyn Store> {
         master: MASTER_NAME.into(),
         username: None,
         password: Some(SENTINEL_PASSWORD.into()),
+        tls: scheme == "rediss",
     });
     keygate::store::open(&settings, false).unwrap()
 }
@@ -250,6 +261,21 @@ async fn sentinel_settings_are_checked_and_the_password_is_never_shown() {
     c.store.sentinel_password = Some(SENTINEL_PASSWORD.into());
     assert!(c.serve_settings().is_ok());
     assert!(!format!("{:?}", c.serve_settings().unwrap()).contains(SENTINEL_PASSWORD));
+
+    // TLS to the sentinels goes with TLS to the master.
+    c.store.sentinel_tls = true;
+    let err = c.serve_settings().unwrap_err().to_string();
+    assert!(
+        err.contains("store.sentinel_tls") && err.contains("rediss://"),
+        "{err}"
+    );
+    c.store.redis_url = "rediss://127.0.0.1:1".into();
+    assert!(c.serve_settings().is_ok());
+    c.store.sentinels.clear();
+    c.store.sentinel_master = None;
+    c.store.sentinel_password = None;
+    let err = c.serve_settings().unwrap_err().to_string();
+    assert!(err.contains("store.sentinel_tls"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,5 +331,117 @@ async fn a_switchover_moves_reads_and_writes_to_the_new_master_without_a_restart
          old master demoted yet: {demoted}",
         t0.elapsed()
     );
+    kg.shutdown().await;
+}
+
+/// keygate's config for the TLS deployment: TLS to the sentinels and to the master, trusting
+/// `ca`, presenting `client`.
+fn tls_sentinel_config(
+    s: &Sentinels,
+    ns: &str,
+    upstream: &str,
+    ca: &TestCa,
+    client: &Leaf,
+) -> Config {
+    let mut c = sentinel_config(s, ns, upstream);
+    c.store.redis_url = format!("rediss://:{DATA_PASSWORD}@unused.invalid:1");
+    c.store.sentinel_tls = true;
+    c.store.tls_ca = Some(ca.cert.to_str().unwrap().into());
+    c.store.tls_cert = Some(client.cert.to_str().unwrap().into());
+    c.store.tls_key = Some(client.key.to_str().unwrap().into());
+    // Each sentinel's share of the timeout covers two TLS handshakes (the sentinel's and the
+    // master's), slow in a debug build on a loaded test machine.
+    c.store.timeout = "3s".into();
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keygate_finds_the_master_through_tls_sentinels_and_serves() {
+    let ca = TestCa::new("sentinel-tls");
+    // No plaintext port on any node: keygate can only speak TLS to the sentinels.
+    let s = Sentinels::start_tls(&ca);
+    let client = ca.leaf("keygate-client", &["keygate"]);
+    let upstream = Upstream::start().await;
+    let ns = namespace("sentinel-tls");
+    let tls = RedisTls {
+        ca: Some(ca.cert.clone()),
+        client: Some((client.cert.clone(), client.key.clone())),
+    };
+    let store = store_with(&s, &ns, "rediss", tls);
+    let key = create_key(&*store, "acme", "admin").await;
+    let kg = Keygate::start(tls_sentinel_config(&s, &ns, &upstream.url(), &ca, &client)).await;
+    kg.wait_ready().await;
+    let http = Http::new();
+    assert_eq!(
+        status_of(&http, &kg, key.secret.expose()).await,
+        (200, String::new())
+    );
+    // The subscriber found the master through the TLS sentinels too: a revocation reaches the
+    // verdict cached for a minute.
+    store
+        .revoke(&key.record.id, keygate::store::now_unix())
+        .await
+        .unwrap();
+    wait_for_status(&http, &kg, key.secret.expose(), 401, "the revocation").await;
+    assert_eq!(kg.app.metrics.subscription_up.get(), 1);
+    kg.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_whose_certificate_does_not_chain_to_the_ca_are_refused_by_name() {
+    let ca = TestCa::new("sentinel-tls");
+    let other = TestCa::new("other");
+    let s = Sentinels::start_tls(&ca);
+    // A client certificate the sentinels accept, but a CA that did not sign theirs.
+    let client = ca.leaf("keygate-client", &["keygate"]);
+    let upstream = Upstream::start().await;
+    let ns = namespace("sentinel-wrong-ca");
+    let kg = Keygate::start(tls_sentinel_config(
+        &s,
+        &ns,
+        &upstream.url(),
+        &other,
+        &client,
+    ))
+    .await;
+    let http = Http::new();
+    let ready_url = kg.admin_url("/readyz");
+    let body = Arc::new(Mutex::new(String::new()));
+    let named: Vec<String> = s
+        .addrs()
+        .iter()
+        .map(|a| format!("sentinel {a}: "))
+        .collect();
+    eventually(
+        Duration::from_secs(10),
+        "/readyz names each sentinel and its certificate",
+        || {
+            let (http, url, body, named) =
+                (http.clone(), ready_url.clone(), body.clone(), named.clone());
+            async move {
+                let r = http.get(&url, &[]).await;
+                let text = r.text();
+                let ok = r.status == 503
+                    && named.iter().all(|n| text.contains(n))
+                    && text.contains("invalid peer certificate");
+                *body.lock().unwrap() = text;
+                ok
+            }
+        },
+    )
+    .await;
+    let body = body.lock().unwrap().clone();
+    println!("/readyz: {body}");
+    for secret in [SENTINEL_PASSWORD, DATA_PASSWORD] {
+        assert!(!body.contains(secret), "a password was shown: {body}");
+    }
+    // Fail closed: a key keygate cannot look up is refused, and keygate stays unready.
+    let key = keygate::key::generate(keygate::key::KeyKind::User);
+    assert_eq!(
+        status_of(&http, &kg, key.secret.expose()).await,
+        (503, "store_unavailable".into())
+    );
+    assert_eq!(http.get(&ready_url, &[]).await.status, 503);
+    assert_eq!(kg.app.metrics.subscription_up.get(), 0);
     kg.shutdown().await;
 }

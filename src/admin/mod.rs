@@ -60,6 +60,9 @@ pub(crate) async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Fu
             app.metrics
                 .cache_entries
                 .set(app.verifier.cached_entries().await as i64);
+            app.metrics
+                .file_store_read_only
+                .set(i64::from(app.verifier.store().read_only()));
             let mut resp = Response::new(Full::new(Bytes::from(app.metrics.render())));
             resp.headers_mut().insert(
                 CONTENT_TYPE,

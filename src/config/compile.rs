@@ -593,6 +593,7 @@ fn key_store(config: &Config) -> Result<StoreSettings, ConfigError> {
             master,
             username: st.sentinel_username.clone(),
             password: st.sentinel_password.clone(),
+            tls: st.sentinel_tls,
         })),
         None => Ok(StoreSettings::Redis(redis)),
     }
@@ -640,6 +641,7 @@ fn sentinels(
             ("store.sentinel_master", st.sentinel_master.is_some()),
             ("store.sentinel_username", st.sentinel_username.is_some()),
             ("store.sentinel_password", st.sentinel_password.is_some()),
+            ("store.sentinel_tls", st.sentinel_tls),
         ] {
             if set {
                 return Err(field_err(field, "set, but store.sentinels is empty"));
@@ -681,6 +683,12 @@ fn sentinels(
         if v.as_deref().is_some_and(str::is_empty) {
             return Err(field_err(field, "must not be empty"));
         }
+    }
+    if st.sentinel_tls && !st.redis_url.starts_with("rediss://") {
+        return Err(field_err(
+            "store.sentinel_tls",
+            "needs a rediss:// store.redis_url: TLS to the sentinels goes with TLS to the master",
+        ));
     }
     Ok(Some((addrs, master)))
 }

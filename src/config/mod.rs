@@ -364,6 +364,8 @@ pub struct StoreConfig {
     /// Password on the sentinels (`requirepass` or the ACL user's); never logged.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sentinel_password: Option<String>,
+    /// TLS to the sentinels too, with `tls_ca`, `tls_cert` and `tls_key` (needs `rediss://`).
+    pub sentinel_tls: bool,
     /// Redis Cluster mode: some of the cluster's nodes (`host:port` each), from which keygate
     /// learns the rest; empty: not a cluster. `redis_url`'s scheme, user and password apply to
     /// every node, its host and port are not used.
@@ -392,6 +394,7 @@ impl Default for StoreConfig {
             sentinel_master: None,
             sentinel_username: None,
             sentinel_password: None,
+            sentinel_tls: false,
             cluster_nodes: Vec::new(),
             namespace: "keygate".into(),
             timeout: "1s".into(),

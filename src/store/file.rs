@@ -23,11 +23,18 @@
 //!   set already adopted, sees no change left to report).
 //! - Order: reloads and writes adopt their sets in the order they read the file, so the served
 //!   set never goes back to a file older than one already served.
+//! - Read-only: a keys file this process cannot write (a Kubernetes Secret, mounted read-only;
+//!   no write permission on the file or its directory; an immutable file), noticed at open, at
+//!   every reload and whenever a write fails with EROFS, EACCES or EPERM, is served as usual,
+//!   but last-used times are then kept in memory only (still shown by this instance) instead
+//!   of failing to be written every interval, and key-management writes fail with an error
+//!   naming the file. `/readyz` warns of it and `keygate_file_store_read_only` is 1.
 
 use std::collections::{HashMap, HashSet};
-use std::ffi::OsStr;
+use std::ffi::{CString, OsStr};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,6 +73,9 @@ struct Inner {
     /// Last-used times by key id, kept in `<file>.last-used.json` rather than in the keys
     /// file, so recording them never rewrites (or reloads) the keys.
     last_used: Mutex<HashMap<String, u64>>,
+    /// Why the keys file cannot be written, while it cannot (see [`unwritable`]): last-used
+    /// times are then kept in `last_used` only, and key-management writes are refused.
+    read_only: Mutex<Option<String>>,
     /// Held from a reload's or a write's read of the file until it has adopted the result
     /// (see [`Inner::adopt`]).
     apply: Mutex<()>,
@@ -148,6 +158,7 @@ impl FileStore {
                 reload_error: Mutex::new(None),
                 sink: OnceLock::new(),
                 last_used: Mutex::new(last_used),
+                read_only: Mutex::new(unwritable(path)),
                 apply: Mutex::new(()),
                 #[cfg(test)]
                 hook: OnceLock::new(),
@@ -213,7 +224,9 @@ impl Inner {
     }
 
     /// Re-reads the file; on success swaps the set in and returns the digests that changed.
+    /// Looks again whether the file can be written, too (a change of its mode is an event).
     fn reload(&self) -> Result<Vec<KeyDigest>, StoreError> {
+        self.note_writable(unwritable(&self.path));
         let applying = self.lock_apply();
         let result = fs::read_to_string(&self.path)
             .map_err(|e| format!("cannot read: {e}"))
@@ -230,6 +243,34 @@ impl Inner {
         };
         *self.reload_error.lock().expect("error lock") = None;
         Ok(self.adopt(&applying, new))
+    }
+
+    /// Records whether the keys file can be written (`None`) or why not; in a serving process,
+    /// logs each change.
+    fn note_writable(&self, why: Option<String>) {
+        let mut read_only = self
+            .read_only
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.sink.get().is_some() {
+            match (&*read_only, &why) {
+                (None, Some(why)) => warn_read_only(&self.path, why),
+                (Some(_), None) => tracing::info!(
+                    file = %self.path.display(),
+                    "keys file writable again: last-used times are persisted"
+                ),
+                _ => {}
+            }
+        }
+        *read_only = why;
+    }
+
+    /// The error of a write refused because the keys file is read-only.
+    fn read_only_error(&self, why: &str) -> StoreError {
+        StoreError::ReadOnly(format!(
+            "keys file {} is read-only ({why}); change its keys where it is writable (for a Kubernetes Secret: update the Secret)",
+            self.path.display()
+        ))
     }
 
     /// Takes the lock that orders every adoption of a set after the file read it came from.
@@ -271,7 +312,18 @@ impl Inner {
         &self,
         f: impl FnOnce(&mut toml_edit::DocumentMut, &KeySet) -> Result<T, StoreError>,
     ) -> Result<(T, Vec<KeyDigest>), StoreError> {
+        if let Some(why) = unwritable(&self.path) {
+            let e = self.read_only_error(&why);
+            self.note_writable(Some(why));
+            return Err(e);
+        }
         let io = |what: &str, e: std::io::Error| {
+            if is_read_only(&e) {
+                let why = format!("{what} {}: {e}", self.path.display());
+                let refused = self.read_only_error(&why);
+                self.note_writable(Some(why));
+                return refused;
+            }
             StoreError::Unavailable(format!("{what} {}: {e}", self.path.display()))
         };
         let lock_path = with_suffix(&self.path, ".lock");
@@ -317,6 +369,46 @@ impl Inner {
 
 fn last_used_path(path: &Path) -> PathBuf {
     with_suffix(path, ".last-used.json")
+}
+
+/// The directory the keys file is in (where its temporary files and renames happen).
+fn dir_of(path: &Path) -> &Path {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+}
+
+/// Whether an IO error says the file cannot be written by this process, however often it is
+/// tried: a read-only mount, no permission, an immutable file.
+fn is_read_only(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EROFS | libc::EACCES | libc::EPERM)
+    )
+}
+
+/// Why this process cannot write the keys file, if it cannot: the file (if it exists) or its
+/// directory is not writable. Asked of the kernel with the effective ids
+/// (`faccessat(AT_EACCESS)`), which reports a read-only mount (EROFS) and an immutable file
+/// (EPERM) to root too, who is not held by permission bits. Other errors (a missing
+/// directory) are left for the write itself to report.
+fn unwritable(path: &Path) -> Option<String> {
+    [path, dir_of(path)].into_iter().find_map(|p| {
+        let c = CString::new(p.as_os_str().as_bytes()).ok()?;
+        // SAFETY: `c` is a NUL-terminated string that outlives the call, which only reads it.
+        let r =
+            unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), libc::W_OK, libc::AT_EACCESS) };
+        let e = std::io::Error::last_os_error();
+        (r != 0 && is_read_only(&e)).then(|| format!("{}: {e}", p.display()))
+    })
+}
+
+fn warn_read_only(path: &Path, why: &str) {
+    tracing::warn!(
+        file = %path.display(),
+        reason = why,
+        "keys file is read-only: last-used times are not persisted (kept in this instance's memory only), and keys cannot be managed through this instance"
+    );
 }
 
 /// What a filesystem event in the keys file's directory asks of the watcher.
@@ -850,6 +942,7 @@ impl Store for FileStore {
 
     async fn touch(&self, used: &[(KeyDigest, u64)]) -> Result<(), StoreError> {
         let set = self.snapshot();
+        let read_only = self.read_only();
         let text = {
             let mut map = self.inner.last_used.lock().expect("last used lock");
             let mut changed = false;
@@ -862,16 +955,23 @@ impl Store for FileStore {
                     }
                 }
             }
-            if !changed {
+            // A read-only file keeps them here only: writing would fail every interval.
+            if !changed || read_only {
                 return Ok(());
             }
             serde_json::to_vec(&*map).map_err(|e| StoreError::Corrupt(e.to_string()))?
         };
         let path = last_used_path(&self.inner.path);
-        self.blocking(move |_| {
-            write_atomically(&path, &text).map_err(|e| {
-                StoreError::Unavailable(format!("cannot write {}: {e}", path.display()))
-            })
+        self.blocking(move |inner| match write_atomically(&path, &text) {
+            Ok(()) => Ok(()),
+            Err(e) if is_read_only(&e) => {
+                inner.note_writable(Some(format!("cannot write {}: {e}", path.display())));
+                Ok(())
+            }
+            Err(e) => Err(StoreError::Unavailable(format!(
+                "cannot write {}: {e}",
+                path.display()
+            ))),
         })
         .await
     }
@@ -926,18 +1026,46 @@ impl Store for FileStore {
     }
 
     fn warnings(&self) -> Vec<String> {
-        match &*self.inner.reload_error.lock().expect("error lock") {
-            Some(e) => vec![format!(
+        let mut warnings = Vec::new();
+        if let Some(e) = &*self.inner.reload_error.lock().expect("error lock") {
+            warnings.push(format!(
                 "keys file reload failed, serving the last good keys: {e}"
-            )],
-            None => Vec::new(),
+            ));
         }
+        if let Some(why) = &*self
+            .inner
+            .read_only
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            warnings.push(format!(
+                "last-used times are not persisted: keys file {} is read-only ({why}); they are kept in this instance's memory only",
+                self.inner.path.display()
+            ));
+        }
+        warnings
+    }
+
+    fn read_only(&self) -> bool {
+        self.inner
+            .read_only
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
     }
 
     fn start(self: Arc<Self>, sink: Arc<dyn InvalidationSink>) -> Result<(), StoreError> {
         use notify::{RecursiveMode, Watcher};
 
         let _ = self.inner.sink.set(sink.clone());
+        if let Some(why) = &*self
+            .inner
+            .read_only
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            warn_read_only(&self.inner.path, why);
+        }
 
         let pending = Arc::new(Pending::default());
         let noted = pending.clone();
@@ -959,13 +1087,7 @@ impl Store for FileStore {
         .map_err(|e| StoreError::Unavailable(format!("cannot watch the keys file: {e}")))?;
         // The directory, not the file: a rename onto the file or a Kubernetes symlink swap
         // replaces what a watch on the file itself would follow.
-        let dir = self
-            .inner
-            .path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."))
-            .to_owned();
+        let dir = dir_of(&self.inner.path).to_owned();
         watcher
             .watch(&dir, RecursiveMode::NonRecursive)
             .map_err(|e| StoreError::Unavailable(format!("cannot watch {}: {e}", dir.display())))?;

@@ -155,6 +155,9 @@ pub enum StoreError {
     /// The operation conflicts with existing data (e.g. a duplicate id).
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The store can be read but not written (a keys file on a read-only mount).
+    #[error("{0}")]
+    ReadOnly(String),
 }
 
 /// The storage interface shared by every backend.
@@ -251,6 +254,12 @@ pub trait Store: Send + Sync + 'static {
     /// Problems that do not stop the store from serving (shown by `/readyz`).
     fn warnings(&self) -> Vec<String> {
         Vec::new()
+    }
+
+    /// Whether the store can only be read (a keys file on a read-only mount): last-used
+    /// times are then kept in memory only, and writes fail.
+    fn read_only(&self) -> bool {
+        false
     }
 }
 

@@ -293,6 +293,8 @@ pub struct SentinelSettings {
     pub username: Option<String>,
     /// Password on the sentinels.
     pub password: Option<String>,
+    /// TLS to the sentinels too (`store.sentinel_tls`), with the store's TLS files.
+    pub tls: bool,
 }
 
 impl std::fmt::Debug for SentinelSettings {
@@ -302,6 +304,7 @@ impl std::fmt::Debug for SentinelSettings {
             .field("master", &self.master)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "[redacted]"))
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -436,16 +439,23 @@ impl RedisStore {
         // The master's user, password, database and TLS come from the URL; its host does not.
         let master = client(redis)?;
         let info = master.get_connection_info();
+        let certificates = || {
+            redis
+                .tls
+                .is_set()
+                .then(|| redis.tls.load())
+                .transpose()
+                .map_err(|(field, e)| StoreError::Unavailable(format!("{field}: {e}")))
+        };
         let master_tls = match info.addr() {
-            redis::ConnectionAddr::TcpTls { .. } => Some(
-                redis
-                    .tls
-                    .is_set()
-                    .then(|| redis.tls.load())
-                    .transpose()
-                    .map_err(|(field, e)| StoreError::Unavailable(format!("{field}: {e}")))?,
-            ),
+            redis::ConnectionAddr::TcpTls { .. } => Some(certificates()?),
             _ => None,
+        };
+        let sentinel_tls = if settings.tls {
+            tls::install_default_provider();
+            Some(certificates()?)
+        } else {
+            None
         };
         let sentinels = Sentinels {
             addrs: settings.sentinels.clone(),
@@ -454,6 +464,7 @@ impl RedisStore {
             sentinel_password: settings.password.clone(),
             master_info: info.redis_settings().clone(),
             master_tls,
+            sentinel_tls,
             ask_timeout: redis.timeout / settings.sentinels.len().max(1) as u32,
         };
         let addr = sentinel::describe(&sentinels);

@@ -11,6 +11,11 @@
 //! therefore needs no restart. Sentinels themselves kill the clients of a demoted master
 //! (`CLIENT KILL TYPE normal` and `pubsub`), so the store's and the subscriber's connections
 //! to an old master break and are looked up again too.
+//!
+//! With `store.sentinel_tls` the sentinels are spoken to over TLS with the store's certificates
+//! (`store.tls_ca`, `store.tls_cert`, `store.tls_key`), the handshake bounded by each
+//! sentinel's `ask_timeout` like its answer; a sentinel that fails it is skipped like one that
+//! is down, and every error names the sentinel (and the master) by `host:port` only.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -32,6 +37,8 @@ pub(super) struct Sentinels {
     pub(super) master_info: redis::RedisConnectionInfo,
     /// TLS to the master (a `rediss://` `store.redis_url`), with its certificates if set.
     pub(super) master_tls: Option<Option<redis::TlsCertificates>>,
+    /// TLS to the sentinels (`store.sentinel_tls`), with the same certificates as the master.
+    pub(super) sentinel_tls: Option<Option<redis::TlsCertificates>>,
     /// Bound on asking one sentinel (and checking its master): `store.timeout` shared among
     /// the sentinels, so that an unreachable first sentinel leaves time to ask the others.
     pub(super) ask_timeout: Duration,
@@ -45,29 +52,36 @@ impl Sentinels {
     /// switchover the sentinels answer the promoted replica there at once, while `MASTERS` keeps
     /// naming the old master, which still answers `ROLE` as one, until the failover ends.
     async fn master(&self) -> RedisResult<redis::Client> {
-        let mut last = None;
+        // Every sentinel's failure, each naming its sentinel, so that one refused for its
+        // certificate is told apart from one that is down.
+        let mut failures = Vec::new();
+        let mut kind = std::io::ErrorKind::Other;
         for addr in &self.addrs {
             match tokio::time::timeout(self.ask_timeout, self.ask(addr)).await {
                 Ok(Ok(client)) => return Ok(client),
-                Ok(Err(e)) => last = Some(e),
+                Ok(Err(e)) => {
+                    kind = error_kind(&e);
+                    failures.push(e.to_string());
+                }
                 Err(_) => {
-                    last = Some(
-                        std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("sentinel {addr}: no answer within {:?}", self.ask_timeout),
-                        )
-                        .into(),
-                    )
+                    kind = std::io::ErrorKind::TimedOut;
+                    failures.push(format!(
+                        "sentinel {addr}: no answer within {:?}",
+                        self.ask_timeout
+                    ));
                 }
             }
         }
-        Err(last.unwrap_or_else(|| {
-            redis::RedisError::from(std::io::Error::other("no sentinel configured"))
-        }))
+        if failures.is_empty() {
+            failures.push("no sentinel configured".into());
+        }
+        Err(std::io::Error::new(kind, failures.join("; ")).into())
     }
 
-    /// Asks one sentinel for the master, and checks the master's role.
+    /// Asks one sentinel for the master, and checks the master's role. Errors name the
+    /// sentinel (and the master) by `host:port`, never a password.
     async fn ask(&self, sentinel: &ConnectionAddr) -> RedisResult<redis::Client> {
+        let at_sentinel = |e: RedisError| context(e, format!("sentinel {sentinel}"));
         let mut info = redis::RedisConnectionInfo::default();
         if let Some(u) = &self.sentinel_username {
             info = info.set_username(u);
@@ -75,17 +89,37 @@ impl Sentinels {
         if let Some(p) = &self.sentinel_password {
             info = info.set_password(p);
         }
-        let conn_info = redis::IntoConnectionInfo::into_connection_info("redis://127.0.0.1:1")?
-            .set_addr(sentinel.clone())
-            .set_redis_settings(info);
-        let mut conn = redis::Client::open(conn_info)?
+        let (scheme, addr) = match (&self.sentinel_tls, sentinel) {
+            (Some(_), ConnectionAddr::Tcp(host, port)) => (
+                "rediss",
+                ConnectionAddr::TcpTls {
+                    host: host.clone(),
+                    port: *port,
+                    insecure: false,
+                    tls_params: None,
+                },
+            ),
+            (_, addr) => ("redis", addr.clone()),
+        };
+        let conn_info =
+            redis::IntoConnectionInfo::into_connection_info(format!("{scheme}://127.0.0.1:1"))?
+                .set_addr(addr)
+                .set_redis_settings(info);
+        let client = match &self.sentinel_tls {
+            Some(Some(certs)) => redis::Client::build_with_tls(conn_info, certs.clone()),
+            _ => redis::Client::open(conn_info),
+        }
+        .map_err(at_sentinel)?;
+        let mut conn = client
             .get_multiplexed_async_connection()
-            .await?;
+            .await
+            .map_err(at_sentinel)?;
         let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
             .arg("GET-MASTER-ADDR-BY-NAME")
             .arg(&self.master)
             .query_async(&mut conn)
-            .await?;
+            .await
+            .map_err(at_sentinel)?;
         let Some((host, port)) = addr else {
             return Err(std::io::Error::other(format!(
                 "sentinel {sentinel} does not know master {}",
@@ -98,6 +132,12 @@ impl Sentinels {
         } else {
             host
         };
+        let at_master = |e: RedisError| {
+            context(
+                e,
+                format!("master {host}:{port}, named by sentinel {sentinel}"),
+            )
+        };
         let scheme = if self.master_tls.is_some() {
             "rediss"
         } else {
@@ -107,11 +147,18 @@ impl Sentinels {
             redis::IntoConnectionInfo::into_connection_info(format!("{scheme}://{host}:{port}"))?
                 .set_redis_settings(self.master_info.clone());
         let client = match &self.master_tls {
-            Some(Some(certs)) => redis::Client::build_with_tls(master_info, certs.clone())?,
-            _ => redis::Client::open(master_info)?,
-        };
-        let mut m = client.get_multiplexed_async_connection().await?;
-        let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut m).await?;
+            Some(Some(certs)) => redis::Client::build_with_tls(master_info, certs.clone()),
+            _ => redis::Client::open(master_info),
+        }
+        .map_err(at_master)?;
+        let mut m = client
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(at_master)?;
+        let role: Vec<redis::Value> = redis::cmd("ROLE")
+            .query_async(&mut m)
+            .await
+            .map_err(at_master)?;
         match role.first() {
             Some(redis::Value::BulkString(r)) if r == b"master" => Ok(client),
             _ => Err(std::io::Error::other(format!(
@@ -120,6 +167,23 @@ impl Sentinels {
             .into()),
         }
     }
+}
+
+/// The kind of IO error that stands for `e` once it is given context: a timeout stays one
+/// (a call that timed out is not retried), everything else is a failed connection.
+fn error_kind(e: &RedisError) -> std::io::ErrorKind {
+    if e.is_timeout() {
+        std::io::ErrorKind::TimedOut
+    } else if e.is_connection_refusal() {
+        std::io::ErrorKind::ConnectionRefused
+    } else {
+        std::io::ErrorKind::Other
+    }
+}
+
+/// `e` with `what` (a `host:port`, never a URL) in front of its message.
+fn context(e: RedisError, what: String) -> RedisError {
+    std::io::Error::new(error_kind(&e), format!("{what}: {e}")).into()
 }
 
 /// The server(s) a store talks to.
@@ -459,7 +523,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_silent_sentinel_leaves_time_to_ask_the_next() {
-        // Accepts and holds every connection, never answering.
+        // Accepts and holds every connection, never answering: with TLS, the handshake never
+        // completes.
         let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let silent_port = silent.local_addr().unwrap().port();
         tokio::spawn(async move {
@@ -468,24 +533,38 @@ mod tests {
                 held.push(conn);
             }
         });
-        let (next, accepted) = hang_up_sentinel().await;
-        let sentinels = Sentinels {
-            addrs: vec![ConnectionAddr::Tcp("127.0.0.1".into(), silent_port), next],
-            master: "m".into(),
-            sentinel_username: None,
-            sentinel_password: None,
-            master_info: Default::default(),
-            master_tls: None,
-            ask_timeout: Duration::from_millis(200),
-        };
-        // Bound: 200 ms for the silent one, then a refusal; without the bound the redis
-        // crate's own connection set-up takes about a second per silent sentinel.
-        let lookup = tokio::time::timeout(Duration::from_millis(800), sentinels.master()).await;
-        assert!(lookup.expect("the lookup ends within 800 ms").is_err());
-        assert!(
-            accepted.load(Ordering::SeqCst) >= 1,
-            "the second sentinel was not asked"
-        );
+        crate::tls::install_default_provider();
+        for sentinel_tls in [None, Some(None)] {
+            let (next, accepted) = hang_up_sentinel().await;
+            let tls = sentinel_tls.is_some();
+            let sentinels = Sentinels {
+                addrs: vec![ConnectionAddr::Tcp("127.0.0.1".into(), silent_port), next],
+                master: "m".into(),
+                sentinel_username: None,
+                sentinel_password: None,
+                master_info: Default::default(),
+                master_tls: None,
+                sentinel_tls,
+                ask_timeout: Duration::from_millis(200),
+            };
+            // Bound: 200 ms for the silent one, then a refusal; without the bound the redis
+            // crate's own connection set-up takes about a second per silent sentinel.
+            let lookup = tokio::time::timeout(Duration::from_millis(800), sentinels.master()).await;
+            let err = lookup
+                .unwrap_or_else(|_| panic!("the lookup ends within 800 ms (tls: {tls})"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!(
+                    "sentinel 127.0.0.1:{silent_port}: no answer within"
+                )),
+                "{err}"
+            );
+            assert!(
+                accepted.load(Ordering::SeqCst) >= 1,
+                "the second sentinel was not asked (tls: {tls})"
+            );
+        }
     }
 
     #[tokio::test]
@@ -498,6 +577,7 @@ mod tests {
             sentinel_password: None,
             master_info: Default::default(),
             master_tls: None,
+            sentinel_tls: None,
             ask_timeout: Duration::from_millis(500),
         };
         let timeout = Duration::from_secs(2);

@@ -2,12 +2,14 @@
 //! and three sentinels (`redis-server sentinel.conf --sentinel`), each on a free port with its
 //! own temp dir; with a password on the data servers and another on the sentinels. Failure
 //! detection is tuned down (`down-after-milliseconds`, `failover-timeout`) so that a failover
-//! takes a few seconds.
+//! takes a few seconds. [`Sentinels::start_tls`] starts the same deployment speaking TLS only
+//! (`--port 0`, `--tls-port`, `tls-replication yes`, client certificates required).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::tls_redis::{Leaf, TestCa};
 use super::{free_port, temp_dir};
 
 /// The name the sentinels monitor the master under.
@@ -26,10 +28,43 @@ pub struct Node {
     dir: PathBuf,
     child: Option<Child>,
     password: &'static str,
+    /// In a TLS deployment: the certificates the test's own connections use.
+    tls: Option<redis::TlsCertificates>,
+}
+
+/// The TLS files of a TLS deployment: every node's certificate (server and client) and the
+/// CA that signed it.
+struct Tls {
+    ca: PathBuf,
+    node: Leaf,
+    client: redis::TlsCertificates,
+}
+
+impl Tls {
+    /// `redis-server` arguments (or sentinel.conf lines, with `line`) for TLS only.
+    fn settings(&self, port: u16) -> Vec<(String, String)> {
+        [
+            ("port", "0".to_owned()),
+            ("tls-port", port.to_string()),
+            ("tls-cert-file", self.node.cert.display().to_string()),
+            ("tls-key-file", self.node.key.display().to_string()),
+            ("tls-ca-cert-file", self.ca.display().to_string()),
+            ("tls-auth-clients", "yes".into()),
+            ("tls-replication", "yes".into()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v))
+        .to_vec()
+    }
 }
 
 impl Node {
-    fn spawn(port: u16, dir: PathBuf, args: &[String], password: &'static str) -> Node {
+    fn spawn(
+        port: u16,
+        dir: PathBuf,
+        args: &[String],
+        password: &'static str,
+        tls: Option<&Tls>,
+    ) -> Node {
         let child = Command::new("redis-server")
             .args(args)
             .stdout(Stdio::null())
@@ -41,6 +76,7 @@ impl Node {
             dir,
             child: Some(child),
             password,
+            tls: tls.map(|t| t.client.clone()),
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while node.try_cmd::<String>(&["PING"]).is_err() {
@@ -55,9 +91,17 @@ impl Node {
 
     /// Runs a command on a fresh authenticated connection, with 2 s bounds.
     pub fn try_cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
-        let url = format!("redis://:{}@127.0.0.1:{}", self.password, self.port);
-        let mut c =
-            redis::Client::open(url)?.get_connection_with_timeout(Duration::from_secs(2))?;
+        let client = match &self.tls {
+            Some(certs) => redis::Client::build_with_tls(
+                format!("rediss://:{}@127.0.0.1:{}", self.password, self.port),
+                certs.clone(),
+            )?,
+            None => redis::Client::open(format!(
+                "redis://:{}@127.0.0.1:{}",
+                self.password, self.port
+            ))?,
+        };
+        let mut c = client.get_connection_with_timeout(Duration::from_secs(2))?;
         c.set_read_timeout(Some(Duration::from_secs(2)))?;
         c.set_write_timeout(Some(Duration::from_secs(2)))?;
         let mut cmd = redis::cmd(args[0]);
@@ -90,39 +134,54 @@ pub struct Sentinels {
     pub sentinels: Vec<Node>,
 }
 
-fn data_server(replica_of: Option<u16>) -> Node {
+fn data_server(replica_of: Option<u16>, tls: Option<&Tls>) -> Node {
     let (port, dir) = (free_port(), temp_dir("sentinel-data"));
-    let mut args: Vec<String> = [
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--requirepass",
-        DATA_PASSWORD,
-        "--masterauth",
-        DATA_PASSWORD,
-        "--dir",
-        dir.to_str().unwrap(),
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut args: Vec<String> = match tls {
+        Some(tls) => tls
+            .settings(port)
+            .into_iter()
+            .flat_map(|(k, v)| [format!("--{k}"), v])
+            .collect(),
+        None => vec!["--port".into(), port.to_string()],
+    };
+    args.extend(
+        [
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--requirepass",
+            DATA_PASSWORD,
+            "--masterauth",
+            DATA_PASSWORD,
+            "--dir",
+            dir.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
     if let Some(m) = replica_of {
         args.extend(["--replicaof".into(), "127.0.0.1".into(), m.to_string()]);
     }
-    Node::spawn(port, dir, &args, DATA_PASSWORD)
+    Node::spawn(port, dir, &args, DATA_PASSWORD, tls)
 }
 
-fn sentinel(master_port: u16) -> Node {
+fn sentinel(master_port: u16, tls: Option<&Tls>) -> Node {
     let (port, dir) = (free_port(), temp_dir("sentinel"));
     let conf = dir.join("sentinel.conf");
+    let listen: String = match tls {
+        Some(tls) => tls
+            .settings(port)
+            .into_iter()
+            .map(|(k, v)| format!("{k} {v}\n"))
+            .collect(),
+        None => format!("port {port}\n"),
+    };
     std::fs::write(
         &conf,
         format!(
-            "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+            "{listen}bind 127.0.0.1\ndir {dir}\n\
              requirepass {SENTINEL_PASSWORD}\nsentinel sentinel-pass {SENTINEL_PASSWORD}\n\
              sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
              sentinel auth-pass {MASTER_NAME} {DATA_PASSWORD}\n\
@@ -134,7 +193,7 @@ fn sentinel(master_port: u16) -> Node {
     )
     .unwrap();
     let args = [conf.to_str().unwrap().to_owned(), "--sentinel".into()];
-    Node::spawn(port, dir, &args, SENTINEL_PASSWORD)
+    Node::spawn(port, dir, &args, SENTINEL_PASSWORD, tls)
 }
 
 impl Sentinels {
@@ -142,9 +201,33 @@ impl Sentinels {
     /// replica is in sync and every sentinel knows the replica and the two other sentinels, so
     /// that a failover can happen.
     pub fn start() -> Self {
-        let master = data_server(None);
-        let replica = data_server(Some(master.port));
-        let sentinels: Vec<Node> = (0..3).map(|_| sentinel(master.port)).collect();
+        Self::start_with(None)
+    }
+
+    /// The same deployment speaking TLS only, on every node (data servers and sentinels): its
+    /// certificates signed by `ca`, client certificates signed by `ca` required everywhere.
+    pub fn start_tls(ca: &TestCa) -> Self {
+        keygate::tls::install_default_provider();
+        let node = ca.leaf("sentinel-node", &["127.0.0.1", "localhost"]);
+        let read = |p: &PathBuf| std::fs::read(p).unwrap();
+        let client = redis::TlsCertificates {
+            client_tls: Some(redis::ClientTlsConfig {
+                client_cert: read(&node.cert),
+                client_key: read(&node.key),
+            }),
+            root_cert: Some(read(&ca.cert)),
+        };
+        Self::start_with(Some(&Tls {
+            ca: ca.cert.clone(),
+            node,
+            client,
+        }))
+    }
+
+    fn start_with(tls: Option<&Tls>) -> Self {
+        let master = data_server(None, tls);
+        let replica = data_server(Some(master.port), tls);
+        let sentinels: Vec<Node> = (0..3).map(|_| sentinel(master.port, tls)).collect();
         let s = Sentinels {
             master,
             replica,
