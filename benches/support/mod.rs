@@ -13,6 +13,9 @@ use keygate::key::KeyDigest;
 use keygate::store::{KeyRecord, Store, StoreError};
 use tokio::net::TcpListener;
 
+/// What the fast upstreams answer: the body a proxy in front of them must pass on.
+pub const UPSTREAM_BODY: &str = "ok";
+
 /// The fast upstream: answers every request `200 ok` over HTTP/1.1 keep-alive, forever.
 pub async fn serve_fast_upstream(listener: TcpListener) {
     loop {
@@ -22,7 +25,9 @@ pub async fn serve_fast_upstream(listener: TcpListener) {
         let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
             let svc = service_fn(|_req| async {
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                    UPSTREAM_BODY.as_bytes(),
+                ))))
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
