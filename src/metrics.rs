@@ -186,6 +186,8 @@ pub struct Metrics {
     pub last_used_dropped: IntCounter,
     /// Batches of last-used times the store failed to record.
     pub last_used_errors: IntCounter,
+    /// Access log lines dropped because the writer's queue was full.
+    pub access_log_dropped: IntCounter,
     /// Unix time of each served certificate's `notAfter`, by listener and name (set at every
     /// load of the listener's certificates).
     pub tls_certificate_expiry: IntGaugeVec,
@@ -430,6 +432,10 @@ impl Metrics {
                 "keygate_last_used_flush_errors_total",
                 "Batches of last-used times the store failed to record.",
             ),
+            access_log_dropped: counter(
+                "keygate_access_log_dropped_total",
+                "Access log lines dropped because the queue to the log writer was full (stderr slower than the requests).",
+            ),
             tls_certificate_expiry: tls_certificate_expiry.clone(),
             upgrades: UpgradeMetrics::new(),
             registry,
@@ -466,6 +472,7 @@ impl Metrics {
             &m.stale_fills,
             &m.last_used_dropped,
             &m.last_used_errors,
+            &m.access_log_dropped,
             &m.requests_abandoned,
         ] {
             register(Box::new(c.clone()));
