@@ -188,6 +188,8 @@ pub struct Metrics {
     pub last_used_errors: IntCounter,
     /// 1 while the keys file is read-only (last-used times in memory only), set at each scrape.
     pub file_store_read_only: IntGauge,
+    /// Access log lines dropped because the writer's queue was full.
+    pub access_log_dropped: IntCounter,
     /// Unix time of each served certificate's `notAfter`, by listener and name (set at every
     /// load of the listener's certificates).
     pub tls_certificate_expiry: IntGaugeVec,
@@ -436,6 +438,10 @@ impl Metrics {
                 "keygate_file_store_read_only",
                 "1 while the keys file cannot be written (e.g. a read-only Secret mount): last-used times are kept in memory only and key-management writes fail; else 0.",
             ),
+            access_log_dropped: counter(
+                "keygate_access_log_dropped_total",
+                "Access log lines dropped because the queue to the log writer was full (stderr slower than the requests).",
+            ),
             tls_certificate_expiry: tls_certificate_expiry.clone(),
             upgrades: UpgradeMetrics::new(),
             registry,
@@ -472,6 +478,7 @@ impl Metrics {
             &m.stale_fills,
             &m.last_used_dropped,
             &m.last_used_errors,
+            &m.access_log_dropped,
             &m.requests_abandoned,
         ] {
             register(Box::new(c.clone()));

@@ -20,12 +20,17 @@ pub fn init(settings: &LogSettings) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_ansi(coloured());
     let _ = if settings.json {
         builder.json().try_init()
     } else {
         builder.try_init()
     };
+}
+
+/// Whether text lines are coloured: when stderr is a terminal.
+pub fn coloured() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr())
 }
 
 /// Validated logging settings.
@@ -37,4 +42,6 @@ pub struct LogSettings {
     pub filter: String,
     /// One access log line per request.
     pub access: bool,
+    /// Access log lines queued for the writer before further lines are dropped.
+    pub access_buffer: usize,
 }

@@ -768,6 +768,9 @@ fn identity_headers(config: &Config) -> Result<IdentitySettings, ConfigError> {
         .map_err(|m| field_err("identity.header_prefix", m).located(&config.origins))
 }
 
+/// The longest access log queue, in lines (about 150 bytes each, allocated at startup).
+const MAX_ACCESS_BUFFER: usize = 1 << 20;
+
 /// Validates the logging settings.
 fn logging(config: &Config) -> Result<LogSettings, ConfigError> {
     let json = match config.log.format.as_str() {
@@ -780,10 +783,18 @@ fn logging(config: &Config) -> Result<LogSettings, ConfigError> {
             ))
         }
     };
+    let access_buffer = config.log.access_buffer;
+    if !(1..=MAX_ACCESS_BUFFER).contains(&access_buffer) {
+        return Err(field_err(
+            "log.access_buffer",
+            format!("{access_buffer}: expected 1 to {MAX_ACCESS_BUFFER} lines"),
+        ));
+    }
     Ok(LogSettings {
         json,
         filter: config.log.level.clone(),
         access: config.log.access,
+        access_buffer,
     })
 }
 

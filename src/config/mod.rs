@@ -459,6 +459,9 @@ pub struct LogConfig {
     pub level: String,
     /// One access log line per request (target `keygate::access`).
     pub access: bool,
+    /// Access log lines queued for the writer thread; more are dropped (and counted) rather
+    /// than making a request wait for stderr.
+    pub access_buffer: usize,
 }
 
 impl Default for LogConfig {
@@ -467,6 +470,7 @@ impl Default for LogConfig {
             format: "text".into(),
             level: "info".into(),
             access: true,
+            access_buffer: crate::proxy::access_log::DEFAULT_BUFFER,
         }
     }
 }

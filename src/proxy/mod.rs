@@ -32,7 +32,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response};
@@ -50,6 +50,9 @@ use crate::store::now_unix;
 use crate::verify::Verifier;
 use crate::{auth, policy};
 
+use access_log::AccessLog;
+
+pub mod access_log;
 pub mod forwarded;
 pub mod headers;
 mod hop;
@@ -115,6 +118,8 @@ struct Context<'a> {
     target: Option<&'a RouteTarget>,
     /// How long the upstream took, once `forward` ran.
     upstream_time: Option<Duration>,
+    /// The live key's identity, once `verify` found it (for the access log line).
+    identity: Option<Arc<Identity>>,
     /// The client headers `rewrite` removed.
     removed: Removed,
 }
@@ -146,6 +151,7 @@ impl<'a> Context<'a> {
             ),
             target: None,
             upstream_time: None,
+            identity: None,
             removed: Removed::default(),
         }
     }
@@ -188,10 +194,13 @@ impl<'a> Context<'a> {
     /// **verify**: the live key's identity. This is where a revoked key is refused, as are
     /// unknown and expired keys (from the cache, else the store); a store that cannot answer
     /// fails closed.
-    async fn verify(&self, digest: KeyDigest) -> Result<Arc<Identity>, Rejection> {
+    async fn verify(&mut self, digest: KeyDigest) -> Result<Arc<Identity>, Rejection> {
         let identity = auth::verify(&self.app.verifier, digest, now_unix()).await?;
         self.span.record("key_id", identity.key_id());
         self.span.record("tenant", identity.tenant());
+        if self.app.access_log.is_some() {
+            self.identity = Some(identity.clone());
+        }
         Ok(identity)
     }
 
@@ -296,6 +305,7 @@ impl<'a> Context<'a> {
                 rejection.into_response().map(Either::Right)
             }
         };
+        let logged = (app.access_log.as_ref()).map(|log| (log, self.request_id.clone()));
         resp.headers_mut()
             .insert(X_REQUEST_ID.clone(), self.request_id);
 
@@ -316,15 +326,21 @@ impl<'a> Context<'a> {
         }
         let outcome = decision.err().map_or("allowed", Rejection::code);
         self.span.record("outcome", outcome);
-        if app.access_log {
-            let _entered = self.span.enter();
-            tracing::info!(
-                target: "keygate::access",
-                method = %self.method,
+        if let Some((log, request_id)) = logged {
+            // Queued for the access log's writer thread, which formats and writes it.
+            log.push(access_log::Line {
+                at: SystemTime::now(),
+                request_id,
+                route: self
+                    .target
+                    .map_or(access_log::RouteName::UNROUTED, |t| t.log_name),
+                identity: self.identity,
+                outcome,
+                method: self.method,
                 status,
-                latency_us = took.as_micros() as u64,
-                upstream_us = self.upstream_time.map(|t| t.as_micros() as u64),
-            );
+                latency_us: took.as_micros() as u64,
+                upstream_us: self.upstream_time.map(|t| t.as_micros() as u64),
+            });
         }
         resp
     }
@@ -339,6 +355,8 @@ pub struct RouteTarget {
     pub upstream: Arc<Upstream>,
     /// The route's series, resolved at startup.
     pub metrics: RouteMetrics,
+    /// The route's name in access log lines.
+    pub log_name: access_log::RouteName,
 }
 
 /// Everything a request needs, built once at startup.
@@ -353,8 +371,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Series of requests refused before a route matched (`invalid_path`, `no_route`).
     pub unrouted: RouteMetrics,
-    /// Whether each request gets an access log line.
-    pub access_log: bool,
+    /// The access log, when each request gets a line.
+    pub access_log: Option<AccessLog>,
     /// What happens to request headers whose names contain `_`.
     pub underscores: UnderscoreHeaders,
     /// Peers whose forwarding headers are kept.

@@ -32,6 +32,7 @@ use tokio::sync::{oneshot, watch};
 use crate::admin::{self, Admin, Health};
 use crate::metrics::{ListenerMetrics, Metrics};
 use crate::policy::Roles;
+use crate::proxy::access_log::{self, AccessLog};
 use crate::proxy::{
     self, App, IdentitySettings, IpNet, Peer, RouteTarget, Unanswered, UnderscoreHeaders, Upstream,
     UpstreamSettings,
@@ -122,6 +123,9 @@ pub enum ServerError {
     /// A listener's certificates could not be loaded.
     #[error("TLS: {0}")]
     Tls(#[from] TlsError),
+    /// The access log's writer thread could not be started.
+    #[error("cannot start the access log writer: {0}")]
+    AccessLog(#[source] std::io::Error),
 }
 
 /// keygate's listeners, for errors that name their setting.
@@ -224,9 +228,12 @@ impl Server {
                 .with_last_used_interval(settings.last_used_interval),
         );
         store.start(verifier.clone())?;
+        let names: Vec<Box<str>> = settings.routes.iter().map(|r| r.name.clone()).collect();
+        let dropped = metrics.access_log_dropped.clone();
+        let access_log = AccessLog::configured(&settings.log, names.iter().map(|n| &**n), dropped)
+            .map_err(ServerError::AccessLog)?;
         // One pooled client per distinct upstream, shared by the routes that name it.
         let mut clients: HashMap<String, Arc<Upstream>> = HashMap::new();
-        let names: Vec<Box<str>> = settings.routes.iter().map(|r| r.name.clone()).collect();
         let mut names = names.into_iter();
         let routes = settings.routes.clone().map_upstreams(|up| {
             let id = up.pool_key();
@@ -241,6 +248,9 @@ impl Server {
             RouteTarget {
                 upstream,
                 metrics: metrics.route(&name),
+                log_name: access_log
+                    .as_ref()
+                    .map_or(access_log::RouteName::UNROUTED, |log| log.route(&name)),
             }
         });
         verifier.start_last_used_flusher();
@@ -248,7 +258,7 @@ impl Server {
         let app = Arc::new(App {
             unrouted: metrics.route(proxy::UNROUTED),
             metrics,
-            access_log: settings.log.access,
+            access_log,
             verifier,
             routes,
             identity: settings.identity.clone(),
@@ -394,12 +404,20 @@ impl Server {
             drain_within(drain, settings.shutdown_grace),
             futures_util::future::join_all(workers)
         );
+        // Every request has ended (or was given up at the grace period): its line is queued,
+        // and is written before keygate exits.
+        if let Some(log) = &app.access_log {
+            log.flush(ACCESS_LOG_FLUSH).await;
+        }
         if drained {
             tracing::info!("drained; exiting");
         }
         drop(stop_tx);
     }
 }
+
+/// The longest keygate waits at exit for the access log's last lines (stderr may be stuck).
+const ACCESS_LOG_FLUSH: Duration = Duration::from_secs(5);
 
 /// Completed handshakes the kernel may hold for a listener before keygate accepts them (it
 /// caps this at `net.core.somaxconn`). Deep, as Go's is, so a burst of connections waits
