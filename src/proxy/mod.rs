@@ -132,10 +132,6 @@ impl<'a> Context<'a> {
         let span = tracing::info_span!(
             "request",
             request_id = ?request_id,
-            route = tracing::field::Empty,
-            key_id = tracing::field::Empty,
-            tenant = tracing::field::Empty,
-            outcome = tracing::field::Empty,
         );
         Context {
             app,
@@ -177,7 +173,6 @@ impl<'a> Context<'a> {
             .routes
             .find(host_bytes, &path, req.method())
             .ok_or(Rejection::NoRoute)?;
-        self.span.record("route", &*route.name);
         self.target = Some(&route.upstream);
         if let Cow::Owned(normal) = path {
             headers::set_path(req.uri_mut(), &normal)?;
@@ -196,8 +191,6 @@ impl<'a> Context<'a> {
     /// fails closed.
     async fn verify(&mut self, digest: KeyDigest) -> Result<Arc<Identity>, Rejection> {
         let identity = auth::verify(&self.app.verifier, digest, now_unix()).await?;
-        self.span.record("key_id", identity.key_id());
-        self.span.record("tenant", identity.tenant());
         if self.app.access_log.is_some() {
             self.identity = Some(identity.clone());
         }
@@ -321,11 +314,7 @@ impl<'a> Context<'a> {
             );
         }
         series.observe(status, took, self.upstream_time);
-        if self.target.is_none() {
-            self.span.record("route", UNROUTED);
-        }
         let outcome = decision.err().map_or("allowed", Rejection::code);
-        self.span.record("outcome", outcome);
         if let Some((log, request_id)) = logged {
             // Queued for the access log's writer thread, which formats and writes it.
             log.push(access_log::Line {
