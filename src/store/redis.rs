@@ -563,8 +563,14 @@ impl RedisStore {
 
     fn record_key(&self, digest: &KeyDigest) -> String {
         if self.sharded.is_some() {
-            let bucket = cluster::bucket(digest);
-            return format!("{}:key:{{{bucket}}}:{}", self.ns, digest.to_hex());
+            // The bucket (the digest's first byte, see `cluster::bucket`) formatted in place:
+            // a lookup that misses the cache builds one string, as on a standalone Redis.
+            return format!(
+                "{}:key:{{{:02x}}}:{}",
+                self.ns,
+                digest.0[0],
+                digest.to_hex()
+            );
         }
         format!("{}:key:{}", self.ns, digest.to_hex())
     }

@@ -3,8 +3,7 @@
 //! password, joined with `redis-cli --cluster create`. Failure detection is tuned down
 //! (`cluster-node-timeout`) so that a replica takes over a killed master within seconds.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{free_port, temp_dir};
@@ -15,107 +14,43 @@ pub const PASSWORD: &str = "cluster-pw-5d2";
 /// How long the other nodes wait for a silent node before calling it failed.
 pub const NODE_TIMEOUT_MS: u64 = 1000;
 
-/// One cluster node, killed when dropped.
-pub struct Node {
-    pub port: u16,
-    _dir: PathBuf,
-    child: Option<Child>,
-}
+pub use super::redis_sentinel::Node;
 
-impl Node {
-    fn spawn(port: u16) -> Node {
-        let dir = temp_dir(&format!("cluster-{port}"));
-        let args: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            &dir.join("nodes.conf").to_string_lossy(),
-            "--cluster-node-timeout",
-            &NODE_TIMEOUT_MS.to_string(),
-            "--dir",
-            &dir.to_string_lossy(),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--requirepass",
-            PASSWORD,
-            "--masterauth",
-            PASSWORD,
-            // A replica's first sync starts at once (not after the 5 s wait for more replicas),
-            // and a replica may take over however long it was cut off.
-            "--repl-diskless-sync-delay",
-            "0",
-            "--cluster-replica-validity-factor",
-            "0",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let child = Command::new("redis-server")
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is not installed: apt-get install -y redis-server redis-tools");
-        let node = Node {
-            port,
-            _dir: dir,
-            child: Some(child),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while node.try_cmd::<String>(&["PING"]).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "cluster node on port {port} did not answer within 10s"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        node
-    }
-
-    /// Runs a command on this node alone (no redirections), with 2 s bounds.
-    pub fn try_cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
-        let url = format!("redis://:{PASSWORD}@127.0.0.1:{}", self.port);
-        let mut c =
-            redis::Client::open(url)?.get_connection_with_timeout(Duration::from_secs(2))?;
-        c.set_read_timeout(Some(Duration::from_secs(2)))?;
-        c.set_write_timeout(Some(Duration::from_secs(2)))?;
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        cmd.query(&mut c)
-    }
-
-    pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
-        self.try_cmd(args)
-            .unwrap_or_else(|e| panic!("{args:?} on node {}: {e}", self.port))
-    }
-
-    /// Whether the node is up and calls itself a master.
-    pub fn is_master(&self) -> bool {
-        let role: redis::RedisResult<Vec<redis::Value>> = self.try_cmd(&["ROLE"]);
-        matches!(role.as_deref(), Ok([redis::Value::BulkString(r), ..]) if r == b"master")
-    }
-
-    /// SIGKILLs the node: no goodbye to its clients or its peers.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// Starts one cluster node on `port`.
+fn spawn(port: u16) -> Node {
+    let dir = temp_dir(&format!("cluster-{port}"));
+    let args: Vec<String> = [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        &dir.join("nodes.conf").to_string_lossy(),
+        "--cluster-node-timeout",
+        &NODE_TIMEOUT_MS.to_string(),
+        "--dir",
+        &dir.to_string_lossy(),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--requirepass",
+        PASSWORD,
+        "--masterauth",
+        PASSWORD,
+        // A replica's first sync starts at once (not after the 5 s wait for more replicas),
+        // and a replica may take over however long it was cut off.
+        "--repl-diskless-sync-delay",
+        "0",
+        "--cluster-replica-validity-factor",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    Node::spawn(port, dir, &args, PASSWORD, None)
 }
 
 /// The cluster's nodes, masters first (as `redis-cli --cluster create` assigns them).
@@ -128,7 +63,7 @@ impl Cluster {
     /// Starts the nodes, joins them, and waits until every node sees every slot served.
     pub fn start(masters: usize, replicas: usize) -> Cluster {
         let total = masters * (1 + replicas);
-        let nodes: Vec<Node> = (0..total).map(|_| Node::spawn(free_port())).collect();
+        let nodes: Vec<Node> = (0..total).map(|_| spawn(free_port())).collect();
         let mut create = Command::new("redis-cli");
         create.args(["-a", PASSWORD, "--no-auth-warning", "--cluster", "create"]);
         for n in &nodes {
@@ -165,7 +100,7 @@ impl Cluster {
     pub fn wait_ok(&self, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
-            let ok = self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
+            let ok = self.nodes.iter().filter(|n| n.running()).all(|n| {
                 n.try_cmd::<String>(&["CLUSTER", "INFO"]).is_ok_and(|i| {
                     i.contains("cluster_state:ok") && i.contains("cluster_slots_ok:16384")
                 })
@@ -264,7 +199,7 @@ impl Cluster {
             let () = self.nodes[from].cmd(&args);
         }
         for i in 0..self.masters {
-            if self.nodes[i].child.is_some() {
+            if self.nodes[i].running() {
                 let () = self.nodes[i].cmd(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
             }
         }

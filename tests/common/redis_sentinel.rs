@@ -34,7 +34,7 @@ pub struct Node {
 
 /// The TLS files of a TLS deployment: every node's certificate (server and client) and the
 /// CA that signed it.
-struct Tls {
+pub(super) struct Tls {
     ca: PathBuf,
     node: Leaf,
     client: redis::TlsCertificates,
@@ -58,7 +58,8 @@ impl Tls {
 }
 
 impl Node {
-    fn spawn(
+    /// Starts `redis-server` with `args` and waits until it answers a PING.
+    pub(super) fn spawn(
         port: u16,
         dir: PathBuf,
         args: &[String],
@@ -109,6 +110,23 @@ impl Node {
             cmd.arg(*a);
         }
         cmd.query(&mut c)
+    }
+
+    /// Like [`Node::try_cmd`], failing the test on an error.
+    pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        self.try_cmd(args)
+            .unwrap_or_else(|e| panic!("{args:?} on port {}: {e}", self.port))
+    }
+
+    /// Whether the node is up and calls itself a master.
+    pub fn is_master(&self) -> bool {
+        let role: redis::RedisResult<Vec<redis::Value>> = self.try_cmd(&["ROLE"]);
+        matches!(role.as_deref(), Ok([redis::Value::BulkString(r), ..]) if r == b"master")
+    }
+
+    /// Whether the process has not been killed.
+    pub fn running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// SIGKILLs the process: no goodbye to its clients, its port refuses at once.
