@@ -252,19 +252,23 @@ fn a_line_is_written_without_more_traffic() {
 fn a_full_queue_drops_and_counts_and_flush_writes_the_rest() {
     // The writer is held up by a sink that blocks until released: the queue fills.
     #[derive(Clone)]
-    struct Gate(Captured, Arc<(Mutex<bool>, std::sync::Condvar)>);
+    // (open, entered): the writer waits in its first write until the test opens the gate,
+    // and says when it got there.
+    struct Gate(Captured, Arc<(Mutex<(bool, bool)>, std::sync::Condvar)>);
     impl Sink for Gate {
         fn write_batch(&mut self, batch: &[u8]) {
-            let (open, cv) = &*self.1;
-            let mut open = open.lock().unwrap();
-            while !*open {
-                open = cv.wait(open).unwrap();
+            let (state, cv) = &*self.1;
+            let mut state = state.lock().unwrap();
+            state.1 = true;
+            cv.notify_all();
+            while !state.0 {
+                state = cv.wait(state).unwrap();
             }
             self.0.write_batch(batch);
         }
     }
     let out = Captured::default();
-    let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+    let gate = Arc::new((Mutex::new((false, false)), std::sync::Condvar::new()));
     let dropped = counter();
     let log = AccessLog::start_to(
         Gate(out.clone(), gate.clone()),
@@ -274,15 +278,26 @@ fn a_full_queue_drops_and_counts_and_flush_writes_the_rest() {
         dropped.clone(),
     )
     .unwrap();
-    // Each push returns at once, whether the line was queued or dropped.
-    for n in 0..100 {
+    // The first line reaches the writer, which is then stuck in its write.
+    log.push(line("r0", 1, None));
+    {
+        let (state, cv) = &*gate;
+        let state = state.lock().unwrap();
+        let (_state, waited) = cv
+            .wait_timeout_while(state, Duration::from_secs(5), |s| !s.1)
+            .unwrap();
+        assert!(!waited.timed_out(), "the writer never took the first line");
+    }
+    // Each push returns at once, whether the line was queued or dropped: the queue holds 4,
+    // the other 95 are dropped and counted.
+    for n in 1..100 {
         let started = std::time::Instant::now();
         log.push(line(&format!("r{n}"), 1, None));
         assert!(started.elapsed() < Duration::from_secs(1));
     }
     let lost = dropped.get();
-    assert!(lost >= 100 - 4 - 2, "dropped {lost}");
-    *gate.0.lock().unwrap() = true;
+    assert_eq!(lost, 100 - 1 - 4, "dropped {lost}");
+    gate.0.lock().unwrap().0 = true;
     gate.1.notify_all();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
