@@ -320,6 +320,15 @@ async fn past_the_cap_connections_are_refused_while_admitted_clients_and_probes_
     for _ in 0..3 {
         silent.push(open(r.keygate.proxy, b"").await);
     }
+    // Workers accept in any order: wait until all four are admitted, so the next is the fifth.
+    eventually(SLACK, "four proxy connections admitted", || async {
+        r.keygate
+            .scrape()
+            .await
+            .get("keygate_open_connections{listener=\"proxy\"}")
+            == 4.0
+    })
+    .await;
     let (mut refused, since) = open(r.keygate.proxy, b"").await;
     let took = wait_closed(&mut refused, since, SLACK, "the connection over the cap").await;
     assert!(

@@ -292,22 +292,27 @@ async fn over_max_requests_per_connection_an_h2_client_gets_a_goaway_and_loses_n
     }
     h2.ended_within(Duration::from_secs(5)).await.unwrap();
 
-    // Twelve at once on one connection: the streams sent before the client saw the GOAWAY
-    // are all served; the connection then closes.
-    let h2 = H2::connect(&kg).await;
-    let answers = join_all((0..12).map(|_| h2.get("/", key.secret.expose()))).await;
-    let served = answers
-        .iter()
-        .filter(|a| **a == Ok((StatusCode::OK, String::new())))
-        .count();
-    for a in &answers {
-        assert!(
-            matches!(a, Ok((StatusCode::OK, _))),
-            "a stream was not served: {a:?}"
-        );
+    // Twelve at once, written in one go before keygate answers any: the budget is spent at
+    // the fifth, yet every stream sent before the client saw the GOAWAY is served, and the
+    // connection then closes. (Raw frames: an h2 client library sends one stream at a time and
+    // may see the GOAWAY between them, refusing the rest itself.)
+    let mut s = raw_h2(&kg).await;
+    let mut streams = Vec::new();
+    for i in 0..12u32 {
+        let block = get_block_with_key(key.secret.expose());
+        streams.extend(frame(HEADERS, END_HEADERS | END_STREAM, 2 * i + 1, &block));
     }
-    assert_eq!(served, 12);
-    h2.ended_within(Duration::from_secs(5)).await.unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        s.write_all(&streams).await.unwrap();
+    }
+    let (mut ok, last_stream) = statuses_until_closed(&mut s, Duration::from_secs(5))
+        .await
+        .unwrap();
+    ok.sort_unstable();
+    let all: Vec<u32> = (0..12).map(|i| 2 * i + 1).collect();
+    assert_eq!(ok, all, "streams answered 200");
+    assert_eq!(last_stream, Some(23), "the final GOAWAY's last stream id");
 
     // A client moving on to a new connection at each GOAWAY: 24 requests, four at a time,
     // each attempt with its own `?seq=`. A request the client raced with the GOAWAY fails
@@ -380,10 +385,13 @@ fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 
 const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
 const CONTINUATION: u8 = 0x9;
 const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
+const ACK: u8 = 0x1;
 const ENHANCE_YOUR_CALM: u32 = 0xb;
 
 /// `GET /` on `keygate.test` as an HPACK block: static-table entries and a literal authority,
@@ -392,6 +400,79 @@ fn get_block() -> Vec<u8> {
     let mut b = vec![0x82, 0x86, 0x84, 0x01, 12];
     b.extend_from_slice(b"keygate.test");
     b
+}
+
+/// An HPACK integer with an `n`-bit prefix under `first`'s high bits.
+fn hpack_int(first: u8, n: u32, mut v: usize, out: &mut Vec<u8>) {
+    let max = (1usize << n) - 1;
+    if v < max {
+        out.push(first | v as u8);
+        return;
+    }
+    out.push(first | max as u8);
+    v -= max;
+    while v >= 128 {
+        out.push((v % 128 + 128) as u8);
+        v /= 128;
+    }
+    out.push(v as u8);
+}
+
+/// [`get_block`] with `authorization: Bearer <key>`, a literal never indexed.
+fn get_block_with_key(key: &str) -> Vec<u8> {
+    let mut b = get_block();
+    let value = format!("Bearer {key}");
+    b.push(0x10);
+    hpack_int(0, 7, "authorization".len(), &mut b);
+    b.extend_from_slice(b"authorization");
+    hpack_int(0, 7, value.len(), &mut b);
+    b.extend_from_slice(value.as_bytes());
+    b
+}
+
+/// Reads frames until keygate closes the connection, acknowledging its SETTINGS and PINGs:
+/// the streams whose response head is `:status 200` (static-table index 8), as answered, and the
+/// last stream id of the last GOAWAY.
+async fn statuses_until_closed(
+    s: &mut tokio::net::TcpStream,
+    limit: Duration,
+) -> Result<(Vec<u32>, Option<u32>), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let read = async {
+        let (mut ok, mut last) = (Vec::new(), None);
+        loop {
+            let mut head = [0u8; 9];
+            if s.read_exact(&mut head).await.is_err() {
+                return Ok((ok, last));
+            }
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let (kind, flags) = (head[3], head[4]);
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            let mut payload = vec![0u8; len];
+            s.read_exact(&mut payload)
+                .await
+                .map_err(|e| format!("closed mid-frame: {e}"))?;
+            match kind {
+                HEADERS if payload.first() == Some(&0x88) => ok.push(stream),
+                GOAWAY if len >= 8 => {
+                    last = Some(
+                        u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
+                            & 0x7fff_ffff,
+                    );
+                }
+                SETTINGS if flags & ACK == 0 => {
+                    let _ = s.write_all(&frame(SETTINGS, ACK, 0, &[])).await;
+                }
+                PING if flags & ACK == 0 => {
+                    let _ = s.write_all(&frame(PING, ACK, 0, &payload)).await;
+                }
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, read)
+        .await
+        .unwrap_or_else(|_| Err(format!("still open after {limit:?}")))
 }
 
 /// A connection that has sent the HTTP/2 preface and an empty SETTINGS frame.
