@@ -41,7 +41,11 @@ use super::{cluster, InvalidationSink};
 use crate::key::KeyDigest;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// The longest wait between attempts. Short, because while the subscription is down past
+/// `cache.trust_while_unsubscribed` keygate fails closed: once the store is back (a failover
+/// done, a restart), an instance serves again within this of it. One connection attempt a
+/// second per instance is nothing to a Redis that is up, and little to one that is down.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Follows the invalidation channels forever: the one channel of a standalone or Sentinel
 /// store, or every bucket's shard channel on a cluster.
