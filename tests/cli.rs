@@ -322,6 +322,48 @@ fn an_address_in_use_is_reported_once_with_its_setting_and_flag() {
     }
 }
 
+/// Holds a port with a listener in an `SO_REUSEPORT` group, as a keygate with several workers
+/// does.
+fn port_taken_by_a_reuse_port_group() -> (std::net::TcpListener, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let l = rt.block_on(async {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.set_reuseport(true).unwrap();
+        s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        s.listen(16).unwrap().into_std().unwrap()
+    });
+    let addr = l.local_addr().unwrap().to_string();
+    (l, addr)
+}
+
+#[test]
+fn a_port_another_process_listens_on_with_reuse_port_is_refused_not_shared() {
+    let f = Files::new("cli-reuseport");
+    f.json(&[
+        "keys", "create", "--tenant", "acme", "--role", "admin", "--name", "k",
+    ]);
+    let (_held, busy) = port_taken_by_a_reuse_port_group();
+    let args = [
+        "serve",
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--listen",
+        &busy,
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--keys-file",
+        &f.keys,
+    ];
+    let out = run(&args, &[("KEYGATE__SERVER__WORKERS", "2")], &f.dir);
+    let e = stderr(&out);
+    assert!(!out.status.success(), "{e}");
+    assert!(e.contains("server.listen") && e.contains(&busy), "{e}");
+    assert_eq!(e.matches("in use").count(), 1, "the cause once: {e}");
+}
+
 #[test]
 fn config_errors_name_the_field_and_where_its_value_came_from() {
     let f = Files::new("cli-config");
