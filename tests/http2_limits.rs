@@ -437,24 +437,13 @@ async fn statuses_until_closed(
     s: &mut tokio::net::TcpStream,
     limit: Duration,
 ) -> Result<(Vec<u32>, Option<u32>), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let read = async {
         let (mut ok, mut last) = (Vec::new(), None);
-        loop {
-            let mut head = [0u8; 9];
-            if s.read_exact(&mut head).await.is_err() {
-                return Ok((ok, last));
-            }
-            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-            let (kind, flags) = (head[3], head[4]);
-            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-            let mut payload = vec![0u8; len];
-            s.read_exact(&mut payload)
-                .await
-                .map_err(|e| format!("closed mid-frame: {e}"))?;
+        while let Some((kind, flags, stream, payload)) = read_frame(s).await? {
             match kind {
                 HEADERS if payload.first() == Some(&0x88) => ok.push(stream),
-                GOAWAY if len >= 8 => {
+                GOAWAY if payload.len() >= 8 => {
                     last = Some(
                         u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
                             & 0x7fff_ffff,
@@ -469,6 +458,7 @@ async fn statuses_until_closed(
                 _ => {}
             }
         }
+        Ok((ok, last))
     };
     tokio::time::timeout(limit, read)
         .await
@@ -485,24 +475,35 @@ async fn raw_h2(kg: &Keygate) -> tokio::net::TcpStream {
     s
 }
 
+/// One frame read from keygate: its type, flags, stream id and payload; `None` when the
+/// connection ended at a frame boundary.
+async fn read_frame(
+    s: &mut tokio::net::TcpStream,
+) -> Result<Option<(u8, u8, u32, Vec<u8>)>, String> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 9];
+    if s.read_exact(&mut head).await.is_err() {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload)
+        .await
+        .map_err(|e| format!("closed mid-frame: {e}"))?;
+    Ok(Some((head[3], head[4], stream, payload)))
+}
+
 /// Reads frames until a GOAWAY: its error code, or why none came within `limit`.
 async fn goaway_within(s: &mut tokio::net::TcpStream, limit: Duration) -> Result<u32, String> {
-    use tokio::io::AsyncReadExt;
     let read = async {
         loop {
-            let mut head = [0u8; 9];
-            s.read_exact(&mut head)
-                .await
-                .map_err(|e| format!("closed without a GOAWAY: {e}"))?;
-            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-            let mut payload = vec![0u8; len];
-            s.read_exact(&mut payload)
-                .await
-                .map_err(|e| format!("closed mid-frame: {e}"))?;
-            if head[3] == GOAWAY && len >= 8 {
-                return Ok(u32::from_be_bytes([
-                    payload[4], payload[5], payload[6], payload[7],
-                ]));
+            match read_frame(s).await? {
+                None => return Err("closed without a GOAWAY".to_owned()),
+                Some((GOAWAY, _, _, p)) if p.len() >= 8 => {
+                    return Ok(u32::from_be_bytes([p[4], p[5], p[6], p[7]]));
+                }
+                Some(_) => {}
             }
         }
     };

@@ -286,14 +286,13 @@ async fn a_killed_master_fails_closed_then_its_replica_serves_and_revocations_st
     // A bound for liveness only (how soon is measured, not asserted: see the README): the
     // subscription's next attempt, at most a second away, and the slot map's refresh.
     for (_, k) in &on_victim {
-        let (http, url, key) = (http.clone(), kg.url("/"), k.clone());
-        eventually(
+        wait_for_status_within(
             Duration::from_secs(10),
+            &http,
+            &kg,
+            k,
+            200,
             "a key of the failed-over master serves again",
-            || {
-                let (http, url, key) = (http.clone(), url.clone(), key.clone());
-                async move { http.get_with_key(&url, &key).await.status == 200 }
-            },
         )
         .await;
     }

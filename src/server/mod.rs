@@ -444,7 +444,7 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 /// On Linux the sockets form one `SO_REUSEPORT` group, and the kernel spreads new connections
 /// over them by their addresses. One socket shared by every worker's event loop (the fallback
 /// elsewhere) hands a burst of new connections to whichever worker wakes first: with 64
-/// connections opened at once, one of two workers served three quarters of the requests.
+/// connections opened at once, one of two workers used three quarters of the CPU.
 ///
 /// A group alone would let a second process of the same user join it unnoticed and take half
 /// the connections. So a fixed port is first bound without `SO_REUSEPORT`: a port something

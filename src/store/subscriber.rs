@@ -43,8 +43,9 @@ use crate::key::KeyDigest;
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// The longest wait between attempts. Short, because while the subscription is down past
 /// `cache.trust_while_unsubscribed` keygate fails closed: once the store is back (a failover
-/// done, a restart), an instance serves again within this of it. One connection attempt a
-/// second per instance is nothing to a Redis that is up, and little to one that is down.
+/// done, a restart), an instance's next attempt is at most this far away. One connection
+/// attempt a second per instance is nothing to a Redis that is up, and little to one that is
+/// down.
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Follows the invalidation channels forever: the one channel of a standalone or Sentinel

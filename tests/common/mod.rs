@@ -711,8 +711,20 @@ pub async fn status_of(http: &Http, kg: &Keygate, key: &str) -> (u16, String) {
 
 /// Polls a GET of `/` with `key` until it answers `want`, within [`PROPAGATION`].
 pub async fn wait_for_status(http: &Http, kg: &Keygate, key: &str, want: u16, what: &str) {
+    wait_for_status_within(PROPAGATION, http, kg, key, want, what).await;
+}
+
+/// Polls a GET of `/` with `key` until it answers `want`, within `limit`.
+pub async fn wait_for_status_within(
+    limit: Duration,
+    http: &Http,
+    kg: &Keygate,
+    key: &str,
+    want: u16,
+    what: &str,
+) {
     let (http, url, key) = (http.clone(), kg.url("/"), key.to_owned());
-    eventually(PROPAGATION, what, || {
+    eventually(limit, what, || {
         let (http, url, key) = (http.clone(), url.clone(), key.clone());
         async move { http.get_with_key(&url, &key).await.status == want }
     })
