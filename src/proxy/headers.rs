@@ -246,7 +246,7 @@ pub fn rewrite_request_headers(
         headers.insert(ids.subject.clone(), identity.header(Part::Subject));
         headers.insert(
             ids.subject_kind.clone(),
-            HeaderValue::from_static(identity.kind.as_str()),
+            HeaderValue::from_static(identity.kind().as_str()),
         );
     }
 
