@@ -16,17 +16,17 @@ use crate::store::{KeyRecord, StoreError};
 /// reference count.
 #[derive(Clone)]
 pub struct Identity {
-    /// The head (`HEAD` bytes), then the parts.
+    /// The head, then the parts.
     buf: Bytes,
 }
 
-/// The head: the ends of the key id, tenant and role in the text (three little-endian
-/// `u16`), a flags byte (bit 0: service account; bit 1: has an expiry), the expiry (Unix
-/// seconds, little-endian `u64`, zero without one).
-const HEAD: usize = 15;
-const FLAGS: usize = 6;
+// The head, 4 to 15 bytes: a flags byte; where the key id, tenant and role end in the text
+// (three bytes, or three little-endian `u16` if `WIDE`); the expiry (Unix seconds,
+// little-endian `u64`) if `EXPIRES`. Most identities take 4, so that a typical one (50 bytes
+// of text) fits a 64-byte allocation.
 const SERVICE_ACCOUNT: u8 = 1;
 const EXPIRES: u8 = 2;
+const WIDE: u8 = 4;
 
 /// The parts of an [`Identity`]'s text.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,46 +90,77 @@ impl Identity {
             ("role", &r.role),
             ("subject", &r.subject),
         ];
-        let len = HEAD + r.id.len() + r.tenant.len() + r.role.len() + r.subject.len();
-        let mut buf = Vec::with_capacity(len);
-        buf.resize(HEAD, 0);
+        let mut text = Vec::with_capacity(fields.iter().map(|(_, v)| v.len()).sum());
+        let mut ends = [0u16; 3];
         for (i, (field, v)) in fields.into_iter().enumerate() {
             // Visible ASCII only: a valid header value, and text wherever it is shown.
             if !v.bytes().all(|b| b.is_ascii_graphic())
-                || buf.len() - HEAD + v.len() > usize::from(u16::MAX)
+                || text.len() + v.len() > usize::from(u16::MAX)
             {
                 return Err(StoreError::Corrupt(format!(
                     "key {}: {field} is not a header value",
                     r.id
                 )));
             }
-            buf.extend_from_slice(v.as_bytes());
+            text.extend_from_slice(v.as_bytes());
             if i < 3 {
-                let end = (buf.len() - HEAD) as u16;
-                buf[2 * i..2 * i + 2].copy_from_slice(&end.to_le_bytes());
+                ends[i] = text.len() as u16;
             }
         }
         let mut flags = 0;
         if r.kind == KeyKind::ServiceAccount {
             flags |= SERVICE_ACCOUNT;
         }
-        if let Some(exp) = r.expires_at {
+        if r.expires_at.is_some() {
             flags |= EXPIRES;
-            buf[FLAGS + 1..HEAD].copy_from_slice(&exp.to_le_bytes());
         }
-        buf[FLAGS] = flags;
+        // The ends grow, so the role's is the largest.
+        if ends[2] > u16::from(u8::MAX) {
+            flags |= WIDE;
+        }
+        let mut buf = Vec::with_capacity(15 + text.len());
+        buf.push(flags);
+        for end in ends {
+            if flags & WIDE != 0 {
+                buf.extend_from_slice(&end.to_le_bytes());
+            } else {
+                buf.push(end as u8);
+            }
+        }
+        if let Some(exp) = r.expires_at {
+            buf.extend_from_slice(&exp.to_le_bytes());
+        }
+        buf.extend_from_slice(&text);
         Ok(Identity {
             buf: one_allocation(&buf),
         })
     }
 
+    fn flags(&self) -> u8 {
+        self.buf[0]
+    }
+
+    /// Where the text starts.
+    fn start(&self) -> usize {
+        let flags = self.flags();
+        let ends = if flags & WIDE != 0 { 6 } else { 3 };
+        let exp = if flags & EXPIRES != 0 { 8 } else { 0 };
+        1 + ends + exp
+    }
+
+    /// Where part `i` (key id, tenant, role) ends.
     fn end(&self, i: usize) -> usize {
-        HEAD + usize::from(u16::from_le_bytes([self.buf[2 * i], self.buf[2 * i + 1]]))
+        let end = if self.flags() & WIDE != 0 {
+            u16::from_le_bytes([self.buf[1 + 2 * i], self.buf[2 + 2 * i]])
+        } else {
+            u16::from(self.buf[1 + i])
+        };
+        self.start() + usize::from(end)
     }
 
     fn range(&self, part: Part) -> std::ops::Range<usize> {
         match part {
-            Part::KeyId => HEAD..self.end(0),
+            Part::KeyId => self.start()..self.end(0),
             Part::Tenant => self.end(0)..self.end(1),
             Part::Role => self.end(1)..self.end(2),
             Part::Subject => self.end(2)..self.buf.len(),
@@ -138,7 +169,7 @@ impl Identity {
 
     /// User or service account.
     pub fn kind(&self) -> KeyKind {
-        if self.buf[FLAGS] & SERVICE_ACCOUNT != 0 {
+        if self.flags() & SERVICE_ACCOUNT != 0 {
             KeyKind::ServiceAccount
         } else {
             KeyKind::User
@@ -147,9 +178,11 @@ impl Identity {
 
     /// Expiry, Unix seconds.
     pub fn expires_at(&self) -> Option<u64> {
-        (self.buf[FLAGS] & EXPIRES != 0).then(|| {
+        let flags = self.flags();
+        (flags & EXPIRES != 0).then(|| {
+            let at = if flags & WIDE != 0 { 7 } else { 4 };
             let mut exp = [0; 8];
-            exp.copy_from_slice(&self.buf[FLAGS + 1..HEAD]);
+            exp.copy_from_slice(&self.buf[at..at + 8]);
             u64::from_le_bytes(exp)
         })
     }
@@ -225,7 +258,7 @@ mod tests {
 
     #[test]
     fn kind_expiry_and_parts_survive_every_buffer_size() {
-        // Across the inline sizes and past them (the vector fallback), with empty parts.
+        // Across the inline sizes and past them (the vector fallback), with an empty part.
         for len in [0, 1, 39, 40, 55, 56, 231, 232, 300, 5_000] {
             let mut r = KeyRecord::example(crate::key::KeyDigest([0; 32]));
             r.subject = "s".repeat(len);
@@ -240,6 +273,28 @@ mod tests {
             assert_eq!(id.kind(), KeyKind::ServiceAccount);
             assert_eq!(id.expires_at(), Some(u64::MAX - 1));
             assert_eq!(id.clone().header(Part::Subject), r.subject.as_str());
+        }
+        // Ends past 255 (two bytes each), with and without an expiry.
+        for expires_at in [None, Some(7)] {
+            let mut r = KeyRecord::example(crate::key::KeyDigest([0; 32]));
+            r.tenant = "t".repeat(300);
+            r.role = "r".repeat(255);
+            r.expires_at = expires_at;
+            let id = Identity::from_record(&r).unwrap();
+            assert_eq!(
+                [id.key_id(), id.tenant(), id.role(), id.subject()],
+                ["key_1", r.tenant.as_str(), r.role.as_str(), "alice"]
+            );
+            assert_eq!((id.kind(), id.expires_at()), (KeyKind::User, expires_at));
+        }
+        // The role ending at 255 and at 256: one byte per end, then two.
+        for role in [246, 247] {
+            let mut r = KeyRecord::example(crate::key::KeyDigest([0; 32]));
+            r.role = "r".repeat(role);
+            r.expires_at = Some(9);
+            let id = Identity::from_record(&r).unwrap();
+            assert_eq!(id.role(), r.role);
+            assert_eq!((id.subject(), id.expires_at()), ("alice", Some(9)));
         }
         let mut r = KeyRecord::example(crate::key::KeyDigest([0; 32]));
         r.expires_at = Some(0);
