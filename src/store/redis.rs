@@ -246,16 +246,22 @@ return 1
 );
 
 /// Records last-used times: for each (hex, time) pair, sets `last_used_at` on an existing
-/// record unless it is already later. Publishes nothing: no verdict depends on it.
+/// record unless it is already later. Publishes nothing: no verdict depends on it. A record
+/// that has a time is read with one `HGET`; only one without (its first note) is checked with
+/// `EXISTS`, so a deleted record is never recreated. (Measured on Redis 7.0 against `EXISTS`
+/// then `HGET` for every record, and against one `HMGET` of `id` and `last_used_at`, which
+/// Lua pays more for than for the two calls.)
 /// ARGV: key record prefix, then hex/time pairs.
 const TOUCH_SCRIPT: &str = r#"
 for i = 2, #ARGV, 2 do
   local k = ARGV[1] .. ARGV[i]
-  if redis.call('EXISTS', k) == 1 then
-    local cur = redis.call('HGET', k, 'last_used_at')
-    if (not cur) or tonumber(cur) < tonumber(ARGV[i + 1]) then
+  local cur = redis.call('HGET', k, 'last_used_at')
+  if cur then
+    if tonumber(cur) < tonumber(ARGV[i + 1]) then
       redis.call('HSET', k, 'last_used_at', ARGV[i + 1])
     end
+  elseif redis.call('EXISTS', k) == 1 then
+    redis.call('HSET', k, 'last_used_at', ARGV[i + 1])
   end
 end
 return 1
