@@ -954,8 +954,11 @@ impl Store for RedisStore {
         // Idempotent (only ever moves a time forward), so a dropped connection may retry it.
         self.idempotent(|mut c| {
             let mut inv = self.touch.arg(&prefix);
+            let mut hex = [0u8; 64];
             for (d, t) in used {
-                inv.arg(d.to_hex()).arg(*t);
+                // Written from a stack buffer: no String per key.
+                hex::encode_to_slice(d.0, &mut hex).expect("64 hex digits for 32 bytes");
+                inv.arg(&hex[..]).arg(*t);
             }
             async move { inv.invoke_async::<i64>(&mut c).await }
         })
