@@ -223,6 +223,26 @@ async fn keys_spread_over_every_master_and_changes_reach_instances_seeded_by_dif
     for kg in [&a, &b] {
         wait_for_status(&http, kg, &current, 401, "a removed account's key stops").await;
     }
+
+    // Last-used notes (one script per bucket): a record takes the time, and a note for a key
+    // whose record was deleted does not recreate it. The time is ahead of the clock, so no
+    // note of the instances (which only move a time forward) can replace it.
+    let ((_, live), (_, gone)) = (&keys[0], &keys[1]);
+    let (live_key, gone_key) = (record_key(&ns, live), record_key(&ns, gone));
+    let (live_at, gone_at) = (cluster.master_of(&live_key), cluster.master_of(&gone_key));
+    let _: i64 = cluster.nodes[gone_at].cmd(&["DEL", &gone_key]);
+    let at = keygate::store::now_unix() + 1_000_000;
+    store
+        .touch(&[
+            (KeyDigest::of(gone.as_bytes()), at),
+            (KeyDigest::of(live.as_bytes()), at),
+        ])
+        .await
+        .unwrap();
+    let exists: i64 = cluster.nodes[gone_at].cmd(&["EXISTS", &gone_key]);
+    assert_eq!(exists, 0, "a last-used note recreated a deleted record");
+    let noted: String = cluster.nodes[live_at].cmd(&["HGET", &live_key, "last_used_at"]);
+    assert_eq!(noted, at.to_string());
     a.shutdown().await;
     b.shutdown().await;
 }

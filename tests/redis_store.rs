@@ -313,3 +313,54 @@ async fn a_create_that_cannot_complete_writes_nothing() {
     assert!(matches!(err, StoreError::Corrupt(_)), "{err}");
     assert_eq!(listener.messages_until_marker(&redis), Vec::<String>::new());
 }
+
+#[tokio::test]
+async fn a_last_used_note_never_recreates_a_deleted_record() {
+    let redis = RedisServer::start();
+    let ns = namespace("touch-deleted");
+    let store = redis_store(&redis, &ns);
+    let (live, gone) = (
+        create_key(&*store, "acme", "admin").await,
+        create_key(&*store, "acme", "admin").await,
+    );
+    let gone_record = record_key_of(&redis, &ns, &gone.record.id);
+    let _: () = redis.cmd(&["DEL", &gone_record]);
+
+    // One batch with both keys: the live record takes the time, the deleted one stays gone.
+    store
+        .touch(&[(gone.record.digest, 1_000), (live.record.digest, 1_000)])
+        .await
+        .unwrap();
+    let exists: i64 = redis.cmd(&["EXISTS", &gone_record]);
+    assert_eq!(exists, 0, "a last-used note recreated a deleted record");
+    let last_used = |store: std::sync::Arc<RedisStore>, id: String| async move {
+        store.get(&id).await.unwrap().unwrap().last_used_at
+    };
+    assert_eq!(
+        last_used(store.clone(), live.record.id.clone()).await,
+        Some(1_000)
+    );
+
+    // A time only moves forward; a later one is taken.
+    store.touch(&[(live.record.digest, 900)]).await.unwrap();
+    assert_eq!(
+        last_used(store.clone(), live.record.id.clone()).await,
+        Some(1_000)
+    );
+    store.touch(&[(live.record.digest, 1_100)]).await.unwrap();
+    assert_eq!(
+        last_used(store.clone(), live.record.id.clone()).await,
+        Some(1_100)
+    );
+    let exists: i64 = redis.cmd(&["EXISTS", &gone_record]);
+    assert_eq!(exists, 0);
+
+    // A record key holding something other than a hash is an error, and is left as it was.
+    let _: () = redis.cmd(&["SET", &gone_record, "junk"]);
+    let before = dump_redis(&redis, &ns);
+    store
+        .touch(&[(gone.record.digest, 1_200)])
+        .await
+        .expect_err("a note on a record that is not a hash must fail");
+    assert_eq!(dump_redis(&redis, &ns), before);
+}

@@ -246,16 +246,22 @@ return 1
 );
 
 /// Records last-used times: for each (hex, time) pair, sets `last_used_at` on an existing
-/// record unless it is already later. Publishes nothing: no verdict depends on it.
+/// record unless it is already later. Publishes nothing: no verdict depends on it. A record
+/// that has a time is read with one `HGET`; only one without (its first note) is checked with
+/// `EXISTS`, so a deleted record is never recreated. (Measured on Redis 7.0 against `EXISTS`
+/// then `HGET` for every record, and against one `HMGET` of `id` and `last_used_at`, which
+/// Lua pays more for than for the two calls.)
 /// ARGV: key record prefix, then hex/time pairs.
 const TOUCH_SCRIPT: &str = r#"
 for i = 2, #ARGV, 2 do
   local k = ARGV[1] .. ARGV[i]
-  if redis.call('EXISTS', k) == 1 then
-    local cur = redis.call('HGET', k, 'last_used_at')
-    if (not cur) or tonumber(cur) < tonumber(ARGV[i + 1]) then
+  local cur = redis.call('HGET', k, 'last_used_at')
+  if cur then
+    if tonumber(cur) < tonumber(ARGV[i + 1]) then
       redis.call('HSET', k, 'last_used_at', ARGV[i + 1])
     end
+  elseif redis.call('EXISTS', k) == 1 then
+    redis.call('HSET', k, 'last_used_at', ARGV[i + 1])
   end
 end
 return 1
@@ -561,18 +567,24 @@ impl RedisStore {
         format!("{}:invalidate:{{{}}}", self.ns, cluster::bucket(digest))
     }
 
+    /// The record's key, `ns:key:<hex>` (on a cluster `ns:key:{ab}:<hex>`), built in one
+    /// allocation of the exact size: a lookup that misses the cache builds no other string.
     fn record_key(&self, digest: &KeyDigest) -> String {
+        let mut hex = [0u8; 64];
+        hex::encode_to_slice(digest.0, &mut hex).expect("64 hex digits for 32 bytes");
+        let hex = std::str::from_utf8(&hex).expect("hex is ASCII");
+        let bucket = if self.sharded.is_some() { 5 } else { 0 };
+        let mut key = String::with_capacity(self.ns.len() + ":key:".len() + bucket + hex.len());
+        key.push_str(&self.ns);
+        key.push_str(":key:");
         if self.sharded.is_some() {
-            // The bucket (the digest's first byte, see `cluster::bucket`) formatted in place:
-            // a lookup that misses the cache builds one string, as on a standalone Redis.
-            return format!(
-                "{}:key:{{{:02x}}}:{}",
-                self.ns,
-                digest.0[0],
-                digest.to_hex()
-            );
+            // The bucket: the digest's first byte, as `cluster::bucket` names it.
+            key.push('{');
+            key.push_str(&hex[..2]);
+            key.push_str("}:");
         }
-        format!("{}:key:{}", self.ns, digest.to_hex())
+        key.push_str(hex);
+        key
     }
 
     fn id_key(&self, id: &str) -> String {
@@ -671,11 +683,18 @@ impl RedisStore {
         Ok((!fields.is_empty()).then_some(fields))
     }
 
+    /// A key's record: one `HGETALL`, its reply read straight into the record's fields.
     async fn fetch(&self, digest: &KeyDigest) -> Result<Option<KeyRecord>, StoreError> {
-        match self.hash(self.record_key(digest)).await? {
-            Some(fields) => decode(*digest, fields).map(Some),
-            None => Ok(None),
+        let key = &self.record_key(digest);
+        let fields: RecordFields = self
+            .idempotent(
+                |mut c| async move { redis::cmd("HGETALL").arg(key).query_async(&mut c).await },
+            )
+            .await?;
+        if !fields.found {
+            return Ok(None);
         }
+        decode(*digest, fields).map(Some)
     }
 }
 
@@ -935,8 +954,11 @@ impl Store for RedisStore {
         // Idempotent (only ever moves a time forward), so a dropped connection may retry it.
         self.idempotent(|mut c| {
             let mut inv = self.touch.arg(&prefix);
+            let mut hex = [0u8; 64];
             for (d, t) in used {
-                inv.arg(d.to_hex()).arg(*t);
+                // Written from a stack buffer: no String per key.
+                hex::encode_to_slice(d.0, &mut hex).expect("64 hex digits for 32 bytes");
+                inv.arg(&hex[..]).arg(*t);
             }
             async move { inv.invoke_async::<i64>(&mut c).await }
         })
@@ -1097,34 +1119,85 @@ fn decode_account(mut f: HashMap<String, String>) -> Result<ServiceAccount, Stor
     })
 }
 
-fn decode(digest: KeyDigest, mut f: HashMap<String, String>) -> Result<KeyRecord, StoreError> {
-    let mut take = |name: &str| {
-        f.remove(name)
-            .ok_or_else(|| StoreError::Corrupt(format!("record lacks field {name}")))
+/// A key record's fields as one `HGETALL` answers them (a flat array of names and values, or a
+/// RESP3 map), taken off the reply without a map in between: each value keeps the buffer the
+/// reply was parsed into. A reply of another shape, or a name or value that is not UTF-8,
+/// fails the conversion exactly as a `HashMap<String, String>` would (so the store reports it
+/// the same way); fields keygate does not know are skipped; [`decode`] checks the rest.
+#[derive(Debug, Default)]
+struct RecordFields {
+    /// Whether the hash has any field at all: a key that does not exist answers an empty one.
+    found: bool,
+    id: Option<String>,
+    name: Option<String>,
+    tenant: Option<String>,
+    role: Option<String>,
+    subject: Option<String>,
+    kind: Option<String>,
+    created_at: Option<String>,
+    expires_at: Option<String>,
+    revoked_at: Option<String>,
+    last_used_at: Option<String>,
+}
+
+impl redis::FromRedisValue for RecordFields {
+    fn from_redis_value(v: redis::Value) -> Result<Self, redis::ParsingError> {
+        let v = match v {
+            redis::Value::Attribute { data, .. } => *data,
+            v => v,
+        };
+        let mut f = RecordFields::default();
+        if let redis::Value::Nil = v {
+            return Ok(f);
+        }
+        let pairs = v.into_map_iter().map_err(|_| {
+            redis::ParsingError::from("Response type not map compatible".to_owned())
+        })?;
+        for (name, value) in pairs {
+            f.found = true;
+            let name: String = redis::from_redis_value(name)?;
+            let value: String = redis::from_redis_value(value)?;
+            let slot = match name.as_str() {
+                "id" => &mut f.id,
+                "name" => &mut f.name,
+                "tenant" => &mut f.tenant,
+                "role" => &mut f.role,
+                "subject" => &mut f.subject,
+                "kind" => &mut f.kind,
+                "created_at" => &mut f.created_at,
+                "expires_at" => &mut f.expires_at,
+                "revoked_at" => &mut f.revoked_at,
+                "last_used_at" => &mut f.last_used_at,
+                _ => continue,
+            };
+            // A repeated name keeps its last value, as a map would.
+            *slot = Some(value);
+        }
+        Ok(f)
+    }
+}
+
+fn decode(digest: KeyDigest, f: RecordFields) -> Result<KeyRecord, StoreError> {
+    let take = |name: &str, v: Option<String>| {
+        v.ok_or_else(|| StoreError::Corrupt(format!("record lacks field {name}")))
     };
     let time = |name: &str, v: String| {
         v.parse::<u64>()
             .map_err(|_| StoreError::Corrupt(format!("field {name} is not a time")))
     };
-    let id = take("id")?;
-    let name = take("name")?;
-    let tenant = take("tenant")?;
-    let role = take("role")?;
-    let subject = take("subject")?;
-    let kind = take("kind")?;
+    let id = take("id", f.id)?;
+    let name = take("name", f.name)?;
+    let tenant = take("tenant", f.tenant)?;
+    let role = take("role", f.role)?;
+    let subject = take("subject", f.subject)?;
+    let kind = take("kind", f.kind)?;
     let kind = KeyKind::from_name(&kind)
         .ok_or_else(|| StoreError::Corrupt(format!("unknown key kind {kind:?}")))?;
-    let created_at = time("created_at", take("created_at")?)?;
-    let expires_at = take("expires_at")
-        .ok()
-        .map(|v| time("expires_at", v))
-        .transpose()?;
-    let revoked_at = take("revoked_at")
-        .ok()
-        .map(|v| time("revoked_at", v))
-        .transpose()?;
-    let last_used_at = take("last_used_at")
-        .ok()
+    let created_at = time("created_at", take("created_at", f.created_at)?)?;
+    let expires_at = f.expires_at.map(|v| time("expires_at", v)).transpose()?;
+    let revoked_at = f.revoked_at.map(|v| time("revoked_at", v)).transpose()?;
+    let last_used_at = f
+        .last_used_at
         .map(|v| time("last_used_at", v))
         .transpose()?;
     Ok(KeyRecord {
@@ -1162,25 +1235,257 @@ mod tests {
         }
     }
 
+    /// `HGETALL`'s RESP2 reply for these field/value pairs.
+    fn reply(pairs: &[(&str, &str)]) -> redis::Value {
+        redis::Value::Array(
+            pairs
+                .iter()
+                .flat_map(|(k, v)| [*k, *v])
+                .map(|s| redis::Value::BulkString(s.as_bytes().to_vec()))
+                .collect(),
+        )
+    }
+
+    fn pairs(r: &KeyRecord) -> Vec<(&'static str, String)> {
+        encode(r)
+    }
+
+    /// The record a reply decodes to: `Ok(None)` when the hash is empty, `Err` with the
+    /// conversion's message or the store error's.
+    fn read(v: redis::Value) -> Result<Option<KeyRecord>, String> {
+        let fields: RecordFields = redis::from_redis_value(v).map_err(|e| e.to_string())?;
+        if !fields.found {
+            return Ok(None);
+        }
+        decode(KeyDigest([7; 32]), fields)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+
+    /// How the reply was read before: into a `HashMap<String, String>`, then field by field.
+    /// The decoder must agree with it on every reply, malformed ones included.
+    fn read_through_a_map(v: redis::Value) -> Result<Option<KeyRecord>, String> {
+        let mut f: HashMap<String, String> =
+            redis::from_redis_value(v).map_err(|e| e.to_string())?;
+        if f.is_empty() {
+            return Ok(None);
+        }
+        let corrupt = |why: String| StoreError::Corrupt(why).to_string();
+        let mut take = |name: &str| {
+            f.remove(name)
+                .ok_or_else(|| corrupt(format!("record lacks field {name}")))
+        };
+        let time = |name: &str, v: String| {
+            v.parse::<u64>()
+                .map_err(|_| corrupt(format!("field {name} is not a time")))
+        };
+        let (id, name, tenant, role, subject) = (
+            take("id")?,
+            take("name")?,
+            take("tenant")?,
+            take("role")?,
+            take("subject")?,
+        );
+        let kind = take("kind")?;
+        let kind = KeyKind::from_name(&kind)
+            .ok_or_else(|| corrupt(format!("unknown key kind {kind:?}")))?;
+        let created_at = time("created_at", take("created_at")?)?;
+        let mut opt = |n: &str| take(n).ok().map(|v| time(n, v)).transpose();
+        let (expires_at, revoked_at, last_used_at) =
+            (opt("expires_at")?, opt("revoked_at")?, opt("last_used_at")?);
+        Ok(Some(KeyRecord {
+            id,
+            digest: KeyDigest([7; 32]),
+            name,
+            tenant,
+            role,
+            subject,
+            kind,
+            created_at,
+            expires_at,
+            revoked_at,
+            last_used_at,
+        }))
+    }
+
     #[test]
-    fn encode_decode_round_trips() {
+    fn a_reply_decodes_into_the_record_it_encodes() {
+        let mut r = record();
+        r.revoked_at = Some(150);
+        r.last_used_at = Some(120);
+        let fields = pairs(&r);
+        let flat: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(read(reply(&flat)), Ok(Some(r.clone())));
+        // The same as a RESP3 map, and under an attribute.
+        let map = redis::Value::Map(
+            flat.iter()
+                .map(|(k, v)| {
+                    (
+                        redis::Value::BulkString(k.as_bytes().to_vec()),
+                        redis::Value::SimpleString((*v).to_owned()),
+                    )
+                })
+                .collect(),
+        );
+        assert_eq!(read(map.clone()), Ok(Some(r.clone())));
+        let attributed = redis::Value::Attribute {
+            data: Box::new(map),
+            attributes: vec![],
+        };
+        assert_eq!(read(attributed), Ok(Some(r)));
+    }
+
+    #[test]
+    fn an_empty_reply_is_no_record() {
+        assert_eq!(read(reply(&[])), Ok(None));
+        assert_eq!(read(redis::Value::Nil), Ok(None));
+    }
+
+    #[test]
+    fn malformed_replies_fail_as_they_did_through_a_map() {
         let r = record();
-        let map = encode(&r)
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect();
-        assert_eq!(decode(r.digest, map).unwrap(), r);
+        let good = pairs(&r);
+        let with = |name: &str, value: &str| -> redis::Value {
+            let mut p: Vec<(&str, &str)> = good.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            p.retain(|(k, _)| *k != name);
+            p.push((name, value));
+            reply(&p)
+        };
+        let without = |name: &str| -> redis::Value {
+            let p: Vec<(&str, &str)> = good
+                .iter()
+                .filter(|(k, _)| *k != name)
+                .map(|(k, v)| (*k, v.as_str()))
+                .collect();
+            reply(&p)
+        };
+        let bytes = |items: Vec<&[u8]>| {
+            redis::Value::Array(
+                items
+                    .into_iter()
+                    .map(|b| redis::Value::BulkString(b.to_vec()))
+                    .collect(),
+            )
+        };
+        let cases: Vec<(&str, redis::Value, &str)> = vec![
+            ("no id", without("id"), "record lacks field id"),
+            ("no name", without("name"), "record lacks field name"),
+            ("no tenant", without("tenant"), "record lacks field tenant"),
+            ("no role", without("role"), "record lacks field role"),
+            (
+                "no subject",
+                without("subject"),
+                "record lacks field subject",
+            ),
+            ("no kind", without("kind"), "record lacks field kind"),
+            (
+                "no created_at",
+                without("created_at"),
+                "lacks field created_at",
+            ),
+            (
+                "a kind unknown",
+                with("kind", "robot"),
+                "unknown key kind \"robot\"",
+            ),
+            (
+                "created_at",
+                with("created_at", "x"),
+                "field created_at is not a time",
+            ),
+            (
+                "expires_at",
+                with("expires_at", "soon"),
+                "field expires_at is not a time",
+            ),
+            (
+                "revoked_at",
+                with("revoked_at", "-1"),
+                "field revoked_at is not a time",
+            ),
+            (
+                "last_used_at",
+                with("last_used_at", ""),
+                "last_used_at is not a time",
+            ),
+            (
+                "only unknown fields",
+                reply(&[("colour", "red")]),
+                "lacks field id",
+            ),
+            (
+                "an odd array",
+                bytes(vec![b"id", b"key_abc", b"name"]),
+                "not map compatible",
+            ),
+            ("not an array", redis::Value::Int(3), "not map compatible"),
+            (
+                "a value not UTF-8",
+                bytes(vec![b"id", b"\xff\xfe"]),
+                "UTF-8",
+            ),
+            ("a name not UTF-8", bytes(vec![b"\xff", b"x"]), "UTF-8"),
+            (
+                "a nested array",
+                redis::Value::Array(vec![
+                    redis::Value::BulkString(b"id".to_vec()),
+                    redis::Value::Array(vec![]),
+                ]),
+                "not string compatible",
+            ),
+        ];
+        for (what, v, want) in cases {
+            let got = read(v.clone());
+            let err = got.clone().expect_err(what);
+            assert!(err.contains(want), "{what}: {err}");
+            match (got, read_through_a_map(v)) {
+                (Err(new), Err(old)) if new.contains("Incompatible type") => {
+                    // Conversion errors: the same kind (the store reports both as a failed
+                    // call); the wording names the type that was wanted.
+                    assert!(old.contains("Incompatible type"), "{what}: {old}");
+                }
+                (new, old) => assert_eq!(new, old, "{what}"),
+            }
+        }
+        // Unknown fields beside the known ones are skipped, as the map's reader skipped them.
+        let extra = with("colour", "red");
+        assert_eq!(read(extra.clone()), Ok(Some(r)));
+        assert_eq!(read(extra.clone()), read_through_a_map(extra));
+    }
+
+    #[tokio::test]
+    async fn the_record_key_is_the_namespace_and_the_digest() {
+        let settings = RedisSettings {
+            url: "redis://127.0.0.1:1".into(),
+            tls: RedisTls::default(),
+            namespace: "ns".into(),
+            timeout: Duration::from_secs(1),
+            health_check_interval: Duration::from_secs(1),
+        };
+        let mut store = RedisStore::new(&settings).unwrap();
+        let digest = KeyDigest([0xab; 32]);
+        let hex = digest.to_hex();
+        let key = store.record_key(&digest);
+        assert_eq!(key, format!("ns:key:{hex}"));
+        assert_eq!(
+            key.capacity(),
+            key.len(),
+            "one allocation of the exact size"
+        );
+        store.sharded = Some(slots::Scripts::new());
+        let key = store.record_key(&digest);
+        assert_eq!(key, format!("ns:key:{{ab}}:{hex}"));
+        assert_eq!(key.capacity(), key.len());
     }
 
     #[test]
     fn decode_names_the_bad_field() {
         let r = record();
-        let mut map: HashMap<String, String> = encode(&r)
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect();
-        map.insert("expires_at".into(), "soon".into());
-        let err = decode(r.digest, map).unwrap_err().to_string();
+        let mut map: Vec<(&str, String)> = encode(&r);
+        map.retain(|(k, _)| *k != "expires_at");
+        map.push(("expires_at", "soon".into()));
+        let flat: Vec<(&str, &str)> = map.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let err = read(reply(&flat)).unwrap_err();
         assert!(err.contains("expires_at"), "{err}");
     }
 }

@@ -75,15 +75,18 @@ return 1
 );
 
 /// Records last-used times of records in one bucket: for each record, sets `last_used_at`
-/// unless it is already later; records that do not exist are skipped.
+/// unless it is already later; records that do not exist are skipped, never recreated (one
+/// `HGET` for a record that has a time, `EXISTS` only for one without: as `TOUCH_SCRIPT`).
 /// KEYS: records. ARGV: their times, in the same order.
 const TOUCH_RECORDS: &str = r#"
 for i, k in ipairs(KEYS) do
-  if redis.call('EXISTS', k) == 1 then
-    local cur = redis.call('HGET', k, 'last_used_at')
-    if (not cur) or tonumber(cur) < tonumber(ARGV[i]) then
+  local cur = redis.call('HGET', k, 'last_used_at')
+  if cur then
+    if tonumber(cur) < tonumber(ARGV[i]) then
       redis.call('HSET', k, 'last_used_at', ARGV[i])
     end
+  elseif redis.call('EXISTS', k) == 1 then
+    redis.call('HSET', k, 'last_used_at', ARGV[i])
   end
 end
 return 1
