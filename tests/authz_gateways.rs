@@ -424,6 +424,28 @@ async fn decides_through(kind: Kind) {
         Some("insufficient_scope"),
         "readonly POST",
     );
+    // The request keygate decides on is the one the gateway names: a client naming another
+    // (a GET) in the caller's own headers is not believed, the gateway sets them itself.
+    let mut spoof = vec![("authorization", bearer(readonly.secret.expose()))];
+    match kind {
+        Kind::Nginx => spoof.extend([
+            ("x-original-method", "GET".into()),
+            ("x-original-uri", "/v1/things".into()),
+        ]),
+        Kind::Traefik | Kind::Caddy => spoof.extend([
+            ("x-forwarded-method", "GET".into()),
+            ("x-forwarded-uri", "/v1/things".into()),
+        ]),
+    }
+    let spoof: Vec<(&str, &str)> = spoof.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let named = http.request("POST", &things, &spoof).await;
+    assert_refusal(
+        &named,
+        403,
+        "insufficient_scope",
+        Some("insufficient_scope"),
+        "a POST naming a GET",
+    );
     assert_eq!(
         reached(),
         1,
