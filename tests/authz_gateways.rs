@@ -393,6 +393,24 @@ async fn decides_through(kind: Kind) {
         "{kind:?}: only keygate's identity headers"
     );
 
+    // An allowed request's body goes to the upstream whole; the check never carries it.
+    let body = vec![b'k'; 1 << 20];
+    let upload = http
+        .request_body(
+            "POST",
+            &gw.url("/upload"),
+            &[("authorization", &bearer(admin.secret.expose()))],
+            body,
+        )
+        .await;
+    assert_eq!(upload.status, 200, "{kind:?}: {}", upload.text());
+    assert_eq!(
+        upload.text(),
+        (1 << 20).to_string(),
+        "the upstream's byte count"
+    );
+    assert_eq!(reached(), 2);
+
     // Refused: keygate's answer, whole, and the upstream never asked.
     let unknown = generate(KeyKind::User);
     for (what, key) in [
@@ -448,7 +466,7 @@ async fn decides_through(kind: Kind) {
     );
     assert_eq!(
         reached(),
-        1,
+        2,
         "{kind:?}: a refused request reached the upstream"
     );
 
@@ -476,7 +494,7 @@ async fn decides_through(kind: Kind) {
         Some("invalid_token"),
         "revoked",
     );
-    assert_eq!(reached(), 2);
+    assert_eq!(reached(), 3);
 
     // Redis down: an uncached key gets keygate's 503 and its Retry-After, not the gateway's.
     redis.stop();
@@ -506,7 +524,7 @@ async fn decides_through(kind: Kind) {
     }
     assert_eq!(
         reached(),
-        2,
+        3,
         "{kind:?} reached the upstream without keygate"
     );
     drop(gw);
