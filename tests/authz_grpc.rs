@@ -35,15 +35,15 @@ async fn client_available() -> bool {
     let out = tokio::process::Command::new("python3")
         .args([
             "-c",
-            "import grpc, envoy.service.auth.v3.external_auth_pb2_grpc",
+            "import grpc, yaml, envoy.service.auth.v3.external_auth_pb2_grpc",
         ])
         .output()
         .await;
     if matches!(&out, Ok(o) if o.status.success()) {
         return true;
     }
-    let msg = "the gRPC client needs python3 with grpcio and xds-protos \
-               (`pip install grpcio xds-protos`; scripts/test.sh does)";
+    let msg = "the gRPC client needs python3 with grpcio, xds-protos and PyYAML \
+               (`pip install grpcio xds-protos pyyaml`; scripts/test.sh does)";
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{msg}: {out:?}");
     }
@@ -415,4 +415,32 @@ async fn the_grpc_caller_refuses_what_is_not_a_grpc_call() {
     );
     kg.shutdown().await;
     drop(redis);
+}
+
+#[tokio::test]
+async fn the_envoy_configs_are_envoy_v3_bootstraps() {
+    if !client_available().await {
+        return;
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = tokio::process::Command::new("python3")
+        .arg(format!("{root}/tests/envoy_config_check.py"))
+        .arg(format!("{root}/deploy/authz/envoy-grpc.yaml"))
+        .arg(format!("{root}/deploy/authz/envoy-http.yaml"))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Both files are read, and both name keygate's decision endpoint.
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(said.lines().count(), 2, "{said}");
+    for file in ["envoy-grpc.yaml", "envoy-http.yaml"] {
+        let text = std::fs::read_to_string(format!("{root}/deploy/authz/{file}")).unwrap();
+        assert!(text.contains("port_value: 9191"), "{file}");
+    }
 }
