@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 
 /// The longest request message keygate reads: 1 MiB. A `CheckRequest` carries the original
 /// request's head (and its body only when Envoy is configured to send it, which keygate does
@@ -93,11 +93,18 @@ pub fn content_type(content_type: Option<&HeaderValue>) -> Option<bool> {
     }
 }
 
-/// Reads the request's one message, within [`READ_DEADLINE`]: its bytes, or the failure that
-/// refuses the call. Stops reading at the first fault, so an oversized or compressed message
-/// is never buffered.
-pub async fn read_message(headers: &HeaderMap, body: Incoming) -> Result<Bytes, Failure> {
-    match tokio::time::timeout(READ_DEADLINE, read(headers, body)).await {
+/// Reads the request's one message, within `deadline` ([`READ_DEADLINE`]): its bytes, or the
+/// failure that refuses the call. Stops reading at the first fault: a message declared
+/// oversized or compressed is not read at all, and no body is buffered past the bound.
+pub async fn read_message<B>(
+    headers: &HeaderMap,
+    body: B,
+    deadline: std::time::Duration,
+) -> Result<Bytes, Failure>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    match tokio::time::timeout(deadline, read(headers, body)).await {
         Ok(read) => read,
         Err(_) => Err(Failure::new(
             Code::DeadlineExceeded,
@@ -106,7 +113,10 @@ pub async fn read_message(headers: &HeaderMap, body: Incoming) -> Result<Bytes, 
     }
 }
 
-async fn read(headers: &HeaderMap, mut body: Incoming) -> Result<Bytes, Failure> {
+async fn read<B>(headers: &HeaderMap, mut body: B) -> Result<Bytes, Failure>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
     let named_encoding = headers
         .get(&GRPC_ENCODING)
         .is_some_and(|e| e.as_bytes() != b"identity");
@@ -271,6 +281,7 @@ impl Body for GrpcBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::convert::Infallible;
 
     fn framed(flag: u8, msg: &[u8]) -> Bytes {
         let mut b = vec![flag];
@@ -318,6 +329,82 @@ mod tests {
         let mut at_max = vec![0];
         at_max.extend_from_slice(&(MAX_MESSAGE as u32).to_be_bytes());
         assert_eq!(check_prefix(&at_max, false), Ok(()));
+    }
+
+    /// A body of `chunks`, as the connection hands them over.
+    fn body(chunks: Vec<Vec<u8>>) -> impl Body<Data = Bytes, Error = Infallible> + Unpin {
+        let frames = chunks
+            .into_iter()
+            .map(|c| Ok::<_, Infallible>(Frame::data(Bytes::from(c))));
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    /// A body whose first frame never comes.
+    struct Stalled;
+
+    impl Body for Stalled {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Poll::Pending
+        }
+    }
+
+    async fn read_chunks(chunks: Vec<Vec<u8>>) -> Result<Bytes, Failure> {
+        read_message(&HeaderMap::new(), body(chunks), READ_DEADLINE).await
+    }
+
+    #[tokio::test]
+    async fn a_message_split_anywhere_is_read_whole() {
+        let msg = framed(0, b"hello world").to_vec();
+        for at in 0..=msg.len() {
+            let (a, b) = msg.split_at(at);
+            let read = read_chunks(vec![a.to_vec(), b.to_vec()]).await;
+            assert_eq!(read.unwrap(), &b"hello world"[..], "split at {at}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_past_the_bound_is_refused_as_it_arrives() {
+        // The prefix declares a message within the bound, but more follows.
+        let mut first = framed(0, &[0x0a; 16]).to_vec();
+        first.truncate(PREFIX);
+        first[1..5].copy_from_slice(&(MAX_MESSAGE as u32).to_be_bytes());
+        let chunk = vec![0x0au8; 64 * 1024];
+        let mut chunks = vec![first];
+        chunks.extend(std::iter::repeat_n(chunk, MAX_MESSAGE / (64 * 1024) + 1));
+        let read = read_chunks(chunks).await;
+        assert_eq!(read.unwrap_err().code, Code::ResourceExhausted);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_message_is_refused_at_the_deadline() {
+        let deadline = std::time::Duration::from_millis(20);
+        let read = read_message(&HeaderMap::new(), Stalled, deadline).await;
+        assert_eq!(read.unwrap_err().code, Code::DeadlineExceeded);
+    }
+
+    #[tokio::test]
+    async fn a_named_encoding_makes_a_compressed_message_unimplemented() {
+        let mut headers = HeaderMap::new();
+        headers.insert(&GRPC_ENCODING, HeaderValue::from_static("gzip"));
+        let read = read_message(
+            &headers,
+            body(vec![framed(1, b"x").to_vec()]),
+            READ_DEADLINE,
+        );
+        assert_eq!(read.await.unwrap_err().code, Code::Unimplemented);
+        headers.insert(&GRPC_ENCODING, HeaderValue::from_static("identity"));
+        let read = read_message(
+            &headers,
+            body(vec![framed(1, b"x").to_vec()]),
+            READ_DEADLINE,
+        );
+        assert_eq!(read.await.unwrap_err().code, Code::Internal);
     }
 
     #[test]

@@ -76,7 +76,7 @@ pub async fn check(app: &App, req: Request<Incoming>, peer: &Peer) -> Response<G
             "only envoy.service.auth.v3.Authorization/Check is served",
         ));
     }
-    let message = match grpc::read_message(&parts.headers, body).await {
+    let message = match grpc::read_message(&parts.headers, body, grpc::READ_DEADLINE).await {
         Ok(m) => m,
         Err(failure) => return refused(failure),
     };
