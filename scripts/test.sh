@@ -117,6 +117,35 @@ if ! command -v umoci >/dev/null 2>&1; then
     fi
 fi
 
+# The gRPC ext_authz test (tests/authz_grpc.rs) calls the decision endpoint with a client built
+# from Envoy's own v3 protos, and reads deploy/authz/envoy-*.yaml as Envoy configs: grpcio,
+# xds-protos and PyYAML, pinned (pip), installed here when missing.
+GRPCIO_VERSION=1.85.1
+XDS_PROTOS_VERSION=1.85.0
+PYYAML_VERSION=6.0.3
+installed_grpc_client() {
+    python3 - "$GRPCIO_VERSION" "$XDS_PROTOS_VERSION" "$PYYAML_VERSION" 2>/dev/null <<'PY'
+import sys
+from importlib.metadata import version
+import envoy.service.auth.v3.external_auth_pb2_grpc  # noqa: F401
+import yaml  # noqa: F401
+want = tuple(sys.argv[1:4])
+sys.exit(0 if (version("grpcio"), version("xds-protos"), version("PyYAML")) == want else 1)
+PY
+}
+if ! installed_grpc_client; then
+    echo "test.sh: installing grpcio, xds-protos and PyYAML (pip) for the gRPC ext_authz test" >&2
+    if ! { command -v python3 >/dev/null 2>&1 &&
+        python3 -m pip install --quiet --disable-pip-version-check \
+            "grpcio==$GRPCIO_VERSION" "xds-protos==$XDS_PROTOS_VERSION" \
+            "PyYAML==$PYYAML_VERSION" >&2 &&
+        installed_grpc_client; }; then
+        echo "test.sh: cannot install the gRPC client; install it with:" >&2
+        echo "    python3 -m pip install grpcio==$GRPCIO_VERSION xds-protos==$XDS_PROTOS_VERSION PyYAML==$PYYAML_VERSION" >&2
+        echo "test.sh: without it the gRPC ext_authz test is skipped, and fails under CI=true" >&2
+    fi
+fi
+
 if [ "${CI:-}" = "true" ]; then
     # A clean clone builds once: incremental state would only double the disk the build needs.
     export CARGO_INCREMENTAL=0

@@ -147,8 +147,8 @@ pub(super) struct ServeArgs {
     /// (server.authz_listen; off unless set).
     #[arg(long, value_name = "ADDR")]
     pub(super) authz_listen: Option<String>,
-    /// How the decision endpoint's caller names the request it checks: request (Envoy),
-    /// nginx, or forward_auth (Traefik, Caddy) (server.authz_caller).
+    /// How the decision endpoint's caller names the request it checks: request (Envoy HTTP),
+    /// grpc (Envoy gRPC, Istio), nginx, or forward_auth (Traefik, Caddy) (server.authz_caller).
     #[arg(long, value_name = "CALLER")]
     pub(super) authz_caller: Option<String>,
     /// The upstream every authenticated request goes to (upstream.url).

@@ -80,7 +80,7 @@ fn serve(config: &Config) -> Result<Settings, ConfigError> {
         field_err(
             "server.authz_caller",
             format!(
-                "{:?}: expected \"request\" (Envoy), \"nginx\" or \"forward_auth\" (Traefik, Caddy)",
+                "{:?}: expected \"request\" (Envoy HTTP), \"grpc\" (Envoy gRPC, Istio), \"nginx\" or \"forward_auth\" (Traefik, Caddy)",
                 s.authz_caller
             ),
         )

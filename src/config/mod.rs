@@ -172,7 +172,9 @@ pub struct ServerConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authz_listen: Option<String>,
     /// How the decision endpoint's caller names the request it asks about: `request` (the
-    /// check request is the original: Envoy's HTTP `ext_authz`), `nginx` (`X-Original-Method`,
+    /// check request is the original: Envoy's HTTP `ext_authz`), `grpc` (Envoy's gRPC
+    /// `ext_authz` and Istio's `envoyExtAuthzGrpc`: the endpoint answers
+    /// `envoy.service.auth.v3.Authorization/Check` only), `nginx` (`X-Original-Method`,
     /// `X-Original-URI`) or `forward_auth` (Traefik, Caddy: `X-Forwarded-Method`, `-Uri`,
     /// `-Host`).
     pub authz_caller: String,

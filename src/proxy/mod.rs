@@ -53,6 +53,7 @@ use crate::{auth, policy};
 use access_log::AccessLog;
 
 pub mod access_log;
+pub mod ext_authz;
 pub mod forwarded;
 pub mod headers;
 mod hop;
@@ -109,10 +110,25 @@ pub async fn handle(app: &App, mut req: Request<Incoming>, peer: &Peer) -> Respo
     cx.log(outcome)
 }
 
-/// The decision endpoint (`server.authz_listen`): the phases up to `authorize`, on the request
-/// a gateway asks about (read by its `caller`'s convention, `original.rs`), then `answer`
-/// instead of `rewrite` and `forward`: `200` with the identity headers for the gateway to set
-/// upstream, or the refusal for the gateway to pass back to its client. `log` is the proxy's.
+/// The decision endpoint (`server.authz_listen`): a check request, answered in its caller's
+/// protocol: gRPC for `grpc` (`ext_authz/`), plain HTTP for the others ([`decide`]).
+pub async fn authz(
+    app: &App,
+    req: Request<Incoming>,
+    peer: &Peer,
+    caller: Caller,
+) -> Response<AuthzBody> {
+    match caller {
+        Caller::Grpc => ext_authz::check(app, req, peer).await.map(Either::Right),
+        _ => decide(app, req, peer, caller).await.map(Either::Left),
+    }
+}
+
+/// The body of every decision endpoint response: an HTTP decision's, or a gRPC answer's.
+pub type AuthzBody = Either<ProxyBody, ext_authz::GrpcBody>;
+
+/// The decision endpoint over HTTP: the check request names the original request by its
+/// `caller`'s convention (`original.rs`), and [`decide_original`] decides on that.
 /// The check request's body, if any, is never read.
 pub async fn decide(
     app: &App,
@@ -122,7 +138,20 @@ pub async fn decide(
 ) -> Response<ProxyBody> {
     let (mut parts, _) = req.into_parts();
     let named = original::original(caller, &mut parts);
-    let mut req = Request::from_parts(parts, ());
+    decide_original(app, Request::from_parts(parts, ()), named, peer, caller).await
+}
+
+/// The decision on an original request, whichever caller named it (`named`: whether it could
+/// be read): the phases up to `authorize`, then `answer` instead of `rewrite` and `forward`:
+/// `200` with the identity headers for the gateway to set upstream, or the refusal for the
+/// gateway to pass back to its client. `log` is the proxy's, with `mode="authz"`.
+async fn decide_original(
+    app: &App,
+    mut req: Request<()>,
+    named: Result<(), Rejection>,
+    peer: &Peer,
+    caller: Caller,
+) -> Response<ProxyBody> {
     let mut cx = Context::new(app, peer, &req, Mode::Authz);
     let span = cx.span.clone();
     let outcome = async {
@@ -330,7 +359,7 @@ impl<'a> Context<'a> {
 
     /// **answer** (the decision endpoint's last phase): `200` with the identity headers, which
     /// the gateway sets on the request it forwards (replacing any the client sent). For a
-    /// caller that sends the request itself (Envoy), `x-envoy-auth-headers-to-remove` also
+    /// caller that forwards the request itself (Envoy), `x-envoy-auth-headers-to-remove` also
     /// names `Authorization` and every client header in the identity namespace, so the
     /// upstream sees neither the key nor a spoofed identity.
     fn answer(
@@ -344,7 +373,7 @@ impl<'a> Context<'a> {
         if let Some(identity) = identity {
             headers::insert_identity(headers, identity, &self.app.identity);
         }
-        if caller == Caller::Request {
+        if caller.sends_request() {
             if let Some(names) = headers::to_remove(req.headers(), &self.app.identity) {
                 headers.insert(X_ENVOY_AUTH_HEADERS_TO_REMOVE.clone(), names);
             }

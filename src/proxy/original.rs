@@ -7,6 +7,9 @@
 //!   `X-Original-URI`, and `Host` (`proxy_set_header Host $host`).
 //! - `forward_auth` (Traefik `ForwardAuth`, Caddy `forward_auth`): `X-Forwarded-Method`,
 //!   `X-Forwarded-Uri` and `X-Forwarded-Host`, which those gateways always set themselves.
+//! - `grpc` (Envoy's gRPC `ext_authz`, Istio's `envoyExtAuthzGrpc`): the original is described
+//!   field by field in the `CheckRequest` (`ext_authz/`), and its head, once built from those
+//!   fields, is read as `request` reads a check request.
 //!
 //! Invariant: the original request is read from headers the gateway sets itself, never from
 //! headers a client could have sent through it. That is why the caller is configured rather
@@ -32,6 +35,10 @@ pub enum Caller {
     Nginx,
     /// Traefik and Caddy forward auth: `X-Forwarded-Method`, `-Uri`, `-Host`.
     ForwardAuth,
+    /// Envoy's gRPC `ext_authz` (and Istio's `envoyExtAuthzGrpc`): the
+    /// `envoy.service.auth.v3.Authorization/Check` call, whose `CheckRequest` describes the
+    /// original. The endpoint then answers that gRPC service and nothing else.
+    Grpc,
 }
 
 impl Caller {
@@ -41,6 +48,7 @@ impl Caller {
             "request" | "envoy" => Some(Caller::Request),
             "nginx" => Some(Caller::Nginx),
             "forward_auth" | "traefik" | "caddy" => Some(Caller::ForwardAuth),
+            "grpc" | "envoy_grpc" | "istio" => Some(Caller::Grpc),
             _ => None,
         }
     }
@@ -51,7 +59,14 @@ impl Caller {
             Caller::Request => "request",
             Caller::Nginx => "nginx",
             Caller::ForwardAuth => "forward_auth",
+            Caller::Grpc => "grpc",
         }
+    }
+
+    /// Whether the gateway forwards the very request it asked about, and so is told which of
+    /// its headers to remove (Envoy, over HTTP or gRPC).
+    pub fn sends_request(self) -> bool {
+        matches!(self, Caller::Request | Caller::Grpc)
     }
 }
 
@@ -74,8 +89,10 @@ pub fn original(caller: Caller, parts: &mut Parts) -> Result<(), Rejection> {
         headers.contains_key(&X_FORWARDED_METHOD) || headers.contains_key(&X_FORWARDED_URI),
     );
     let (method, uri, host) = match caller {
-        Caller::Request if nginx || forward => return Err(Rejection::InvalidOriginalRequest),
-        Caller::Request => return Ok(()),
+        Caller::Request | Caller::Grpc if nginx || forward => {
+            return Err(Rejection::InvalidOriginalRequest)
+        }
+        Caller::Request | Caller::Grpc => return Ok(()),
         Caller::Nginx if forward => return Err(Rejection::InvalidOriginalRequest),
         Caller::Nginx => (&X_ORIGINAL_METHOD, &X_ORIGINAL_URI, None),
         Caller::ForwardAuth if nginx => return Err(Rejection::InvalidOriginalRequest),
@@ -112,7 +129,7 @@ fn one<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Result<&'h HeaderValue,
 
 /// An origin-form request target (`/path?query`); anything else names no request of this
 /// host. Its path is normalised later, as the proxy normalises a request's.
-fn origin_form(v: &HeaderValue) -> Result<Uri, Rejection> {
+pub(super) fn origin_form(v: &HeaderValue) -> Result<Uri, Rejection> {
     let b = v.as_bytes();
     if b.len() > MAX_URI || b.first() != Some(&b'/') || b.starts_with(b"//") {
         return Err(Rejection::InvalidPath);
@@ -186,6 +203,8 @@ mod tests {
         let cases: &[(Caller, &[(&str, &str)])] = &[
             (Caller::Request, &[("x-original-uri", "/public")]),
             (Caller::Request, &[("x-forwarded-method", "GET")]),
+            (Caller::Grpc, &[("x-original-uri", "/public")]),
+            (Caller::Grpc, &[("x-forwarded-uri", "/public")]),
             (
                 Caller::Nginx,
                 &[
@@ -266,6 +285,9 @@ mod tests {
             ("forward_auth", Caller::ForwardAuth),
             ("traefik", Caller::ForwardAuth),
             ("caddy", Caller::ForwardAuth),
+            ("grpc", Caller::Grpc),
+            ("envoy_grpc", Caller::Grpc),
+            ("istio", Caller::Grpc),
         ] {
             assert_eq!(Caller::parse(name), Some(caller));
         }

@@ -768,7 +768,7 @@ fn proxy_worker(
                     let in_flight = activity.begin(req.version());
                     let unanswered = Unanswered::new(app.metrics.requests_abandoned.clone());
                     async move {
-                        let resp = proxy::decide(&app, req, &peer, caller).await;
+                        let resp = proxy::authz(&app, req, &peer, caller).await;
                         unanswered.answered();
                         Ok::<_, Infallible>(connection::respond(resp, in_flight))
                     }
