@@ -364,6 +364,10 @@ impl Server {
         tracing::info!(
             listen = %proxy[0].local_addr().map(|a| a.to_string()).unwrap_or_default(),
             admin = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            authz = %authz
+                .as_ref()
+                .and_then(|(l, _)| l[0].local_addr().ok())
+                .map_or_else(|| "off".to_owned(), |a| a.to_string()),
             workers = proxy.len(),
             "keygate serving"
         );
