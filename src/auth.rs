@@ -2,8 +2,6 @@
 //! and ask the verifier about it. A plain function of the headers, so it can be read and
 //! tested without a server.
 
-use std::sync::Arc;
-
 use http::header::AUTHORIZATION;
 use http::HeaderMap;
 
@@ -61,7 +59,7 @@ pub async fn check(
     verifier: &Verifier,
     headers: &HeaderMap,
     now: u64,
-) -> Result<Arc<Identity>, Rejection> {
+) -> Result<Identity, Rejection> {
     verify(verifier, bearer_token(headers)?.digest(), now).await
 }
 
@@ -72,7 +70,7 @@ pub async fn verify(
     verifier: &Verifier,
     digest: KeyDigest,
     now: u64,
-) -> Result<Arc<Identity>, Rejection> {
+) -> Result<Identity, Rejection> {
     verifier.verify(digest, now).await.map_err(|e| match e {
         VerifyError::Unknown => Rejection::UnknownKey,
         VerifyError::Expired => Rejection::KeyExpired,

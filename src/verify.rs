@@ -24,8 +24,10 @@ use crate::key::KeyDigest;
 use crate::metrics::Metrics;
 use crate::store::{now_unix, InvalidationSink, Store, StoreError};
 
+mod last_noted;
 pub mod live;
 
+use last_noted::LastNoted;
 use live::{Held, Live};
 
 /// Validated cache settings.
@@ -41,13 +43,22 @@ pub struct CacheSettings {
     pub trust_while_unsubscribed: Duration,
 }
 
-/// What the cache knows of a digest.
+/// What the cache knows of a digest: 32 bytes (the refusal sits beside the niche of the
+/// identity's buffer), so that an entry is 40.
 #[derive(Clone, Debug)]
 enum Verdict {
     /// A key that is not revoked (it may have expired since).
-    Known(Arc<Identity>),
+    Known(Identity),
+    /// A key refused whatever the time.
+    Refused(Refusal),
+}
+
+/// Why a verdict refuses a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refusal {
     /// A revoked key. Final: no operation un-revokes a key.
     Revoked,
+    /// No such key.
     Unknown,
 }
 
@@ -63,7 +74,7 @@ impl Entry {
     /// its stripe, and no flush, came after its store read began; a revoked verdict always
     /// (it is final, so it cannot be stale).
     fn usable(&self, now: Stamp) -> bool {
-        matches!(self.verdict, Verdict::Revoked) || self.stamp == now
+        matches!(self.verdict, Verdict::Refused(Refusal::Revoked)) || self.stamp == now
     }
 }
 
@@ -89,9 +100,9 @@ struct VerdictExpiry {
 impl Expiry<KeyDigest, Entry> for VerdictExpiry {
     fn expire_after_create(&self, _: &KeyDigest, e: &Entry, _: Instant) -> Option<Duration> {
         Some(match &e.verdict {
-            Verdict::Unknown => self.negative_ttl,
-            Verdict::Revoked => self.ttl,
-            Verdict::Known(id) => match id.expires_at {
+            Verdict::Refused(Refusal::Unknown) => self.negative_ttl,
+            Verdict::Refused(Refusal::Revoked) => self.ttl,
+            Verdict::Known(id) => match id.expires_at() {
                 // Until the expiry the verdict is "valid"; after it, "expired" stays true.
                 Some(exp) => {
                     let left = exp.saturating_sub(now_unix());
@@ -115,11 +126,19 @@ struct Generations {
     epoch: AtomicU64,
 }
 
-/// The generations a cache fill saw before reading the store.
+/// The generations a cache fill saw before reading the store, their low 32 bits (an entry is
+/// 8 bytes smaller than with the whole counters).
+///
+/// Wrap-around is harmless: a stale entry would pass `Entry::usable` only if its stripe (or
+/// the epoch) had moved on by exactly a multiple of 2^32 since its fill, that is after
+/// 4,294,967,296 invalidations of the keys of one stripe (one digest in 16,384), or as many
+/// whole-cache flushes, all within the entry's life (at most `cache.ttl`), with no request
+/// reading the entry in between (the first request after the first of them discards it). At
+/// a million invalidations per second, all of them in that one stripe, that takes 71 minutes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Stamp {
-    stripe: u64,
-    epoch: u64,
+    stripe: u32,
+    epoch: u32,
 }
 
 const STRIPES: usize = 16_384;
@@ -139,8 +158,8 @@ impl Generations {
 
     fn stamp(&self, d: &KeyDigest) -> Stamp {
         Stamp {
-            stripe: self.slot(d).load(Ordering::SeqCst),
-            epoch: self.epoch.load(Ordering::SeqCst),
+            stripe: self.slot(d).load(Ordering::SeqCst) as u32,
+            epoch: self.epoch.load(Ordering::SeqCst) as u32,
         }
     }
 }
@@ -218,6 +237,8 @@ struct Usage {
     tx: tokio::sync::mpsc::Sender<(KeyDigest, u64)>,
     rx: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<(KeyDigest, u64)>>>,
     interval: Duration,
+    /// When each key last queued a note.
+    noted: LastNoted,
 }
 
 /// Cache plus store: answers "is this key good, and whose is it?".
@@ -258,6 +279,7 @@ impl Verifier {
                 tx,
                 rx: std::sync::Mutex::new(Some(rx)),
                 interval: DEFAULT_LAST_USED_INTERVAL,
+                noted: LastNoted::new(),
             },
             cache,
             store,
@@ -357,18 +379,15 @@ impl Verifier {
         });
     }
 
-    /// Queues a last-used note for a verified key, at most once per key per interval. Never
-    /// waits: a full queue drops the note.
-    fn note_use(&self, id: &Identity, digest: KeyDigest, now: u64) {
-        let last = id.last_noted.load(Ordering::Relaxed);
-        if now < last.saturating_add(self.usage.interval.as_secs()) {
-            return;
-        }
+    /// Queues a last-used note for a verified key, at most once per key per interval (see
+    /// [`LastNoted`] for what keys sharing its table change). Never waits: a full queue drops
+    /// the note.
+    fn note_use(&self, digest: KeyDigest, now: u64) {
         // One winner per interval among concurrent requests with this key.
-        if id
-            .last_noted
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
+        if self
+            .usage
+            .noted
+            .claim(&digest, now, self.usage.interval.as_secs())
             && self.usage.tx.try_send((digest, now)).is_err()
         {
             self.metrics.last_used_dropped.inc();
@@ -386,29 +405,29 @@ impl Verifier {
     }
 
     /// Verifies a key by digest at time `now` (Unix seconds).
-    pub async fn verify(&self, digest: KeyDigest, now: u64) -> Result<Arc<Identity>, VerifyError> {
+    pub async fn verify(&self, digest: KeyDigest, now: u64) -> Result<Identity, VerifyError> {
         let verdict = if self.link.trusted() {
             self.cached(digest).await?
         } else if let Some(Entry {
-            verdict: Verdict::Revoked,
+            verdict: Verdict::Refused(Refusal::Revoked),
             ..
         }) = self.cache.get(&digest).await
         {
             // Final, so still true however many invalidations were missed.
-            Verdict::Revoked
+            Verdict::Refused(Refusal::Revoked)
         } else {
             // Invalidations may have been missed: every request asks the store.
             self.metrics.unsynced_lookups.inc();
             self.lookup(digest).await.map_err(store_error)?.verdict
         };
         match verdict {
-            Verdict::Unknown => Err(VerifyError::Unknown),
-            Verdict::Revoked => Err(VerifyError::Revoked),
-            Verdict::Known(id) if id.expires_at.is_some_and(|e| now >= e) => {
+            Verdict::Refused(Refusal::Unknown) => Err(VerifyError::Unknown),
+            Verdict::Refused(Refusal::Revoked) => Err(VerifyError::Revoked),
+            Verdict::Known(id) if id.expires_at().is_some_and(|e| now >= e) => {
                 Err(VerifyError::Expired)
             }
             Verdict::Known(id) => {
-                self.note_use(&id, digest, now);
+                self.note_use(digest, now);
                 Ok(id)
             }
         }
@@ -442,7 +461,7 @@ impl Verifier {
             if entry.usable(now) {
                 if hit {
                     self.metrics.cache_hits.inc();
-                    if matches!(entry.verdict, Verdict::Unknown) {
+                    if matches!(entry.verdict, Verdict::Refused(Refusal::Unknown)) {
                         self.metrics.cache_negative_hits.inc();
                     }
                 }
@@ -469,9 +488,9 @@ impl Verifier {
         let found = self.store.lookup(&digest).await;
         self.metrics.store_lookup(started.elapsed(), found.is_ok());
         let verdict = match found? {
-            None => Verdict::Unknown,
-            Some(record) if record.revoked_at.is_some() => Verdict::Revoked,
-            Some(record) => Verdict::Known(Arc::new(Identity::from_record(&record)?)),
+            None => Verdict::Refused(Refusal::Unknown),
+            Some(record) if record.revoked_at.is_some() => Verdict::Refused(Refusal::Revoked),
+            Some(record) => Verdict::Known(Identity::from_record(&record)?),
         };
         Ok(Entry { verdict, stamp })
     }
@@ -509,7 +528,7 @@ impl InvalidationSink for Verifier {
         // store nothing. Cached *before* the bump, so that no request finds the stripe bumped
         // over the old entry (which it would discard and refill from the store).
         let revoked = || Entry {
-            verdict: Verdict::Revoked,
+            verdict: Verdict::Refused(Refusal::Revoked),
             stamp: self.generations.stamp(digest),
         };
         self.cache.insert(*digest, revoked()).await;
@@ -839,6 +858,13 @@ mod tests {
     }
 
     #[test]
+    fn a_cached_entry_is_forty_bytes() {
+        // A cached verdict is this moka value and the identity's one buffer.
+        assert_eq!(std::mem::size_of::<Verdict>(), 32);
+        assert_eq!(std::mem::size_of::<Entry>(), 40);
+    }
+
+    #[test]
     fn known_entries_never_outlive_the_key() {
         let exp = VerdictExpiry {
             ttl: Duration::from_secs(3600),
@@ -847,15 +873,15 @@ mod tests {
         let k = generate(KeyKind::User);
         let id = Identity::from_record(&record(k.digest, Some(now_unix() + 10))).unwrap();
         let life = exp
-            .expire_after_create(
-                &k.digest,
-                &entry(Verdict::Known(Arc::new(id))),
-                Instant::now(),
-            )
+            .expire_after_create(&k.digest, &entry(Verdict::Known(id)), Instant::now())
             .unwrap();
         assert!(life <= Duration::from_secs(10), "{life:?}");
         let life = exp
-            .expire_after_create(&k.digest, &entry(Verdict::Unknown), Instant::now())
+            .expire_after_create(
+                &k.digest,
+                &entry(Verdict::Refused(Refusal::Unknown)),
+                Instant::now(),
+            )
             .unwrap();
         assert_eq!(life, Duration::from_secs(5));
     }

@@ -55,7 +55,7 @@ pub struct Line {
     /// The route that took the request.
     pub route: RouteName,
     /// The verified key's identity (key id and tenant), once `verify` found the key live.
-    pub identity: Option<Arc<Identity>>,
+    pub identity: Option<Identity>,
     /// `allowed` or the refusal's code.
     pub outcome: &'static str,
     /// The request's method.

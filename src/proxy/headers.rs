@@ -277,7 +277,7 @@ pub(super) fn insert_identity(
     headers.insert(ids.subject.clone(), identity.header(Part::Subject));
     headers.insert(
         ids.subject_kind.clone(),
-        HeaderValue::from_static(identity.kind.as_str()),
+        HeaderValue::from_static(identity.kind().as_str()),
     );
 }
 

@@ -94,7 +94,7 @@ pub async fn handle(app: &App, mut req: Request<Incoming>, peer: &Peer) -> Respo
         } else {
             None
         };
-        cx.rewrite(&mut req, route, host, key.as_ref().map(|(_, id)| &**id));
+        cx.rewrite(&mut req, route, host, key.as_ref().map(|(_, id)| id));
         let resp = match upgrade {
             None => cx.forward(route, req).await?,
             Some(upgrade) => {
@@ -165,7 +165,7 @@ async fn decide_original(
         } else {
             None
         };
-        Ok(cx.answer(&req, caller, identity.as_deref()))
+        Ok(cx.answer(&req, caller, identity.as_ref()))
     }
     .instrument(span)
     .await;
@@ -192,7 +192,7 @@ struct Context<'a> {
     /// How long the upstream took, once `forward` ran.
     upstream_time: Option<Duration>,
     /// The live key's identity, once `verify` found it (for the access log line).
-    identity: Option<Arc<Identity>>,
+    identity: Option<Identity>,
     /// The client headers `rewrite` removed.
     removed: Removed,
 }
@@ -263,7 +263,7 @@ impl<'a> Context<'a> {
     /// **verify**: the live key's identity. This is where a revoked key is refused, as are
     /// unknown and expired keys (from the cache, else the store); a store that cannot answer
     /// fails closed.
-    async fn verify(&mut self, digest: KeyDigest) -> Result<Arc<Identity>, Rejection> {
+    async fn verify(&mut self, digest: KeyDigest) -> Result<Identity, Rejection> {
         let identity = auth::verify(&self.app.verifier, digest, now_unix()).await?;
         if self.app.access_log.is_some() {
             self.identity = Some(identity.clone());

@@ -127,7 +127,7 @@ pub(super) async fn forward(
         Some(digest) => {
             let held = verifier.hold(digest);
             let identity = auth::verify(verifier, digest, now_unix()).await?;
-            held.set_expiry(identity.expires_at);
+            held.set_expiry(identity.expires_at());
             Some(held)
         }
         None => None,

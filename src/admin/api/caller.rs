@@ -7,8 +7,6 @@
 //! every tenant's if its tenant is the operator tenant; the handlers report others' records
 //! absent (`404`), and refuse (`403`) a list of or a write into a tenant it may not see.
 
-use std::sync::Arc;
-
 use http::HeaderMap;
 
 use super::error::Failure;
@@ -21,7 +19,7 @@ use crate::store::Store;
 
 /// An authenticated caller.
 pub(super) struct Caller {
-    identity: Arc<Identity>,
+    identity: Identity,
     /// Its keys belong to the operator tenant: it manages every tenant.
     operator: bool,
 }
@@ -37,7 +35,7 @@ impl Caller {
         Ok(Caller::new(identity, &admin.operator_tenant))
     }
 
-    fn new(identity: Arc<Identity>, operator_tenant: &str) -> Caller {
+    fn new(identity: Identity, operator_tenant: &str) -> Caller {
         Caller {
             operator: identity.tenant() == operator_tenant,
             identity,
@@ -116,7 +114,7 @@ mod tests {
             ..KeyRecord::example(KeyDigest([0; 32]))
         })
         .unwrap();
-        Caller::new(Arc::new(identity), "keygate")
+        Caller::new(identity, "keygate")
     }
 
     fn refused<T>(r: Result<T, Failure>) -> bool {

@@ -49,11 +49,11 @@ impl FormatTime for Stopped {
     }
 }
 
-fn identity(key_id: &str, tenant: &str) -> Arc<Identity> {
+fn identity(key_id: &str, tenant: &str) -> Identity {
     let mut record = KeyRecord::example(KeyDigest([7; 32]));
     record.id = key_id.into();
     record.tenant = tenant.into();
-    Arc::new(Identity::from_record(&record).unwrap())
+    Identity::from_record(&record).unwrap()
 }
 
 /// What `tracing`'s fmt subscriber writes for the access event as the request path emitted it
@@ -105,7 +105,7 @@ fn formatted(format: Format, line: &Line, routes: &[Box<str>]) -> String {
     String::from_utf8(out).unwrap()
 }
 
-fn line(request_id: &str, route: u32, identity: Option<Arc<Identity>>) -> Line {
+fn line(request_id: &str, route: u32, identity: Option<Identity>) -> Line {
     Line {
         at: UNIX_EPOCH + Duration::new(1_764_648_000, 123_456_789),
         request_id: HeaderValue::from_str(request_id).unwrap(),
