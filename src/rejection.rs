@@ -104,13 +104,17 @@ pub enum Rejection {
     /// it refused keygate's): answered like [`Rejection::UpstreamUnavailable`] (the client
     /// can do nothing about it), counted apart for the operator, who can.
     UpstreamTls,
+    /// The decision endpoint could not tell which request it is asked about: the configured
+    /// caller's headers naming it are missing or repeated, or another gateway's are present
+    /// (see `proxy/original.rs`).
+    InvalidOriginalRequest,
 }
 
 const REALM: &str = "Bearer realm=\"keygate\"";
 
 impl Rejection {
     /// Every refusal, in declaration order (its index is its discriminant).
-    pub(crate) const ALL: [Rejection; 16] = [
+    pub(crate) const ALL: [Rejection; 17] = [
         Rejection::MissingCredentials,
         Rejection::InvalidRequest,
         Rejection::MalformedKey,
@@ -127,6 +131,7 @@ impl Rejection {
         Rejection::InvalidHeader,
         Rejection::InvalidHost,
         Rejection::UpstreamTls,
+        Rejection::InvalidOriginalRequest,
     ];
 
     /// The stable error code of the JSON body and of the `outcome` metric label.
@@ -146,6 +151,7 @@ impl Rejection {
             Rejection::InvalidBody => "invalid_body",
             Rejection::InvalidHeader => "invalid_header",
             Rejection::InvalidHost => "invalid_host",
+            Rejection::InvalidOriginalRequest => "invalid_original_request",
         }
     }
 
@@ -164,9 +170,10 @@ impl Rejection {
             Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Rejection::InvalidPath => StatusCode::BAD_REQUEST,
             Rejection::NoRoute => StatusCode::NOT_FOUND,
-            Rejection::InvalidBody | Rejection::InvalidHeader | Rejection::InvalidHost => {
-                StatusCode::BAD_REQUEST
-            }
+            Rejection::InvalidBody
+            | Rejection::InvalidHeader
+            | Rejection::InvalidHost
+            | Rejection::InvalidOriginalRequest => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -191,6 +198,9 @@ impl Rejection {
             Rejection::InvalidHeader => "header names with '_' are refused: spell them with '-'",
             Rejection::InvalidHost => {
                 "send exactly one valid Host header, naming the host of the request target"
+            }
+            Rejection::InvalidOriginalRequest => {
+                "the authorizer cannot tell which request to check: the gateway's headers naming it are missing or repeated, or another gateway's are present"
             }
         }
     }
@@ -240,7 +250,7 @@ impl Rejection {
 mod tests {
     use super::*;
 
-    const ALL: [Rejection; 16] = Rejection::ALL;
+    const ALL: [Rejection; 17] = Rejection::ALL;
 
     #[test]
     fn all_is_in_declaration_order() {

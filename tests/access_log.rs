@@ -19,6 +19,8 @@ struct Serve {
     child: Child,
     proxy: SocketAddr,
     admin: SocketAddr,
+    /// The decision endpoint's line of `keygate serving` (`off` unless configured).
+    authz: String,
     lines: mpsc::Receiver<String>,
     /// Dropping it (or sending on it) lets a held reader read on.
     resume: Option<mpsc::Sender<()>>,
@@ -86,7 +88,7 @@ impl Serve {
         });
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut seen = Vec::new();
-        let (proxy, admin) = loop {
+        let (proxy, admin, authz) = loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match lines.recv_timeout(left) {
                 Ok(line) => line,
@@ -96,7 +98,11 @@ impl Serve {
                 }
             };
             if line.contains("keygate serving") {
-                break (field(&line, "listen"), field(&line, "admin"));
+                break (
+                    field(&line, "listen"),
+                    field(&line, "admin"),
+                    text_field(&line, "authz"),
+                );
             }
             seen.push(line);
         };
@@ -104,6 +110,7 @@ impl Serve {
             child,
             proxy,
             admin,
+            authz,
             lines,
             resume: Some(resume),
             key: created["key"].as_str().unwrap().to_owned(),
@@ -177,11 +184,16 @@ impl Drop for Serve {
 
 /// The address after `name=` in a text line, or in a JSON line's `fields`.
 fn field(line: &str, name: &str) -> SocketAddr {
+    text_field(line, name).parse().unwrap()
+}
+
+/// The value after `name=` in a text line, or in a JSON line's `fields`.
+fn text_field(line: &str, name: &str) -> String {
     if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
-        return v["fields"][name].as_str().unwrap().parse().unwrap();
+        return v["fields"][name].as_str().unwrap().to_owned();
     }
     let rest = line.split(&format!("{name}=")).nth(1).unwrap();
-    rest.split_whitespace().next().unwrap().parse().unwrap()
+    rest.split_whitespace().next().unwrap().to_owned()
 }
 
 fn access_lines(lines: &[String]) -> Vec<&String> {
@@ -222,6 +234,54 @@ async fn a_request_gets_its_line_soon_without_more_traffic() {
     assert!(line.contains(" upstream_us="), "{line}");
     // An RFC 3339 timestamp in UTC, as on every other line.
     assert_eq!(&line[26..27], "Z", "{line}");
+    drop(conn);
+    let key = kg.key.clone();
+    let rest = kg.terminate();
+    for l in seen.iter().chain(&rest) {
+        assert!(!l.contains(&key), "a key in the log: {l}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_on_the_decision_endpoint_gets_the_proxys_line_for_the_original_request() {
+    let upstream = Upstream::start().await;
+    let kg = Serve::start(
+        &upstream.url(),
+        &[
+            ("KEYGATE__SERVER__AUTHZ_LISTEN", "127.0.0.1:0"),
+            ("KEYGATE__SERVER__AUTHZ_CALLER", "nginx"),
+        ],
+        false,
+    );
+    let authz: SocketAddr = kg.authz.parse().expect("the decision endpoint is on");
+    let mut conn = KeptAlive::connect(authz).await;
+    let auth = kg.auth();
+    let (status, _) = conn
+        .get(
+            "/_keygate",
+            &[
+                ("authorization", &auth),
+                ("x-request-id", "check-1"),
+                ("x-original-method", "PUT"),
+                ("x-original-uri", "/things/7"),
+            ],
+            LIMIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let mut seen = Vec::new();
+    kg.lines_until(&mut seen, |l| !access_lines(l).is_empty());
+    let line = access_lines(&seen)[0].clone();
+    // The original request's method, its route, the key; no upstream time (nothing forwarded).
+    let want = format!(
+        "  INFO request{{request_id=\"check-1\" route=\"default\" key_id=\"{}\" tenant=\"acme\" \
+         outcome=\"allowed\"}}: keygate::access: method=PUT status=200 latency_us=",
+        kg.key_id
+    );
+    assert!(line.contains(&want), "{line}");
+    assert!(!line.contains("upstream_us="), "{line}");
+    assert!(upstream.requests().is_empty());
     drop(conn);
     let key = kg.key.clone();
     let rest = kg.terminate();

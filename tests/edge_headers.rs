@@ -272,7 +272,7 @@ async fn a_repeated_missing_or_invalid_host_is_refused() {
     }
     let m = r.keygate.scrape().await;
     assert_eq!(
-        m.get("keygate_auth_decisions_total{outcome=\"invalid_host\"}"),
+        m.get("keygate_auth_decisions_total{mode=\"proxy\",outcome=\"invalid_host\"}"),
         refused.len() as f64
     );
 }

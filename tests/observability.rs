@@ -20,7 +20,7 @@ fn moved(before: &Scrape, after: &Scrape, series: &str) -> f64 {
 }
 
 fn decisions(outcome: &str) -> String {
-    format!("keygate_auth_decisions_total{{outcome=\"{outcome}\"}}")
+    format!("keygate_auth_decisions_total{{mode=\"proxy\",outcome=\"{outcome}\"}}")
 }
 
 fn processing_count(class: &str) -> String {

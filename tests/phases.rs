@@ -13,7 +13,7 @@ use keygate::config::RouteConfig;
 use keygate::key::{generate, KeyKind};
 use keygate::store::{now_unix, Store};
 
-const DECISIONS: &str = "keygate_auth_decisions_total{outcome=\"";
+const DECISIONS: &str = "keygate_auth_decisions_total{mode=\"proxy\",outcome=\"";
 
 /// How far each outcome's decision counter moved between two scrapes (outcomes that did not
 /// move are left out).

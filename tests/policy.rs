@@ -146,7 +146,7 @@ async fn no_spelling_of_an_admin_path_reaches_it_without_the_admin_role() {
     for outcome in ["invalid_path", "insufficient_scope"] {
         assert!(
             metrics.contains(&format!(
-                "keygate_auth_decisions_total{{outcome=\"{outcome}\"}}"
+                "keygate_auth_decisions_total{{mode=\"proxy\",outcome=\"{outcome}\"}}"
             )),
             "{outcome} missing from metrics"
         );
@@ -338,7 +338,7 @@ async fn requests_are_routed_to_two_upstreams_by_host_and_by_prefix() {
         .await
         .text();
     assert!(
-        metrics.contains("keygate_auth_decisions_total{outcome=\"no_route\"} 1"),
+        metrics.contains("keygate_auth_decisions_total{mode=\"proxy\",outcome=\"no_route\"} 1"),
         "{metrics}"
     );
     assert_eq!(a.requests().len() + b.requests().len(), 6);

@@ -613,7 +613,11 @@ async fn an_upload_cut_short_by_the_client_is_a_client_error() {
         );
     }
     let m = r.keygate.scrape().await;
-    let outcome = |o: &str| m.get(&format!("keygate_auth_decisions_total{{outcome=\"{o}\"}}"));
+    let outcome = |o: &str| {
+        m.get(&format!(
+            "keygate_auth_decisions_total{{mode=\"proxy\",outcome=\"{o}\"}}"
+        ))
+    };
     assert_eq!(outcome("invalid_body"), 2.0, "{}", m.text);
     assert_eq!(outcome("upstream_unavailable"), 0.0);
     for kind in ["unavailable", "timeout"] {
@@ -675,7 +679,7 @@ async fn an_http2_upload_reset_by_the_client_is_a_client_error() {
     // hyper sees the reset and drops the request (abandoned).
     let keygate = &r.keygate;
     let client_side = |m: &Scrape| {
-        m.get("keygate_auth_decisions_total{outcome=\"invalid_body\"}")
+        m.get("keygate_auth_decisions_total{mode=\"proxy\",outcome=\"invalid_body\"}")
             + m.get("keygate_requests_abandoned_total")
     };
     eventually(
@@ -686,7 +690,7 @@ async fn an_http2_upload_reset_by_the_client_is_a_client_error() {
     .await;
     let m = r.keygate.scrape().await;
     assert_eq!(
-        m.get("keygate_auth_decisions_total{outcome=\"upstream_unavailable\"}"),
+        m.get("keygate_auth_decisions_total{mode=\"proxy\",outcome=\"upstream_unavailable\"}"),
         0.0
     );
     let unavailable = "keygate_upstream_errors_total{kind=\"unavailable\",route=\"default\"}";

@@ -143,6 +143,14 @@ pub(super) struct ServeArgs {
     /// Admin listener address (server.admin_listen).
     #[arg(long, value_name = "ADDR")]
     pub(super) admin_listen: Option<String>,
+    /// The decision endpoint's address, for gateways that delegate key checks to keygate
+    /// (server.authz_listen; off unless set).
+    #[arg(long, value_name = "ADDR")]
+    pub(super) authz_listen: Option<String>,
+    /// How the decision endpoint's caller names the request it checks: request (Envoy HTTP),
+    /// grpc (Envoy gRPC, Istio), nginx, or forward_auth (Traefik, Caddy) (server.authz_caller).
+    #[arg(long, value_name = "CALLER")]
+    pub(super) authz_caller: Option<String>,
     /// The upstream every authenticated request goes to (upstream.url).
     #[arg(long, value_name = "URL")]
     pub(super) upstream: Option<String>,
@@ -220,6 +228,8 @@ impl Cli {
         if let Command::Serve(s) = &self.command {
             push("server", "listen", &s.listen);
             push("server", "admin_listen", &s.admin_listen);
+            push("server", "authz_listen", &s.authz_listen);
+            push("server", "authz_caller", &s.authz_caller);
             push("upstream", "url", &s.upstream);
             push("server", "tls_cert", &s.tls_cert);
             push("server", "tls_key", &s.tls_key);

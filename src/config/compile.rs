@@ -14,10 +14,10 @@ use super::error::{field_err, Check};
 use super::{Config, ConfigError, ServerConfig, UpstreamConfig};
 use crate::policy;
 use crate::proxy::upstream::{Protocol, UpstreamTls};
-use crate::proxy::{IdentitySettings, IpNet, UnderscoreHeaders, UpstreamSettings};
+use crate::proxy::{Caller, IdentitySettings, IpNet, UnderscoreHeaders, UpstreamSettings};
 use crate::route::{self, Grant, MethodSet, Route, RouteTable, TenantFrom};
 use crate::server::tls::{CertificateFiles, ClientAuth, TlsSettings};
-use crate::server::{Http2Limits, Settings};
+use crate::server::{AuthzSettings, Http2Limits, Settings};
 use crate::store::redis::{ClusterSettings, RedisSettings, RedisTls, SentinelSettings};
 use crate::store::StoreSettings;
 use crate::telemetry::LogSettings;
@@ -76,6 +76,19 @@ fn serve(config: &Config) -> Result<Settings, ConfigError> {
     let identity = c.ok(identity_headers(config));
     let listen = c.ok(addr("server.listen", &s.listen));
     let admin_listen = c.ok(addr("server.admin_listen", &s.admin_listen));
+    let authz_caller = c.ok(Caller::parse(&s.authz_caller).ok_or_else(|| {
+        field_err(
+            "server.authz_caller",
+            format!(
+                "{:?}: expected \"request\" (Envoy HTTP), \"grpc\" (Envoy gRPC, Istio), \"nginx\" or \"forward_auth\" (Traefik, Caddy)",
+                s.authz_caller
+            ),
+        )
+    }));
+    let authz_listen = match &s.authz_listen {
+        Some(a) => c.ok(addr("server.authz_listen", a)).map(Some),
+        None => Some(None),
+    };
     let shutdown_grace = c.ok(duration("server.shutdown_grace", &s.shutdown_grace));
     let header_read_timeout = c.ok(nonzero(
         "server.header_read_timeout",
@@ -199,6 +212,13 @@ fn serve(config: &Config) -> Result<Settings, ConfigError> {
         Some(Settings {
             listen: listen?,
             admin_listen: admin_listen?,
+            authz: match authz_listen? {
+                Some(listen) => Some(AuthzSettings {
+                    listen,
+                    caller: authz_caller?,
+                }),
+                None => None,
+            },
             shutdown_grace: shutdown_grace?,
             header_read_timeout: header_read_timeout?,
             idle_timeout: idle_timeout?,

@@ -166,6 +166,18 @@ pub struct ServerConfig {
     pub listen: String,
     /// Admin listener address (`/healthz`, `/readyz`).
     pub admin_listen: String,
+    /// The decision endpoint's address, for gateways that ask keygate whether a request may
+    /// pass (nginx `auth_request`, Traefik and Caddy forward auth, Envoy `ext_authz`); unset:
+    /// off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authz_listen: Option<String>,
+    /// How the decision endpoint's caller names the request it asks about: `request` (the
+    /// check request is the original: Envoy's HTTP `ext_authz`), `grpc` (Envoy's gRPC
+    /// `ext_authz` and Istio's `envoyExtAuthzGrpc`: the endpoint answers
+    /// `envoy.service.auth.v3.Authorization/Check` only), `nginx` (`X-Original-Method`,
+    /// `X-Original-URI`) or `forward_auth` (Traefik, Caddy: `X-Forwarded-Method`, `-Uri`,
+    /// `-Host`).
+    pub authz_caller: String,
     /// How long in-flight requests may run after SIGTERM/SIGINT.
     pub shutdown_grace: String,
     /// Time a client has to send a complete request head: the first from accept (protocol
@@ -252,6 +264,8 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: "0.0.0.0:8080".into(),
             admin_listen: "127.0.0.1:9090".into(),
+            authz_listen: None,
+            authz_caller: "request".into(),
             shutdown_grace: "30s".into(),
             header_read_timeout: "10s".into(),
             idle_timeout: "75s".into(),

@@ -240,14 +240,7 @@ pub fn rewrite_request_headers(
     }
 
     if let Some(identity) = identity {
-        headers.insert(ids.key_id.clone(), identity.header(Part::KeyId));
-        headers.insert(ids.tenant.clone(), identity.header(Part::Tenant));
-        headers.insert(ids.role.clone(), identity.header(Part::Role));
-        headers.insert(ids.subject.clone(), identity.header(Part::Subject));
-        headers.insert(
-            ids.subject_kind.clone(),
-            HeaderValue::from_static(identity.kind().as_str()),
-        );
+        insert_identity(headers, identity, ids);
     }
 
     // The transport's identity, whether or not the route needs a key.
@@ -269,6 +262,48 @@ pub fn rewrite_request_headers(
     }
     headers.insert(X_REQUEST_ID.clone(), fwd.request_id.clone());
     removed
+}
+
+/// Sets keygate's identity headers for `identity`, replacing any of the same names: on the
+/// upstream request, and on the decision endpoint's answer to a gateway.
+pub(super) fn insert_identity(
+    headers: &mut HeaderMap,
+    identity: &Identity,
+    ids: &IdentitySettings,
+) {
+    headers.insert(ids.key_id.clone(), identity.header(Part::KeyId));
+    headers.insert(ids.tenant.clone(), identity.header(Part::Tenant));
+    headers.insert(ids.role.clone(), identity.header(Part::Role));
+    headers.insert(ids.subject.clone(), identity.header(Part::Subject));
+    headers.insert(
+        ids.subject_kind.clone(),
+        HeaderValue::from_static(identity.kind().as_str()),
+    );
+}
+
+/// The request headers a gateway must remove before forwarding an allowed request, as one
+/// comma-separated value: `Authorization` (unless configured to be forwarded) and every header
+/// in the identity namespace, in any spelling, that the client sent. `None` when there is none.
+pub(super) fn to_remove(headers: &HeaderMap, ids: &IdentitySettings) -> Option<HeaderValue> {
+    let mut names = String::new();
+    let mut add = |name: &str| {
+        if !names.is_empty() {
+            names.push_str(", ");
+        }
+        names.push_str(name);
+    };
+    if !ids.forward_authorization && headers.contains_key(AUTHORIZATION) {
+        add(AUTHORIZATION.as_str());
+    }
+    for name in headers.keys() {
+        if starts_with_header_name(name.as_str(), &ids.prefix) {
+            add(name.as_str());
+        }
+    }
+    if names.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&names).ok()
 }
 
 /// Replaces a request's path with its normalised form, keeping the query as the client sent it.

@@ -43,7 +43,7 @@ use tracing::{Instrument, Span};
 
 use crate::identity::Identity;
 use crate::key::KeyDigest;
-use crate::metrics::{Metrics, RouteMetrics};
+use crate::metrics::{Metrics, Mode, RouteMetrics};
 use crate::rejection::Rejection;
 use crate::route::{self, Route, RouteTable};
 use crate::store::now_unix;
@@ -53,15 +53,18 @@ use crate::{auth, policy};
 use access_log::AccessLog;
 
 pub mod access_log;
+pub mod ext_authz;
 pub mod forwarded;
 pub mod headers;
 mod hop;
+pub mod original;
 mod request_id;
 mod upgrade;
 pub(crate) mod upstream;
 
 pub use forwarded::{IpNet, Peer};
 pub use headers::{IdentitySettings, UnderscoreHeaders};
+pub use original::Caller;
 pub use upgrade::ConnectionHold;
 pub use upstream::{Upstream, UpstreamSettings};
 
@@ -70,10 +73,15 @@ pub use upstream::{ConnectError, ResponseBody, UpstreamIo};
 use headers::{Forwarded, HeaderScan, Removed};
 use request_id::X_REQUEST_ID;
 
+/// The header with which Envoy's HTTP `ext_authz` filter is told which request headers to
+/// remove before forwarding.
+static X_ENVOY_AUTH_HEADERS_TO_REMOVE: http::HeaderName =
+    http::HeaderName::from_static("x-envoy-auth-headers-to-remove");
+
 /// The request path: the phases, in order (see the module docs for why each sits where it
 /// does). A phase's refusal skips the rest, up to `log`.
 pub async fn handle(app: &App, mut req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
-    let mut cx = Context::new(app, peer, &req);
+    let mut cx = Context::new(app, peer, &req, Mode::Proxy);
     let span = cx.span.clone();
     let outcome = async {
         let upgrade = upgrade::requested(&mut req, &cx.scan)?;
@@ -87,14 +95,77 @@ pub async fn handle(app: &App, mut req: Request<Incoming>, peer: &Peer) -> Respo
             None
         };
         cx.rewrite(&mut req, route, host, key.as_ref().map(|(_, id)| id));
-        match upgrade {
-            None => cx.forward(route, req).await,
+        let resp = match upgrade {
+            None => cx.forward(route, req).await?,
             Some(upgrade) => {
                 let digest = key.map(|(digest, _)| digest);
                 let resp = cx.forward_upgrade(route, req, upgrade, digest).await?;
-                Ok(resp.map(upstream::ResponseBody::from))
+                resp.map(upstream::ResponseBody::from)
             }
-        }
+        };
+        Ok(resp.map(Either::Left))
+    }
+    .instrument(span)
+    .await;
+    cx.log(outcome)
+}
+
+/// The decision endpoint (`server.authz_listen`): a check request, answered in its caller's
+/// protocol: gRPC for `grpc` (`ext_authz/`), plain HTTP for the others ([`decide`]).
+pub async fn authz(
+    app: &App,
+    req: Request<Incoming>,
+    peer: &Peer,
+    caller: Caller,
+) -> Response<AuthzBody> {
+    match caller {
+        Caller::Grpc => ext_authz::check(app, req, peer).await.map(Either::Right),
+        _ => decide(app, req, peer, caller).await.map(Either::Left),
+    }
+}
+
+/// The body of every decision endpoint response: an HTTP decision's, or a gRPC answer's.
+pub type AuthzBody = Either<ProxyBody, ext_authz::GrpcBody>;
+
+/// The decision endpoint over HTTP: the check request names the original request by its
+/// `caller`'s convention (`original.rs`), and [`decide_original`] decides on that.
+/// The check request's body, if any, is never read.
+pub async fn decide(
+    app: &App,
+    req: Request<Incoming>,
+    peer: &Peer,
+    caller: Caller,
+) -> Response<ProxyBody> {
+    let (mut parts, _) = req.into_parts();
+    let named = original::original(caller, &mut parts);
+    decide_original(app, Request::from_parts(parts, ()), named, peer, caller).await
+}
+
+/// The decision on an original request, whichever caller named it (`named`: whether it could
+/// be read): the phases up to `authorize`, then `answer` instead of `rewrite` and `forward`:
+/// `200` with the identity headers for the gateway to set upstream, or the refusal for the
+/// gateway to pass back to its client. `log` is the proxy's, with `mode="authz"`.
+async fn decide_original(
+    app: &App,
+    mut req: Request<()>,
+    named: Result<(), Rejection>,
+    peer: &Peer,
+    caller: Caller,
+) -> Response<ProxyBody> {
+    let mut cx = Context::new(app, peer, &req, Mode::Authz);
+    let span = cx.span.clone();
+    let outcome = async {
+        named?;
+        let (route, _) = cx.route(&mut req)?;
+        let identity = if route.auth {
+            let digest = cx.credential(&req)?;
+            let identity = cx.verify(digest).await?;
+            cx.authorize(route, &identity, &req)?;
+            Some(identity)
+        } else {
+            None
+        };
+        Ok(cx.answer(&req, caller, identity.as_ref()))
     }
     .instrument(span)
     .await;
@@ -107,6 +178,8 @@ pub async fn handle(app: &App, mut req: Request<Incoming>, peer: &Peer) -> Respo
 struct Context<'a> {
     app: &'a App,
     peer: &'a Peer,
+    /// Which listener decides: the proxy or the decision endpoint.
+    mode: Mode,
     started: Instant,
     /// The client's request id if it is sane, else a fresh one.
     request_id: HeaderValue,
@@ -125,7 +198,7 @@ struct Context<'a> {
 }
 
 impl<'a> Context<'a> {
-    fn new(app: &'a App, peer: &'a Peer, req: &Request<Incoming>) -> Self {
+    fn new<B>(app: &'a App, peer: &'a Peer, req: &Request<B>, mode: Mode) -> Self {
         let request_id = request_id::client_request_id(req.headers())
             .cloned()
             .unwrap_or_else(request_id::new_request_id);
@@ -136,6 +209,7 @@ impl<'a> Context<'a> {
         Context {
             app,
             peer,
+            mode,
             started: Instant::now(),
             request_id,
             span,
@@ -158,9 +232,9 @@ impl<'a> Context<'a> {
     /// From here on the request carries the path its route matched (normalised, the query as
     /// sent): `authorize` reads the tenant from it and the upstream gets it, so no phase can
     /// read another path into the request.
-    fn route(
+    fn route<B>(
         &mut self,
-        req: &mut Request<Incoming>,
+        req: &mut Request<B>,
     ) -> Result<(&'a Route<RouteTarget>, Option<HeaderValue>), Rejection> {
         if let Some(refusal) = self.scan.refusal() {
             return Err(refusal);
@@ -182,7 +256,7 @@ impl<'a> Context<'a> {
 
     /// **credential**: the digest of the request's one bearer key, or the refusal of a missing,
     /// repeated or malformed credential. Touches neither the cache nor the store.
-    fn credential(&self, req: &Request<Incoming>) -> Result<KeyDigest, Rejection> {
+    fn credential<B>(&self, req: &Request<B>) -> Result<KeyDigest, Rejection> {
         Ok(auth::bearer_token(req.headers())?.digest())
     }
 
@@ -199,11 +273,11 @@ impl<'a> Context<'a> {
 
     /// **authorize**: refuses (`403 insufficient_scope`) a key whose role the route does not
     /// admit for this method, or that names another tenant than the key's.
-    fn authorize(
+    fn authorize<B>(
         &self,
         route: &Route<RouteTarget>,
         identity: &Identity,
-        req: &Request<Incoming>,
+        req: &Request<B>,
     ) -> Result<(), Rejection> {
         let tenant = route.tenant(req.uri().path(), req.headers(), self.scan.underscores());
         policy::authorize(route, identity, req.method(), tenant)
@@ -283,14 +357,38 @@ impl<'a> Context<'a> {
         resp
     }
 
+    /// **answer** (the decision endpoint's last phase): `200` with the identity headers, which
+    /// the gateway sets on the request it forwards (replacing any the client sent). For a
+    /// caller that forwards the request itself (Envoy), `x-envoy-auth-headers-to-remove` also
+    /// names `Authorization` and every client header in the identity namespace, so the
+    /// upstream sees neither the key nor a spoofed identity.
+    fn answer(
+        &self,
+        req: &Request<()>,
+        caller: Caller,
+        identity: Option<&Identity>,
+    ) -> Response<ProxyBody> {
+        let mut resp = Response::new(Either::Right(Full::default()));
+        let headers = resp.headers_mut();
+        if let Some(identity) = identity {
+            headers::insert_identity(headers, identity, &self.app.identity);
+        }
+        if caller.sends_request() {
+            if let Some(names) = headers::to_remove(req.headers(), &self.app.identity) {
+                headers.insert(X_ENVOY_AUTH_HEADERS_TO_REMOVE.clone(), names);
+            }
+        }
+        resp
+    }
+
     /// **log**: the response for the outcome, with the request id; the decision, header and
     /// route metrics; the span's route and outcome; and the access log line.
-    fn log(self, outcome: Result<Response<ResponseBody>, Rejection>) -> Response<ProxyBody> {
+    fn log(self, outcome: Result<Response<ProxyBody>, Rejection>) -> Response<ProxyBody> {
         let app = self.app;
         let series = self.target.map_or(&app.unrouted, |t| &t.metrics);
         let decision = outcome.as_ref().map(drop).map_err(|r| *r);
         let mut resp = match outcome {
-            Ok(resp) => resp.map(Either::Left),
+            Ok(resp) => resp,
             Err(rejection) => {
                 if self.upstream_time.is_some() {
                     series.upstream_failed(rejection);
@@ -304,7 +402,7 @@ impl<'a> Context<'a> {
 
         let status = resp.status().as_u16();
         let took = self.started.elapsed();
-        app.metrics.decision(decision);
+        app.metrics.decision(self.mode, decision);
         let removed = self.removed;
         if removed != Removed::default() {
             app.metrics.headers_removed(

@@ -34,8 +34,8 @@ use crate::metrics::{ListenerMetrics, Metrics};
 use crate::policy::Roles;
 use crate::proxy::access_log::{self, AccessLog};
 use crate::proxy::{
-    self, App, IdentitySettings, IpNet, Peer, RouteTarget, Unanswered, UnderscoreHeaders, Upstream,
-    UpstreamSettings,
+    self, App, Caller, IdentitySettings, IpNet, Peer, RouteTarget, Unanswered, UnderscoreHeaders,
+    Upstream, UpstreamSettings,
 };
 use crate::route::RouteTable;
 use crate::store::{self, Store, StoreError, StoreSettings};
@@ -56,6 +56,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Admin listener.
     pub admin_listen: SocketAddr,
+    /// The decision endpoint for other gateways (`None`: off).
+    pub authz: Option<AuthzSettings>,
     /// Drain deadline on shutdown.
     pub shutdown_grace: Duration,
     /// Time to a complete request head (from accept for the first request).
@@ -102,6 +104,15 @@ pub struct Settings {
     pub admin_tls: Option<TlsSettings>,
 }
 
+/// The decision endpoint (`server.authz_listen`, `server.authz_caller`).
+#[derive(Debug, Clone, Copy)]
+pub struct AuthzSettings {
+    /// Its address.
+    pub listen: SocketAddr,
+    /// How its caller names the request it asks about.
+    pub caller: Caller,
+}
+
 /// A failure to start serving. Each message names the setting at fault; the OS error is
 /// its cause, printed once after it.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +146,8 @@ pub enum Listener {
     Proxy,
     /// `server.admin_listen`, probes, metrics and the admin API.
     Admin,
+    /// `server.authz_listen`, the decision endpoint for other gateways.
+    Authz,
 }
 
 impl Listener {
@@ -143,6 +156,7 @@ impl Listener {
         match self {
             Listener::Proxy => "proxy",
             Listener::Admin => "admin",
+            Listener::Authz => "authorizer",
         }
     }
 
@@ -151,6 +165,7 @@ impl Listener {
         match self {
             Listener::Proxy => "server.listen",
             Listener::Admin => "server.admin_listen",
+            Listener::Authz => "server.authz_listen",
         }
     }
 
@@ -159,6 +174,7 @@ impl Listener {
         match self {
             Listener::Proxy => "--listen",
             Listener::Admin => "--admin-listen",
+            Listener::Authz => "--authz-listen",
         }
     }
 }
@@ -174,6 +190,8 @@ pub struct Server {
     admin_tls: Option<Arc<ListenerTls>>,
     /// The proxy listener, a socket per worker (see [`proxy_listeners`]).
     proxy: Vec<std::net::TcpListener>,
+    /// The decision endpoint, a socket per worker like the proxy's, with its caller.
+    authz: Option<(Vec<std::net::TcpListener>, Caller)>,
     admin: TcpListener,
     settings: Settings,
 }
@@ -205,6 +223,19 @@ impl Server {
                 source,
             }
         })?;
+        let authz = match settings.authz {
+            Some(a) => Some((
+                proxy_listeners(a.listen, settings.workers).map_err(|source| {
+                    ServerError::Bind {
+                        listener: Listener::Authz,
+                        addr: a.listen,
+                        source,
+                    }
+                })?,
+                a.caller,
+            )),
+            None => None,
+        };
         let (proxy_cap, admin_cap) = connection_caps(&settings);
         let metrics = Arc::new(Metrics::new());
         let load_tls = |listener, settings: &Option<TlsSettings>, series: &ListenerMetrics| {
@@ -273,6 +304,7 @@ impl Server {
             proxy_tls,
             admin_tls,
             proxy,
+            authz,
             admin,
             settings,
         })
@@ -283,6 +315,12 @@ impl Server {
         self.proxy[0]
             .local_addr()
             .expect("bound listener has an address")
+    }
+
+    /// The decision endpoint's address, when it is on.
+    pub fn authz_addr(&self) -> Option<SocketAddr> {
+        let (listeners, _) = self.authz.as_ref()?;
+        listeners[0].local_addr().ok()
     }
 
     /// The admin listener's address.
@@ -314,6 +352,7 @@ impl Server {
             proxy_tls,
             admin_tls,
             proxy,
+            authz,
             admin,
             settings,
         } = self;
@@ -325,12 +364,31 @@ impl Server {
         tracing::info!(
             listen = %proxy[0].local_addr().map(|a| a.to_string()).unwrap_or_default(),
             admin = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            authz = %authz
+                .as_ref()
+                .and_then(|(l, _)| l[0].local_addr().ok())
+                .map_or_else(|| "off".to_owned(), |a| a.to_string()),
             workers = proxy.len(),
             "keygate serving"
         );
 
         let mut workers = Vec::with_capacity(proxy.len());
+        let (mut authz, caller) = match authz {
+            Some((listeners, caller)) => (listeners.into_iter().map(Some).collect(), caller),
+            None => (Vec::new(), Caller::Request),
+        };
         for (index, listener) in proxy.into_iter().enumerate() {
+            let authz = authz.get_mut(index).and_then(Option::take).map(|listener| {
+                let rules = ListenerRules::new(
+                    &proxy_cap,
+                    &app.metrics.authz_listener,
+                    &settings,
+                    &health,
+                    None,
+                    true,
+                );
+                (listener, caller, rules)
+            });
             let (done_tx, done_rx) = oneshot::channel::<()>();
             let (app, builder, stop) = (app.clone(), builder.clone(), stop_rx.clone());
             let grace = settings.shutdown_grace;
@@ -345,7 +403,7 @@ impl Server {
             let spawned = std::thread::Builder::new()
                 .name(format!("keygate-worker-{index}"))
                 .spawn(move || {
-                    proxy_worker(index, listener, app, builder, rules, stop, grace);
+                    proxy_worker(index, listener, authz, app, builder, rules, stop, grace);
                     let _ = done_tx.send(());
                 });
             match spawned {
@@ -623,11 +681,17 @@ impl ListenerRules {
     }
 }
 
-/// One proxy worker: its own single-threaded runtime, accepting on the shared socket until
-/// `stop`, then draining its connections for up to `grace`.
+/// A worker's socket of the decision endpoint, with its caller and its connection rules.
+type AuthzListener = (std::net::TcpListener, Caller, ListenerRules);
+
+/// One proxy worker: its own single-threaded runtime, accepting on its proxy socket (and its
+/// decision endpoint socket, when that is on) until `stop`, then draining its connections for
+/// up to `grace`.
+#[allow(clippy::too_many_arguments)]
 fn proxy_worker(
     index: usize,
     listener: std::net::TcpListener,
+    authz: Option<AuthzListener>,
     app: Arc<App>,
     builder: auto::Builder<TokioExecutor>,
     rules: ListenerRules,
@@ -691,7 +755,40 @@ fn proxy_worker(
                     }
                 })
             };
-        accept_loop(listener, builder, &drain, stop, rules, make_service).await;
+        let authz = authz.and_then(|(listener, caller, rules)| {
+            let listener = listener
+                .set_nonblocking(true)
+                .and_then(|()| TcpListener::from_std(listener))
+                .inspect_err(|err| {
+                    tracing::error!(error = %err, index, "cannot listen for decisions in a proxy worker")
+                })
+                .ok()?;
+            let app = app.clone();
+            let make_service = move |peer: SocketAddr, activity: Arc<Activity>, _: Transport| {
+                let app = app.clone();
+                let peer = Arc::new(Peer::new(peer.ip(), &app.trusted_proxies));
+                service_fn(move |req: Request<Incoming>| {
+                    let (app, peer) = (app.clone(), peer.clone());
+                    let in_flight = activity.begin(req.version());
+                    let unanswered = Unanswered::new(app.metrics.requests_abandoned.clone());
+                    async move {
+                        let resp = proxy::authz(&app, req, &peer, caller).await;
+                        unanswered.answered();
+                        Ok::<_, Infallible>(connection::respond(resp, in_flight))
+                    }
+                })
+            };
+            Some((listener, rules, make_service))
+        });
+        let proxy_loop = accept_loop(listener, builder.clone(), &drain, stop.clone(), rules, make_service);
+        match authz {
+            Some((listener, authz_rules, authz_service)) => {
+                let authz_loop =
+                    accept_loop(listener, builder, &drain, stop, authz_rules, authz_service);
+                tokio::join!(proxy_loop, authz_loop);
+            }
+            None => proxy_loop.await,
+        }
         drain_within(drain, grace).await;
     });
 }

@@ -464,6 +464,8 @@ pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(15);
 pub struct Keygate {
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
+    /// The decision endpoint, when `server.authz_listen` is set.
+    pub authz: Option<SocketAddr>,
     pub app: Arc<keygate::proxy::App>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -500,7 +502,11 @@ impl Keygate {
     }
 
     pub fn run(server: Server) -> Self {
-        let (proxy, admin) = (server.proxy_addr(), server.admin_addr());
+        let (proxy, admin, authz) = (
+            server.proxy_addr(),
+            server.admin_addr(),
+            server.authz_addr(),
+        );
         let app = server.app().clone();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async {
@@ -509,6 +515,7 @@ impl Keygate {
         Keygate {
             proxy,
             admin,
+            authz,
             app,
             stop: Some(tx),
             task: Some(task),
@@ -517,6 +524,14 @@ impl Keygate {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.proxy)
+    }
+
+    /// A URL on the decision endpoint (which must be on).
+    pub fn authz_url(&self, path: &str) -> String {
+        format!(
+            "http://{}{path}",
+            self.authz.expect("server.authz_listen is set")
+        )
     }
 
     pub fn admin_url(&self, path: &str) -> String {
