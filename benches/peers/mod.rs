@@ -1,8 +1,11 @@
 //! The proxies the load harness measures keygate against: nginx (a plain `proxy_pass`, and a
-//! static map of keys), haproxy, Traefik and Caddy. Each is a reverse proxy to the same
-//! upstream over HTTP/1.1 keep-alive, with as many workers as the machine has cores, and no
-//! access log unless the row is an access-log row. Their configurations are written into the
-//! harness's temporary directory and their own diagnostics go to files beside them.
+//! static map of keys), haproxy, Traefik and Caddy, and the two gateways that ask keygate's
+//! decision endpoint about every request (nginx `auth_request`, Traefik ForwardAuth), run
+//! from the files in `deploy/authz/` with their example addresses replaced. Each is a reverse
+//! proxy to the same upstream over HTTP/1.1 keep-alive, with as many workers as the machine
+//! has cores, and no access log unless the row is an access-log row. Their configurations are
+//! written into the harness's temporary directory and their own diagnostics go to files
+//! beside them.
 
 use std::fs::File;
 use std::net::SocketAddr;
@@ -323,6 +326,180 @@ pub fn caddy(dir: &Path, upstream: SocketAddr, workers: usize) -> Peer {
         .stderr(log_file(&diagnostics))
         .spawn()
         .expect("caddy");
+    Peer {
+        child,
+        addr,
+        diagnostics,
+    }
+}
+
+/// The example addresses the files in `deploy/authz/` are written with (gateway, keygate's
+/// decision endpoint, your service), replaced here by the harness's, as
+/// `tests/authz_gateways.rs` does.
+const EXAMPLE_GATEWAY: &str = "127.0.0.1:8000";
+const EXAMPLE_KEYGATE: &str = "127.0.0.1:9191";
+const EXAMPLE_UPSTREAM: &str = "127.0.0.1:3000";
+
+/// A file of `deploy/authz/`.
+fn deploy(name: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/authz")
+        .join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `text` with `from` replaced by `to` everywhere; `text` must contain `from` (a file that
+/// lost it would otherwise run with an example address or setting left in).
+fn replace(text: &str, name: &str, from: &str, to: &str) -> String {
+    assert!(text.contains(from), "deploy/authz/{name} has no {from:?}");
+    text.replace(from, to)
+}
+
+/// A directory of its own for a peer whose file names would clash with another's.
+fn subdir(dir: &Path, name: &str) -> PathBuf {
+    let sub = dir.join(name);
+    std::fs::create_dir_all(&sub).unwrap_or_else(|e| panic!("create {}: {e}", sub.display()));
+    sub
+}
+
+/// nginx running `deploy/authz/nginx.conf` (`auth_request` to keygate's decision endpoint on
+/// `authz`, keygate's refusals passed on whole), `worker_processes` = `workers`. The file's
+/// example addresses are replaced by the harness's, and, as in every other nginx row: the
+/// listener has `reuseport`, `worker_connections 4096`, no access log, and the example
+/// service's `proxy_pass` goes to the same upstream pool (`keepalive 256`, HTTP/1.1), so the
+/// row differs from nginx `proxy_pass` by the `auth_request` only. The file's own pool to
+/// keygate (`keepalive 16`) is kept as users copy it: with 64 client connections on 2 workers
+/// more checks are in flight than it keeps idle, and `ss` counted one new connection to
+/// keygate per ~10 checks (TIME_WAIT sockets on keygate's port during a run).
+pub fn nginx_auth_request(
+    dir: &Path,
+    upstream: SocketAddr,
+    authz: SocketAddr,
+    workers: usize,
+) -> Peer {
+    let name = "nginx.conf";
+    let dir = subdir(dir, "authz-nginx");
+    let addr = loopback(free_port());
+    let conf = deploy(name);
+    let conf = replace(
+        &conf,
+        name,
+        &format!("proxy_pass http://{EXAMPLE_UPSTREAM};"),
+        "proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection \"\";",
+    );
+    let conf = replace(
+        &conf,
+        name,
+        &format!("listen {EXAMPLE_GATEWAY};"),
+        &format!("listen {addr} reuseport;"),
+    );
+    let conf = replace(&conf, name, EXAMPLE_KEYGATE, &authz.to_string());
+    let conf = replace(
+        &conf,
+        name,
+        "\nevents {}\n",
+        "\nevents { worker_connections 4096; }\n",
+    );
+    // What nginx writes goes to this directory (the packaged defaults are under /var).
+    let d = dir.display();
+    let conf = replace(
+        &conf,
+        name,
+        "\nhttp {\n",
+        &format!(
+            "\nhttp {{
+    access_log off;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    upstream app {{ server {upstream}; keepalive 256; }}
+"
+        ),
+    );
+    let path = dir.join(name);
+    write(&path, &conf);
+    let diagnostics = dir.join("error.log");
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&diagnostics)
+        .unwrap_or_else(|e| panic!("create {}: {e}", diagnostics.display()));
+    let child = Command::new("nginx")
+        .arg("-p")
+        .arg(&dir)
+        .arg("-e")
+        .arg(&diagnostics)
+        .arg("-c")
+        .arg(&path)
+        .arg("-g")
+        .arg(format!(
+            "daemon off; pid {d}/nginx.pid; worker_processes {workers};"
+        ))
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("nginx");
+    Peer {
+        child,
+        addr,
+        diagnostics,
+    }
+}
+
+/// Traefik running `deploy/authz/traefik.yml` and `traefik-dynamic.yml` (ForwardAuth to
+/// keygate's decision endpoint on `authz`, then the service), `GOMAXPROCS` = `workers`. The
+/// files' example addresses are replaced by the harness's, and, as in the Traefik row, the
+/// static configuration gains an idle pool of 256 upstream connections and `log.level: ERROR`,
+/// so the row differs from Traefik alone by the ForwardAuth (and the header middleware that
+/// removes `Authorization`) only. ForwardAuth's configuration has no pool setting for its
+/// client to keygate (Go's default transport keeps 2 idle per host): `ss` counted one new
+/// connection to keygate per ~2.4 checks at 64 client connections.
+pub fn traefik_forward_auth(
+    dir: &Path,
+    upstream: SocketAddr,
+    authz: SocketAddr,
+    workers: usize,
+) -> Peer {
+    let dir = subdir(dir, "authz-traefik");
+    let addr = loopback(free_port());
+    let fixed = deploy("traefik.yml");
+    for key in ["\nserversTransport:", "\nlog:"] {
+        assert!(
+            !fixed.contains(key),
+            "deploy/authz/traefik.yml sets {key:?}"
+        );
+    }
+    let fixed = replace(&fixed, "traefik.yml", EXAMPLE_GATEWAY, &addr.to_string())
+        + "\nserversTransport:\n  maxIdleConnsPerHost: 256\nlog:\n  level: ERROR\n";
+    let dynamic = deploy("traefik-dynamic.yml");
+    let dynamic = replace(
+        &dynamic,
+        "traefik-dynamic.yml",
+        EXAMPLE_KEYGATE,
+        &authz.to_string(),
+    );
+    let dynamic = replace(
+        &dynamic,
+        "traefik-dynamic.yml",
+        EXAMPLE_UPSTREAM,
+        &upstream.to_string(),
+    );
+    write(&dir.join("traefik.yml"), &fixed);
+    write(&dir.join("traefik-dynamic.yml"), &dynamic);
+    let diagnostics = dir.join("traefik.stderr");
+    let child = Command::new("traefik")
+        // The static file names the dynamic one relative to the working directory.
+        .current_dir(&dir)
+        .arg("--configFile=traefik.yml")
+        .env("GOMAXPROCS", workers.to_string())
+        .stdout(log_file(&dir.join("traefik.stdout")))
+        .stderr(log_file(&diagnostics))
+        .spawn()
+        .expect("traefik");
     Peer {
         child,
         addr,
