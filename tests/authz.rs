@@ -4,12 +4,8 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use keygate::config::Config;
-use keygate::manage;
-use keygate::store::now_unix;
 
 fn config(redis: &RedisServer, ns: &str, upstream: &str, caller: &str) -> Config {
     let mut c = test_config(&redis.url(), ns, upstream);
@@ -113,19 +109,12 @@ async fn envoy_http_ext_authz_decides_on_the_check_request_itself() {
     // Nothing reached the upstream: the decision endpoint never forwards.
     assert!(upstream.requests().is_empty());
     let m = kg.scrape().await;
-    let authz = |o: &str| {
-        m.get(&format!(
-            "keygate_auth_decisions_total{{mode=\"authz\",outcome=\"{o}\"}}"
-        ))
-    };
+    let authz = |o: &str| m.decisions("authz", o);
     assert_eq!(authz("allowed"), 1.0);
     assert_eq!(authz("insufficient_scope"), 1.0);
     assert_eq!(authz("missing_credentials"), 1.0);
     assert_eq!(authz("invalid_original_request"), 1.0);
-    assert_eq!(
-        m.get("keygate_auth_decisions_total{mode=\"proxy\",outcome=\"allowed\"}"),
-        0.0
-    );
+    assert_eq!(m.decisions("proxy", "allowed"), 0.0);
     kg.shutdown().await;
     drop(redis);
 }
@@ -232,19 +221,7 @@ async fn forward_auth_names_the_original_in_x_forwarded_headers_and_revocation_h
     assert_eq!(ask("GET").await.status, 200);
     assert_eq!(ask("POST").await.status, 403);
 
-    let seen = kg.invalidations();
-    manage::revoke_key(&*store, &key.record.id, now_unix(), "test")
-        .await
-        .unwrap();
-    eventually(
-        Duration::from_secs(10),
-        "the revocation is announced",
-        || {
-            let n = kg.invalidations();
-            async move { n > seen }
-        },
-    )
-    .await;
+    kg.revoke_and_wait(&*store, &key.record.id).await;
     let revoked = ask("GET").await;
     assert_eq!(revoked.status, 401);
     assert_eq!(revoked.error_code(), "key_revoked");

@@ -25,8 +25,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use keygate::config::Config;
 use keygate::key::{generate, KeyKind};
-use keygate::manage;
-use keygate::store::now_unix;
 
 /// The example addresses the files in `deploy/authz/` are written with.
 const GATEWAY: &str = "127.0.0.1:8000";
@@ -473,19 +471,7 @@ async fn decides_through(kind: Kind) {
     // Revocation holds through the gateway at the very next request.
     let doomed_key = doomed.secret.expose();
     assert_eq!(http.get_with_key(&things, doomed_key).await.status, 200);
-    let seen_before = kg.invalidations();
-    manage::revoke_key(&*store, &doomed.record.id, now_unix(), "test")
-        .await
-        .unwrap();
-    eventually(
-        Duration::from_secs(10),
-        "the revocation is announced",
-        || {
-            let n = kg.invalidations();
-            async move { n > seen_before }
-        },
-    )
-    .await;
+    kg.revoke_and_wait(&*store, &doomed.record.id).await;
     let revoked = http.get_with_key(&things, doomed_key).await;
     assert_refusal(
         &revoked,

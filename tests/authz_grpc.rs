@@ -295,21 +295,14 @@ async fn envoy_grpc_ext_authz_checks_the_request_the_check_request_describes() {
         "the decision endpoint never forwards"
     );
     let m = kg.scrape().await;
-    let authz = |o: &str| {
-        m.get(&format!(
-            "keygate_auth_decisions_total{{mode=\"authz\",outcome=\"{o}\"}}"
-        ))
-    };
+    let authz = |o: &str| m.decisions("authz", o);
     assert_eq!(authz("allowed"), 3.0);
     assert_eq!(authz("insufficient_scope"), 1.0);
     assert_eq!(authz("key_revoked"), 1.0);
     assert_eq!(authz("invalid_key"), 1.0);
     assert_eq!(authz("missing_credentials"), 1.0);
     assert_eq!(authz("invalid_original_request"), 1.0);
-    assert_eq!(
-        m.get("keygate_auth_decisions_total{mode=\"proxy\",outcome=\"allowed\"}"),
-        0.0
-    );
+    assert_eq!(m.decisions("proxy", "allowed"), 0.0);
     kg.shutdown().await;
     drop(redis);
 }
@@ -409,10 +402,7 @@ async fn the_grpc_caller_refuses_what_is_not_a_grpc_call() {
 
     // None of these was a decision.
     let m = kg.scrape().await;
-    assert_eq!(
-        m.get("keygate_auth_decisions_total{mode=\"authz\",outcome=\"missing_credentials\"}"),
-        0.0
-    );
+    assert_eq!(m.decisions("authz", "missing_credentials"), 0.0);
     kg.shutdown().await;
     drop(redis);
 }

@@ -269,19 +269,7 @@ log:
             routes = routes.display()
         ),
     );
-    let diagnostics = dir.join("traefik.stderr");
-    let child = Command::new("traefik")
-        .arg(format!("--configFile={}", path.display()))
-        .env("GOMAXPROCS", workers.to_string())
-        .stdout(log_file(&dir.join("traefik.stdout")))
-        .stderr(log_file(&diagnostics))
-        .spawn()
-        .expect("traefik");
-    Peer {
-        child,
-        addr,
-        diagnostics,
-    }
+    run_traefik(dir, Path::new("traefik.yml"), addr, workers)
 }
 
 /// Caddy with one site and `reverse_proxy` to the upstream, no admin endpoint, no automatic
@@ -490,11 +478,17 @@ pub fn traefik_forward_auth(
     );
     write(&dir.join("traefik.yml"), &fixed);
     write(&dir.join("traefik-dynamic.yml"), &dynamic);
+    // The static file names the dynamic one relative to the working directory.
+    run_traefik(&dir, Path::new("traefik.yml"), addr, workers)
+}
+
+/// Traefik on the static configuration `config`, a file in `dir` (its working directory, so
+/// the file may name others there), `GOMAXPROCS` = `workers`, its output in `dir`.
+fn run_traefik(dir: &Path, config: &Path, addr: SocketAddr, workers: usize) -> Peer {
     let diagnostics = dir.join("traefik.stderr");
     let child = Command::new("traefik")
-        // The static file names the dynamic one relative to the working directory.
-        .current_dir(&dir)
-        .arg("--configFile=traefik.yml")
+        .current_dir(dir)
+        .arg(format!("--configFile={}", config.display()))
         .env("GOMAXPROCS", workers.to_string())
         .stdout(log_file(&dir.join("traefik.stdout")))
         .stderr(log_file(&diagnostics))

@@ -138,20 +138,23 @@ pub async fn decide(
 ) -> Response<ProxyBody> {
     let (mut parts, _) = req.into_parts();
     let named = original::original(caller, &mut parts);
-    decide_original(app, Request::from_parts(parts, ()), named, peer, caller).await
+    decide_original(app, Request::from_parts(parts, ()), named, peer, caller)
+        .await
+        .0
 }
 
 /// The decision on an original request, whichever caller named it (`named`: whether it could
 /// be read): the phases up to `authorize`, then `answer` instead of `rewrite` and `forward`:
 /// `200` with the identity headers for the gateway to set upstream, or the refusal for the
-/// gateway to pass back to its client. `log` is the proxy's, with `mode="authz"`.
+/// gateway to pass back to its client. `log` is the proxy's, with `mode="authz"`. Returns the
+/// answer and the decision it carries.
 async fn decide_original(
     app: &App,
     mut req: Request<()>,
     named: Result<(), Rejection>,
     peer: &Peer,
     caller: Caller,
-) -> Response<ProxyBody> {
+) -> (Response<ProxyBody>, Result<(), Rejection>) {
     let mut cx = Context::new(app, peer, &req, Mode::Authz);
     let span = cx.span.clone();
     let outcome = async {
@@ -169,7 +172,8 @@ async fn decide_original(
     }
     .instrument(span)
     .await;
-    cx.log(outcome)
+    let decision = outcome.as_ref().map(drop).map_err(|r| *r);
+    (cx.log(outcome), decision)
 }
 
 /// One request's context: what it is known by (request id, span, the scan of its header

@@ -566,6 +566,24 @@ impl Keygate {
         self.app.metrics.invalidations.get()
     }
 
+    /// Revokes the key `id` through `store` and waits until this instance has processed the
+    /// announcement, so the very next request is decided after it.
+    pub async fn revoke_and_wait(&self, store: &dyn Store, id: &str) {
+        let seen = self.invalidations();
+        manage::revoke_key(store, id, now_unix(), "test")
+            .await
+            .unwrap();
+        eventually(
+            Duration::from_secs(10),
+            "the revocation is announced",
+            || {
+                let n = self.invalidations();
+                async move { n > seen }
+            },
+        )
+        .await;
+    }
+
     /// Stops keygate and waits for it to finish, failing the test if that takes longer than
     /// [`SHUTDOWN_DEADLINE`].
     pub async fn shutdown(mut self) {
@@ -851,6 +869,13 @@ impl Scrape {
     /// A sample's value; 0 for a series not (yet) exported.
     pub fn get(&self, series: &str) -> f64 {
         self.samples.get(series).copied().unwrap_or(0.0)
+    }
+
+    /// `keygate_auth_decisions_total` for `mode` (`proxy`, `authz`) and `outcome`.
+    pub fn decisions(&self, mode: &str, outcome: &str) -> f64 {
+        self.get(&format!(
+            "keygate_auth_decisions_total{{mode=\"{mode}\",outcome=\"{outcome}\"}}"
+        ))
     }
 
     /// The metric names exported (histograms also under their `_bucket`, `_sum`, `_count`).

@@ -98,7 +98,7 @@ pub async fn check(app: &App, req: Request<Incoming>, peer: &Peer) -> Response<G
     let (mut head, _) = Request::new(()).into_parts();
     let named =
         original_head(&mut head, http).and_then(|()| original::original(Caller::Grpc, &mut head));
-    let decided = super::decide_original(
+    let (answer, decision) = super::decide_original(
         app,
         Request::from_parts(head, ()),
         named,
@@ -106,7 +106,7 @@ pub async fn check(app: &App, req: Request<Incoming>, peer: &Peer) -> Response<G
         Caller::Grpc,
     )
     .await;
-    grpc::respond(&check_response(decided).await)
+    grpc::respond(&check_response(answer, decision).await)
 }
 
 /// A call that could not be decided on.
@@ -171,11 +171,14 @@ fn original_head(head: &mut Parts, http: proto::HttpRequest) -> Result<(), Rejec
     Ok(())
 }
 
-/// The HTTP decision as a `CheckResponse` (see the module docs).
-async fn check_response(decided: Response<ProxyBody>) -> proto::CheckResponse {
+/// The HTTP answer to a decision, and the decision, as a `CheckResponse` (see the module docs).
+async fn check_response(
+    answer: Response<ProxyBody>,
+    decision: Result<(), Rejection>,
+) -> proto::CheckResponse {
     use proto::{CheckResponse, DeniedHttpResponse, HttpResponse, HttpStatus, OkHttpResponse};
-    let (parts, body) = decided.into_parts();
-    if parts.status == StatusCode::OK {
+    let (parts, body) = answer.into_parts();
+    let Err(refusal) = decision else {
         let mut ok = OkHttpResponse::default();
         for (name, value) in &parts.headers {
             if *name == X_ENVOY_AUTH_HEADERS_TO_REMOVE {
@@ -193,7 +196,7 @@ async fn check_response(decided: Response<ProxyBody>) -> proto::CheckResponse {
             }),
             http_response: Some(HttpResponse::OkResponse(ok)),
         };
-    }
+    };
     // A decision's body is keygate's own, whole in memory: collecting it does not wait.
     let body = match body {
         Either::Right(full) => full
@@ -203,10 +206,6 @@ async fn check_response(decided: Response<ProxyBody>) -> proto::CheckResponse {
             .unwrap_or_default(),
         Either::Left(_) => Bytes::new(),
     };
-    let error = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v.get("error")?.as_str().map(str::to_owned))
-        .unwrap_or_default();
     let headers = [
         &WWW_AUTHENTICATE,
         &RETRY_AFTER,
@@ -219,7 +218,7 @@ async fn check_response(decided: Response<ProxyBody>) -> proto::CheckResponse {
     CheckResponse {
         status: Some(proto::Status {
             code: code_for(parts.status) as i32,
-            message: error,
+            message: refusal.code().to_owned(),
         }),
         http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
             status: Some(HttpStatus {
