@@ -45,6 +45,7 @@ pub mod cli;
 pub mod config;
 pub mod identity;
 pub mod key;
+pub mod limit;
 pub mod manage;
 pub mod metrics;
 pub mod policy;
