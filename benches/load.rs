@@ -169,6 +169,7 @@ fn start_keygate(
     ns: &str,
     log: AccessLog,
     env: &[(&str, &str)],
+    args: &[&str],
 ) -> (Proc, SocketAddr) {
     let addr = loopback(free_port());
     let admin = loopback(free_port());
@@ -198,6 +199,7 @@ fn start_keygate(
         }
     }
     let child = cmd
+        .args(args)
         .envs(env.iter().copied())
         .stdout(Stdio::null())
         .spawn()
@@ -225,6 +227,7 @@ async fn start_authorizer(
             ("KEYGATE__SERVER__AUTHZ_LISTEN", listen.as_str()),
             ("KEYGATE__SERVER__AUTHZ_CALLER", caller),
         ],
+        &[],
     );
     let what = format!("keygate's decision endpoint ({caller})");
     wait_started(&mut kg.0, authz, &what, Path::new("/dev/null")).await;
@@ -451,6 +454,7 @@ mod row {
     pub const H2C: &str = super::h2_row::NAME;
     pub const NGINX_AUTHZ: &str = "nginx + `auth_request` → keygate";
     pub const TRAEFIK_AUTHZ: &str = "Traefik + ForwardAuth → keygate";
+    pub const LIMITED: &str = "keygate, cached key, rate limit (local)";
 }
 
 /// One row of the table: where wrk sends which request, and what to check and count.
@@ -502,6 +506,8 @@ enum Rows {
     Transport,
     /// The authorizer rows and what they are compared with.
     Authz,
+    /// keygate with and without a rate limit on the key's role.
+    Limits,
 }
 
 fn file_len(path: &Path) -> u64 {
@@ -677,6 +683,7 @@ async fn run() {
         Ok("peers") => Rows::Peers,
         Ok("transport") => Rows::Transport,
         Ok("authz") => Rows::Authz,
+        Ok("limits") => Rows::Limits,
         _ => Rows::All,
     };
     let with_peers = matches!(rows, Rows::All | Rows::Peers);
@@ -832,15 +839,46 @@ async fn run() {
             skipped.push(row::CADDY);
         }
     }
-    let (kg, addr) = start_keygate(upstream, &redis.url(), &ns, AccessLog::Off, &[]);
+    let (kg, addr) = start_keygate(upstream, &redis.url(), &ns, AccessLog::Off, &[], &[]);
     targets.push(Target {
         checks_keys: true,
         ..target(row::KEYGATE, addr, kg.0.id())
     });
     procs.push(kg);
+    if matches!(rows, Rows::All | Rows::Limits) {
+        // The same, with a rate limit on the keys' role that no run comes near (a billion a
+        // second): every request is checked and gets the RateLimit headers, none refused.
+        let config = dir.join("limited.toml");
+        std::fs::write(
+            &config,
+            "[roles.admin]\npermissions = \"all\"\nrate_limit = \"1000000000/s\"\n",
+        )
+        .unwrap();
+        let config = config.to_str().unwrap();
+        let (kg, addr) = start_keygate(
+            upstream,
+            &redis.url(),
+            &ns,
+            AccessLog::Off,
+            &[],
+            &["--config", config],
+        );
+        targets.push(Target {
+            checks_keys: true,
+            ..target(row::LIMITED, addr, kg.0.id())
+        });
+        procs.push(kg);
+    }
     if with_peers {
         let log = dir.join("keygate-access.log");
-        let (kg, addr) = start_keygate(upstream, &redis.url(), &ns, AccessLog::Defaults(&log), &[]);
+        let (kg, addr) = start_keygate(
+            upstream,
+            &redis.url(),
+            &ns,
+            AccessLog::Defaults(&log),
+            &[],
+            &[],
+        );
         targets.push(Target {
             checks_keys: true,
             access_log: Some(log.clone()),
@@ -900,6 +938,7 @@ async fn run() {
             &ns,
             AccessLog::Off,
             &[("KEYGATE__CACHE__CAPACITY", "1000")],
+            &[],
         );
         targets.push(Target {
             script: random.clone(),
@@ -926,6 +965,7 @@ async fn run() {
                 ("KEYGATE__SERVER__TLS_CERT", cert_path.as_str()),
                 ("KEYGATE__SERVER__TLS_KEY", key_path.as_str()),
             ],
+            &[],
         );
         targets.push(Target {
             tls: true,
@@ -1252,6 +1292,16 @@ async fn run() {
             None,
         ),
         (
+            "keygate cached, rate-limited key (local) / keygate cached, throughput",
+            ratio(row::LIMITED, row::KEYGATE, rps),
+            None,
+        ),
+        (
+            "keygate cached, rate-limited key (local) / keygate cached, proxy CPU per request",
+            ratio(row::LIMITED, row::KEYGATE, cpu),
+            None,
+        ),
+        (
             "nginx + auth_request → keygate / nginx `proxy_pass`, throughput",
             ratio(row::NGINX_AUTHZ, row::NGINX, rps),
             None,
@@ -1381,6 +1431,7 @@ mod h2_row {
             ns,
             AccessLog::Off,
             &[("KEYGATE__UPSTREAM__PROTOCOL", "h2")],
+            &[],
         );
         wait_for_port(keygate, "keygate (h2 upstream)").await;
         H2Row {
@@ -1444,6 +1495,7 @@ async fn flood(
         ns,
         AccessLog::Off,
         &[("KEYGATE__CACHE__NEGATIVE_TTL", "1h")],
+        &[],
     );
     wait_for_port(kg, "keygate (flood)").await;
     let malformed: Vec<String> = (0..10_000)

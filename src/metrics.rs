@@ -13,7 +13,7 @@ use prometheus::{
 use crate::rejection::Rejection;
 
 /// Every `outcome` label value of `keygate_auth_decisions_total`.
-pub const OUTCOMES: [&str; 16] = [
+pub const OUTCOMES: [&str; 17] = [
     "allowed",
     "missing_credentials",
     "invalid_request",
@@ -30,6 +30,7 @@ pub const OUTCOMES: [&str; 16] = [
     "invalid_header",
     "invalid_host",
     "invalid_original_request",
+    "rate_limited",
 ];
 
 /// The `status_class` label values, indexed by the status code's first digit minus one.
@@ -158,6 +159,9 @@ pub struct Metrics {
     registry: Registry,
     /// By [`Mode`], then by the index of the outcome in [`OUTCOMES`].
     decisions: [Vec<IntCounter>; 2],
+    /// `keygate_rate_limit_checks_total`, by source (role, route), scope (key, tenant) and
+    /// outcome (allowed, limited), in that index order.
+    rate_limit_checks: [IntCounter; 8],
     processing: HistogramVec,
     upstream: HistogramVec,
     upstream_errors: IntCounterVec,
@@ -384,7 +388,23 @@ impl Metrics {
         )
         .expect("valid metric");
 
+        let rate_limit_vec = IntCounterVec::new(
+            Opts::new(
+                "keygate_rate_limit_checks_total",
+                "Rate limit checks of requests, by where the limit comes from (role or route), its scope (key or tenant) and outcome (allowed or limited).",
+            ),
+            &["source", "scope", "outcome"],
+        )
+        .expect("valid metric");
+        let rate_limit_checks = std::array::from_fn(|i| {
+            rate_limit_vec.with_label_values(&[
+                ["role", "route"][i / 4],
+                ["key", "tenant"][(i / 2) % 2],
+                ["allowed", "limited"][i % 2],
+            ])
+        });
         let m = Metrics {
+            rate_limit_checks,
             decisions: [Mode::Proxy, Mode::Authz].map(|mode| {
                 OUTCOMES
                     .iter()
@@ -478,6 +498,7 @@ impl Metrics {
             r.register(c).expect("unique metric");
         };
         register(Box::new(decisions_vec));
+        register(Box::new(rate_limit_vec));
         register(Box::new(processing));
         register(Box::new(upstream));
         register(Box::new(upstream_errors));
@@ -519,6 +540,16 @@ impl Metrics {
         }
         m.upgrades.register(r);
         m
+    }
+
+    /// Counts one request's rate limit checks, by source, scope and outcome.
+    pub fn rate_limits(&self, report: &crate::limit::Report) {
+        for c in report.checks.iter().flatten() {
+            let i = (c.source as usize) * 4
+                + (c.limit.scope as usize) * 2
+                + usize::from(!c.state.allowed);
+            self.rate_limit_checks[i].inc();
+        }
     }
 
     /// Counts one decision.

@@ -15,7 +15,7 @@ use http::Method;
 
 use crate::identity::Identity;
 use crate::rejection::Rejection;
-use crate::route::{MethodSet, Route};
+use crate::route::{Grant, MethodSet, Route};
 
 /// The organization admin role: every method on the routes, and every operation of the admin
 /// API. A service account can never have it.
@@ -151,12 +151,12 @@ pub fn permission_set(name: &str) -> Option<MethodSet> {
 
 /// Decides whether `identity` may use `method` on `route`. `tenant` is the tenant the request
 /// names ([`Route::tenant`]), if any.
-pub fn authorize<U>(
-    route: &Route<U>,
+pub fn authorize<'r, U>(
+    route: &'r Route<U>,
     identity: &Identity,
     method: &Method,
     tenant: Option<&[u8]>,
-) -> Result<(), Rejection> {
+) -> Result<&'r Grant, Rejection> {
     // Routes admit a handful of roles: a scan of short strings beats hashing.
     let grant = route
         .grants
@@ -169,12 +169,22 @@ pub fn authorize<U>(
     if route.binds_tenant() && tenant != Some(identity.tenant().as_bytes()) {
         return Err(Rejection::InsufficientScope);
     }
-    Ok(())
+    Ok(grant)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The decision alone, without the grant that made it.
+    fn authorize<U>(
+        route: &Route<U>,
+        identity: &Identity,
+        method: &Method,
+        tenant: Option<&[u8]>,
+    ) -> Result<(), Rejection> {
+        super::authorize(route, identity, method, tenant).map(drop)
+    }
     use crate::key::KeyDigest;
     use crate::route::{Grant, TenantFrom};
     use crate::store::KeyRecord;
@@ -202,9 +212,11 @@ mod tests {
                 .map(|(name, methods)| Grant {
                     role: (*name).into(),
                     methods: *methods,
+                    rate_limit: None,
                 })
                 .collect(),
             tenant: TenantFrom::Unbound,
+            rate_limit: None,
             upstream: (),
         }
     }

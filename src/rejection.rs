@@ -108,13 +108,16 @@ pub enum Rejection {
     /// caller's headers naming it are missing or repeated, or another gateway's are present
     /// (see `proxy/original.rs`).
     InvalidOriginalRequest,
+    /// A rate limit of the key (its role's, or its route's) admits no request now
+    /// (`limit/`); the response also says when to retry, and the limit's state.
+    RateLimited,
 }
 
 const REALM: &str = "Bearer realm=\"keygate\"";
 
 impl Rejection {
     /// Every refusal, in declaration order (its index is its discriminant).
-    pub(crate) const ALL: [Rejection; 17] = [
+    pub(crate) const ALL: [Rejection; 18] = [
         Rejection::MissingCredentials,
         Rejection::InvalidRequest,
         Rejection::MalformedKey,
@@ -132,6 +135,7 @@ impl Rejection {
         Rejection::InvalidHost,
         Rejection::UpstreamTls,
         Rejection::InvalidOriginalRequest,
+        Rejection::RateLimited,
     ];
 
     /// The stable error code of the JSON body and of the `outcome` metric label.
@@ -152,6 +156,7 @@ impl Rejection {
             Rejection::InvalidHeader => "invalid_header",
             Rejection::InvalidHost => "invalid_host",
             Rejection::InvalidOriginalRequest => "invalid_original_request",
+            Rejection::RateLimited => "rate_limited",
         }
     }
 
@@ -174,6 +179,7 @@ impl Rejection {
             | Rejection::InvalidHeader
             | Rejection::InvalidHost
             | Rejection::InvalidOriginalRequest => StatusCode::BAD_REQUEST,
+            Rejection::RateLimited => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -201,6 +207,9 @@ impl Rejection {
             }
             Rejection::InvalidOriginalRequest => {
                 "the authorizer cannot tell which request to check: the gateway's headers naming it are missing or repeated, or another gateway's are present"
+            }
+            Rejection::RateLimited => {
+                "the API key's rate limit is used up; retry after the seconds in Retry-After"
             }
         }
     }
@@ -250,7 +259,7 @@ impl Rejection {
 mod tests {
     use super::*;
 
-    const ALL: [Rejection; 17] = Rejection::ALL;
+    const ALL: [Rejection; 18] = Rejection::ALL;
 
     #[test]
     fn all_is_in_declaration_order() {

@@ -19,6 +19,7 @@ use std::borrow::Cow;
 use http::header::HOST;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, Version};
 
+use crate::limit::RateLimit;
 use crate::rejection::Rejection;
 
 // ---------------------------------------------------------------------------------------------
@@ -246,6 +247,8 @@ pub struct Grant {
     pub role: Box<str>,
     /// The role's methods.
     pub methods: MethodSet,
+    /// The role's rate limit, resolved into every route that admits it.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Where a route finds the tenant a request names.
@@ -376,6 +379,8 @@ pub struct Route<U> {
     pub grants: Box<[Grant]>,
     /// Where the request names its tenant, if the route is tenant-bound.
     pub tenant: TenantFrom,
+    /// The route's own rate limit, on top of the key's role's (`limit/`).
+    pub rate_limit: Option<RateLimit>,
     /// Where matched requests go.
     pub upstream: U,
 }
@@ -557,6 +562,7 @@ impl<U> RouteTable<U> {
                     auth: r.auth,
                     grants: r.grants,
                     tenant: r.tenant,
+                    rate_limit: r.rate_limit,
                 })
                 .collect(),
         }
@@ -878,6 +884,7 @@ mod tests {
             auth: true,
             grants: Box::new([]),
             tenant: TenantFrom::Unbound,
+            rate_limit: None,
             upstream,
         }
     }

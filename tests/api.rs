@@ -36,6 +36,7 @@ impl Rig {
             RoleConfig {
                 methods: Some(vec!["GET".into(), "POST".into()]),
                 permissions: None,
+                rate_limit: None,
             },
         );
         let kg = Keygate::start(config).await;

@@ -12,6 +12,7 @@ use http::{HeaderValue, Uri};
 
 use super::error::{field_err, Check};
 use super::{Config, ConfigError, ServerConfig, UpstreamConfig};
+use crate::limit::RateLimit;
 use crate::policy;
 use crate::proxy::upstream::{Protocol, UpstreamTls};
 use crate::proxy::{Caller, IdentitySettings, IpNet, UnderscoreHeaders, UpstreamSettings};
@@ -74,6 +75,12 @@ fn serve(config: &Config) -> Result<Settings, ConfigError> {
         None => Some(None),
     };
     let identity = c.ok(identity_headers(config));
+    let max_buckets = c.ok(bounded(
+        "limits.max_buckets",
+        config.limits.max_buckets as usize,
+        1,
+        1 << 28,
+    ));
     let listen = c.ok(addr("server.listen", &s.listen));
     let admin_listen = c.ok(addr("server.admin_listen", &s.admin_listen));
     let authz_caller = c.ok(Caller::parse(&s.authz_caller).ok_or_else(|| {
@@ -232,6 +239,10 @@ fn serve(config: &Config) -> Result<Settings, ConfigError> {
             trusted_proxies: trusted_proxies?,
             upstream: upstream?,
             routes: routes?,
+            limits: crate::limit::LimitSettings {
+                headers_when_admitted: config.limits.headers_when_admitted,
+                max_buckets: max_buckets? as u64,
+            },
             roles: roles?,
             store: store?,
             cache: CacheSettings {
@@ -389,14 +400,14 @@ fn admin_tls(s: &ServerConfig) -> Result<Option<TlsSettings>, ConfigError> {
 /// `[roles.*]`) and the admin API's.
 fn role_names(config: &Config) -> Result<policy::Roles, ConfigError> {
     let roles = roles(config).map_err(|e| e.located(&config.origins))?;
-    Ok(policy::Roles::new(roles.into_iter().map(|(name, _)| name)))
+    Ok(policy::Roles::new(roles.into_iter().map(|(name, ..)| name)))
 }
 
 /// The roles: the built-in ones, then `[roles.*]` (which may redefine them).
-fn roles(config: &Config) -> Result<Vec<(String, MethodSet)>, ConfigError> {
-    let mut roles: Vec<(String, MethodSet)> = policy::DEFAULT_ROLES
+fn roles(config: &Config) -> Result<Vec<(String, MethodSet, Option<RateLimit>)>, ConfigError> {
+    let mut roles: Vec<(String, MethodSet, Option<RateLimit>)> = policy::DEFAULT_ROLES
         .iter()
-        .map(|(name, methods)| ((*name).to_owned(), *methods))
+        .map(|(name, methods)| ((*name).to_owned(), *methods, None))
         .collect();
     for (name, rc) in &config.roles {
         let f = format!("roles.{name}");
@@ -416,12 +427,22 @@ fn roles(config: &Config) -> Result<Vec<(String, MethodSet)>, ConfigError> {
             })?,
             _ => return Err(field_err(&f, "set exactly one of methods or permissions")),
         };
-        match roles.iter_mut().find(|(n, _)| n == name) {
-            Some(role) => role.1 = methods,
-            None => roles.push((name.clone(), methods)),
+        let limit = rate_limit(&format!("{f}.rate_limit"), rc.rate_limit.as_deref())?;
+        match roles.iter_mut().find(|(n, ..)| n == name) {
+            Some(role) => (role.1, role.2) = (methods, limit),
+            None => roles.push((name.clone(), methods, limit)),
         }
     }
     Ok(roles)
+}
+
+/// A `rate_limit` setting, read; `None` when unset.
+fn rate_limit(field: &str, v: Option<&str>) -> Result<Option<RateLimit>, ConfigError> {
+    v.map(|v| {
+        v.parse()
+            .map_err(|e: crate::limit::spec::BadLimit| field_err(field, e.to_string()))
+    })
+    .transpose()
 }
 
 /// Validates `[[routes]]` and `upstream.url` into the route table, most specific first.
@@ -430,9 +451,10 @@ fn route_table(config: &Config) -> Result<RouteTable<UpstreamSettings>, ConfigEr
     let all_roles = || -> Box<[Grant]> {
         roles
             .iter()
-            .map(|(role, methods)| Grant {
+            .map(|(role, methods, limit)| Grant {
                 role: role.as_str().into(),
                 methods: *methods,
+                rate_limit: *limit,
             })
             .collect()
     };
@@ -480,6 +502,13 @@ fn route_table(config: &Config) -> Result<RouteTable<UpstreamSettings>, ConfigEr
                 "an open route (auth = false) admits everyone: it cannot have roles or tenant_from",
             ));
         }
+        let route_limit = rate_limit(&f("rate_limit"), rc.rate_limit.as_deref())?;
+        if !rc.auth && route_limit.is_some() {
+            return Err(field_err(
+                &f("rate_limit"),
+                "an open route (auth = false) has no key to limit",
+            ));
+        }
         let grants = match &rc.roles {
             None => all_roles(),
             Some(names) if names.is_empty() => {
@@ -489,9 +518,9 @@ fn route_table(config: &Config) -> Result<RouteTable<UpstreamSettings>, ConfigEr
                 .iter()
                 .enumerate()
                 .map(|(j, name)| {
-                    let (role, methods) =
-                        roles.iter().find(|(r, _)| r == name).ok_or_else(|| {
-                            let known: Vec<&str> = roles.iter().map(|(r, _)| r.as_str()).collect();
+                    let (role, methods, limit) =
+                        roles.iter().find(|(r, ..)| r == name).ok_or_else(|| {
+                            let known: Vec<&str> = roles.iter().map(|(r, ..)| r.as_str()).collect();
                             field_err(
                                 &format!("routes[{i}].roles[{j}]"),
                                 format!("unknown role {name:?}; known roles: {}", known.join(", ")),
@@ -500,6 +529,7 @@ fn route_table(config: &Config) -> Result<RouteTable<UpstreamSettings>, ConfigEr
                     Ok(Grant {
                         role: role.as_str().into(),
                         methods: *methods,
+                        rate_limit: *limit,
                     })
                 })
                 .collect::<Result<_, ConfigError>>()?,
@@ -517,6 +547,7 @@ fn route_table(config: &Config) -> Result<RouteTable<UpstreamSettings>, ConfigEr
             auth: rc.auth,
             grants,
             tenant,
+            rate_limit: route_limit,
             upstream,
         };
         if let Some(j) = routes.iter().position(|r| overlaps(r, &route)) {
@@ -541,6 +572,7 @@ fn route_table(config: &Config) -> Result<RouteTable<UpstreamSettings>, ConfigEr
             auth: true,
             grants: all_roles(),
             tenant: TenantFrom::Unbound,
+            rate_limit: None,
             upstream: upstream_settings(
                 &config.upstream,
                 &RouteUpstream::default(),

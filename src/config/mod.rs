@@ -48,6 +48,8 @@ pub struct Config {
     pub identity: IdentityConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Rate limits (the limits themselves are set on roles and routes).
+    pub limits: LimitsConfig,
     /// `[roles.<name>]`: roles beyond (or replacing) the built-in `admin`, `member` and
     /// `readonly`.
     pub roles: BTreeMap<String, RoleConfig>,
@@ -76,6 +78,10 @@ pub struct RoleConfig {
     /// A named permission set instead of `methods`: `all` or `read` (GET, HEAD, OPTIONS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub permissions: Option<String>,
+    /// How fast each key of this role may call (`100/s`, `6000/min`, `tenant:1000/s` to share
+    /// it among the tenant's keys); unset: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<String>,
 }
 
 /// `[[routes]]`: one entry of the route table.
@@ -119,6 +125,10 @@ pub struct RouteConfig {
     /// This route's `upstream.tls_client_key`; defaults to `upstream.tls_client_key`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_tls_client_key: Option<String>,
+    /// How fast each key (`100/s`) or each tenant (`tenant:100/s`) may call this route, on top
+    /// of its role's limit; unset: no route limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<String>,
 }
 
 impl Default for RouteConfig {
@@ -137,6 +147,28 @@ impl Default for RouteConfig {
             upstream_tls_ca: None,
             upstream_tls_client_cert: None,
             upstream_tls_client_key: None,
+            rate_limit: None,
+        }
+    }
+}
+
+/// `[limits]`: how rate limits are enforced and reported.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Send `RateLimit-Policy` and `RateLimit` on every response of a limited key, not only on
+    /// its `429`s.
+    pub headers_when_admitted: bool,
+    /// Most rate limit buckets kept in memory (one per limited key, or tenant, and limit);
+    /// beyond it the least recently used is dropped and starts full again.
+    pub max_buckets: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            headers_when_admitted: true,
+            max_buckets: 1_000_000,
         }
     }
 }

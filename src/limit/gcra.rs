@@ -69,11 +69,7 @@ impl Gcra {
                 allowed: true,
                 remaining: ((self.window - ahead) / self.interval) as u32,
                 reset: ahead,
-                retry_after: if ahead + self.interval <= self.window {
-                    0
-                } else {
-                    ahead + self.interval - self.window
-                },
+                retry_after: (ahead + self.interval).saturating_sub(self.window),
             };
             (Some(next), state)
         } else {

@@ -12,23 +12,26 @@
 //! 3. `verify`: the key must be live; unknown, expired and revoked keys are refused here.
 //!    Before `authorize`, because a dead key's role and tenant mean nothing.
 //! 4. `authorize`: the route's policy on the live key: its role, the method, the tenant the
-//!    request names. Last of the decisions, so it decides on a verified identity.
-//! 5. `rewrite`: the head the upstream gets: the normalised path, header hygiene, identity and
+//!    request names. So it decides on a verified identity.
+//! 5. `limit`: the rate limits of the key's role and of the route (`limit/`). Last of the
+//!    decisions, so that only a request keygate would otherwise let through uses up a limit:
+//!    a key cannot drain its tenant's shared limit with requests it may not make.
+//! 6. `rewrite`: the head the upstream gets: the normalised path, header hygiene, identity and
 //!    forwarding headers ([`headers`], `hop.rs`, [`forwarded`]). After every decision, so the
 //!    upstream sees what was decided on and nothing the client sent can replace it.
-//! 6. `forward`: one exchange with the route's upstream on this worker's pool (`upstream.rs`),
+//! 7. `forward`: one exchange with the route's upstream on this worker's pool (`upstream.rs`),
 //!    whose failures become `502`/`504`. Timed alone, for the upstream's share of the latency.
 //!    An upgrade (a WebSocket over HTTP/1.1 `Upgrade` or HTTP/2 extended CONNECT, recognised
 //!    before `route` and decided as the `GET` it stands for) is forwarded on a connection of
 //!    its own and spliced once both sides switch (`upgrade.rs`).
-//! 7. `log`: the outcome becomes the response (a refusal through
+//! 8. `log`: the outcome becomes the response (a refusal through
 //!    [`Rejection::into_response`], the one place refusals are mapped), with its request id
 //!    (`request_id.rs`); then the metrics, the span's outcome and the access log line. It runs
 //!    for every request, whichever phase ended it, so each is decided and counted once.
 //!
 //! A phase that refuses ends the request: no phase after it runs but `log`, so the refusal is
 //! the one of the first phase that found a fault (`tests/phases.rs` holds the order). An open
-//! route (`auth = false`) skips `credential`, `verify` and `authorize`.
+//! route (`auth = false`) skips `credential`, `verify`, `authorize` and `limit`.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -45,10 +48,10 @@ use crate::identity::Identity;
 use crate::key::KeyDigest;
 use crate::metrics::{Metrics, Mode, RouteMetrics};
 use crate::rejection::Rejection;
-use crate::route::{self, Route, RouteTable};
+use crate::route::{self, Grant, Route, RouteTable};
 use crate::store::now_unix;
 use crate::verify::Verifier;
-use crate::{auth, policy};
+use crate::{auth, limit, policy};
 
 use access_log::AccessLog;
 
@@ -89,7 +92,8 @@ pub async fn handle(app: &App, mut req: Request<Incoming>, peer: &Peer) -> Respo
         let key = if route.auth {
             let digest = cx.credential(&req)?;
             let identity = cx.verify(digest).await?;
-            cx.authorize(route, &identity, &req)?;
+            let grant = cx.authorize(route, &identity, &req)?;
+            cx.limit(route, grant, &identity)?;
             Some((digest, identity))
         } else {
             None
@@ -163,7 +167,8 @@ async fn decide_original(
         let identity = if route.auth {
             let digest = cx.credential(&req)?;
             let identity = cx.verify(digest).await?;
-            cx.authorize(route, &identity, &req)?;
+            let grant = cx.authorize(route, &identity, &req)?;
+            cx.limit(route, grant, &identity)?;
             Some(identity)
         } else {
             None
@@ -199,6 +204,8 @@ struct Context<'a> {
     identity: Option<Identity>,
     /// The client headers `rewrite` removed.
     removed: Removed,
+    /// The rate limits `limit` checked, for the response's headers.
+    limits: limit::Report,
 }
 
 impl<'a> Context<'a> {
@@ -227,6 +234,7 @@ impl<'a> Context<'a> {
             upstream_time: None,
             identity: None,
             removed: Removed::default(),
+            limits: limit::Report::default(),
         }
     }
 
@@ -277,14 +285,41 @@ impl<'a> Context<'a> {
 
     /// **authorize**: refuses (`403 insufficient_scope`) a key whose role the route does not
     /// admit for this method, or that names another tenant than the key's.
-    fn authorize<B>(
+    fn authorize<'r, B>(
         &self,
-        route: &Route<RouteTarget>,
+        route: &'r Route<RouteTarget>,
         identity: &Identity,
         req: &Request<B>,
-    ) -> Result<(), Rejection> {
+    ) -> Result<&'r Grant, Rejection> {
         let tenant = route.tenant(req.uri().path(), req.headers(), self.scan.underscores());
         policy::authorize(route, identity, req.method(), tenant)
+    }
+
+    /// **limit**: refuses (`429 rate_limited`) a request that the key's role's rate limit or
+    /// the route's admits no more of now (`limit/`); `log` sets the limits' headers on the
+    /// response either way.
+    fn limit(
+        &mut self,
+        route: &Route<RouteTarget>,
+        grant: &Grant,
+        identity: &Identity,
+    ) -> Result<(), Rejection> {
+        let report = self.app.limiter.check(
+            &route.name,
+            grant.rate_limit.as_ref(),
+            route.rate_limit.as_ref(),
+            identity,
+        );
+        if report.is_empty() {
+            return Ok(());
+        }
+        self.app.metrics.rate_limits(&report);
+        self.limits = report;
+        if report.allowed() {
+            Ok(())
+        } else {
+            Err(Rejection::RateLimited)
+        }
     }
 
     /// **rewrite**: the head the upstream gets (see [`headers`] for the rules and their order).
@@ -403,6 +438,11 @@ impl<'a> Context<'a> {
         let logged = (app.access_log.as_ref()).map(|log| (log, self.request_id.clone()));
         resp.headers_mut()
             .insert(X_REQUEST_ID.clone(), self.request_id);
+        if !self.limits.is_empty()
+            && (decision.is_err() || app.limiter.settings().headers_when_admitted)
+        {
+            self.limits.write_headers(resp.headers_mut());
+        }
 
         let status = resp.status().as_u16();
         let took = self.started.elapsed();
@@ -468,6 +508,8 @@ pub struct App {
     pub underscores: UnderscoreHeaders,
     /// Peers whose forwarding headers are kept.
     pub trusted_proxies: Box<[IpNet]>,
+    /// The rate limits' buckets.
+    pub limiter: limit::Limiter,
 }
 
 /// The `route` label and log field of requests that matched no route.

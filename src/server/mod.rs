@@ -82,6 +82,8 @@ pub struct Settings {
     pub trusted_proxies: Box<[IpNet]>,
     /// The default upstream (`upstream.url`), if set.
     pub upstream: Option<UpstreamSettings>,
+    /// The rate limiter's settings.
+    pub limits: crate::limit::LimitSettings,
     /// The route table (the default upstream is its last, catch-all route).
     pub routes: RouteTable<UpstreamSettings>,
     /// The roles a key may be given (for the admin API's checks and document).
@@ -287,6 +289,7 @@ impl Server {
             identity: settings.identity.clone(),
             underscores: settings.headers_with_underscores,
             trusted_proxies: settings.trusted_proxies.clone(),
+            limiter: crate::limit::Limiter::new(settings.limits.clone()),
         });
         let health = Arc::new(Health::default());
         let admin_app = Arc::new(Admin {

@@ -50,7 +50,7 @@ pub enum Code {
     PermissionDenied = 7,
     /// The message did not arrive within [`READ_DEADLINE`].
     DeadlineExceeded = 4,
-    /// The message is over [`MAX_MESSAGE`].
+    /// The message is over [`MAX_MESSAGE`], or a rate limit refused the request.
     ResourceExhausted = 8,
     /// Another method, another codec, or a compression keygate does not take.
     Unimplemented = 12,

@@ -13,10 +13,10 @@
 //!   replacing any of its name) and whose `headers_to_remove` are `Authorization` and every
 //!   header in the identity namespace the client sent;
 //! - refused: the status for the HTTP code (`401` `UNAUTHENTICATED`, `403`
-//!   `PERMISSION_DENIED`, `503` `UNAVAILABLE`, `400` `INVALID_ARGUMENT`, `404` `NOT_FOUND`),
-//!   its `message` the refusal's code (`key_revoked`), and a `denied_response` with the HTTP
-//!   code, the `WWW-Authenticate`, `Retry-After`, `Content-Type` and `X-Request-Id` headers
-//!   present, and keygate's JSON error as the body: what Envoy answers its client.
+//!   `PERMISSION_DENIED`, `503` `UNAVAILABLE`, `400` `INVALID_ARGUMENT`, `404` `NOT_FOUND`,
+//!   `429` `RESOURCE_EXHAUSTED`), its `message` the refusal's code (`key_revoked`), and a
+//!   `denied_response` with the HTTP code, the `WWW-Authenticate`, `Retry-After`,
+//!   `RateLimit-Policy`, `RateLimit`, `Content-Type` and `X-Request-Id` headers present, and keygate's JSON error as the body: what Envoy answers its client.
 //!
 //! A decision, allowing or refusing, is a successful call (`grpc-status: 0`). The call itself
 //! fails only when it cannot be decided on: a request that is not gRPC (not an HTTP/2 `POST`
@@ -209,6 +209,8 @@ async fn check_response(
     let headers = [
         &WWW_AUTHENTICATE,
         &RETRY_AFTER,
+        &crate::limit::RATELIMIT_POLICY,
+        &crate::limit::RATELIMIT,
         &CONTENT_TYPE,
         &X_REQUEST_ID,
     ]
@@ -237,6 +239,7 @@ fn code_for(status: StatusCode) -> Code {
         403 => Code::PermissionDenied,
         400 => Code::InvalidArgument,
         404 => Code::NotFound,
+        429 => Code::ResourceExhausted,
         // 503 (the key store cannot answer), and any other server-side failure.
         500..=599 => Code::Unavailable,
         _ => Code::PermissionDenied,
@@ -365,6 +368,7 @@ mod tests {
             (503, Code::Unavailable),
             (400, Code::InvalidArgument),
             (404, Code::NotFound),
+            (429, Code::ResourceExhausted),
         ] {
             assert_eq!(code_for(StatusCode::from_u16(http).unwrap()), code);
         }
